@@ -1,0 +1,517 @@
+//! Command line: argument parsing and the commands' output. Business logic lives elsewhere.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConfigError, Settings};
+use crate::daemon::{Daemon, DaemonError};
+use crate::domain::{ActionId, Tracking, parse_duration};
+use crate::logging::LogFormat;
+use crate::store::{ActionRow, Enqueued, OpenMode, Store};
+
+/// Exit status for configuration errors (sysexits EX_CONFIG); systemd units can refuse to
+/// restart on it.
+pub const EXIT_CONFIG: u8 = 78;
+/// Exit status of `wait` when the timeout passed first (as timeout(1)).
+pub const EXIT_TIMEOUT: u8 = 124;
+
+const ABOUT: &str =
+    "Tracks Microsoft Defender for Endpoint machine actions to their terminal status, durably.";
+
+const EXAMPLES: &str = "\
+Examples:
+  mde-actiond demo                                  # try it against the built-in simulator
+  mde-actiond --config /etc/mde-actiond/mde-actiond.toml run
+  mde-actiond enqueue 2e9da30d-27f6-4208-81f2-9cd3d67893ba
+  mde-actiond enqueue --file ids.txt
+  mde-actiond wait --enqueue --timeout 2h 2e9da30d-27f6-4208-81f2-9cd3d67893ba && echo isolated
+  mde-actiond list --tracking active
+  sqlite3 -readonly mde-actiond.db 'SELECT action_id, status FROM actions'";
+
+#[derive(Debug, Parser)]
+#[command(name = "mde-actiond", version, about = ABOUT, after_help = EXAMPLES)]
+pub struct Cli {
+    /// Configuration file (TOML). Environment variables MDE_ACTIOND_<SECTION>__<KEY> override it.
+    #[arg(long, global = true, env = "MDE_ACTIOND_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Database file; overrides [database] path.
+    #[arg(long, global = true, env = "MDE_ACTIOND_DB", value_name = "PATH")]
+    pub db: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "MDE_ACTIOND_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: poll every active action until it ends. Stops on SIGTERM or SIGINT.
+    #[command(
+        after_help = "Example:\n  MDE_ACTIOND_AUTH__CLIENT_SECRET_FILE=/run/secrets/mde mde-actiond --config mde-actiond.toml run"
+    )]
+    Run,
+    /// Add action ids to the queue (a running daemon picks them up within a second).
+    #[command(
+        after_help = "Examples:\n  mde-actiond enqueue 2e9da30d-27f6-4208-81f2-9cd3d67893ba\n  mde-actiond enqueue --file ids.txt      # one id per line; '#' starts a comment\n  cat ids.txt | mde-actiond enqueue --file -\n\nExit status: 0 when every id was taken (or already known), 1 when any was refused."
+    )]
+    Enqueue(EnqueueArgs),
+    /// Show one action and its recorded transitions.
+    #[command(
+        after_help = "Example:\n  mde-actiond status 2e9da30d-27f6-4208-81f2-9cd3d67893ba --json"
+    )]
+    Status {
+        id: String,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tracked actions, newest first.
+    #[command(after_help = "Example:\n  mde-actiond list --tracking active --json")]
+    List {
+        /// Only actions in this tracking state: active, done, not_found, gave_up.
+        #[arg(long, value_parser = parse_tracking)]
+        tracking: Option<Tracking>,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Block until the given actions end (for scripts and playbooks).
+    #[command(
+        after_help = "Examples:\n  mde-actiond wait 2e9da30d-27f6-4208-81f2-9cd3d67893ba\n  mde-actiond wait --enqueue --timeout 30m ID1 ID2\n\nExit status: 0 when all ended Succeeded; 1 when any ended otherwise (Failed, TimeOut,\nCancelled, not found, given up); 124 when the timeout passed first; 2 for bad arguments\nor untracked ids. A running daemon does the polling; wait only reads the database."
+    )]
+    Wait(WaitArgs),
+    /// Validate the configuration and print it as the daemon sees it (secrets redacted).
+    CheckConfig,
+    /// Run the daemon against the built-in simulated tenant and show it working.
+    #[command(after_help = "Example:\n  cargo run --release -- demo --actions 40")]
+    Demo(crate::demo::DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// Action ids (GUIDs).
+    pub ids: Vec<String>,
+    /// Read ids from a file, one per line ('-' for standard input).
+    #[arg(long, value_name = "PATH")]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Action ids (GUIDs).
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+    /// Give up waiting after this long (e.g. 90s, 30m, 2h).
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Enqueue ids that are not tracked yet instead of refusing them.
+    #[arg(long)]
+    pub enqueue: bool,
+    /// How often to look at the database.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub interval: Duration,
+}
+
+fn parse_tracking(s: &str) -> Result<Tracking, String> {
+    s.parse()
+}
+
+/// What went wrong, mapped to an exit status at the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Config(_) => EXIT_CONFIG,
+            CliError::Usage(_) => 2,
+            CliError::Other(_) => 1,
+        }
+    }
+}
+
+impl From<DaemonError> for CliError {
+    fn from(e: DaemonError) -> Self {
+        match e {
+            DaemonError::Config(c) => CliError::Config(c),
+            other => CliError::Other(other.into()),
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for CliError {
+    fn from(e: crate::store::StoreError) -> Self {
+        CliError::Other(e.into())
+    }
+}
+
+/// Loads settings for any command: file, environment, then `--db`.
+pub fn load_settings(cli: &Cli) -> Result<Settings, ConfigError> {
+    let mut settings = Settings::load(cli.config.as_deref())?;
+    if let Some(db) = &cli.db {
+        settings.database.path = db.clone();
+    }
+    Ok(settings)
+}
+
+pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    match &cli.command {
+        Command::Demo(args) => return crate::demo::run(&cli, args).await,
+        Command::CheckConfig => return check_config(&cli),
+        _ => {}
+    }
+    let settings = load_settings(&cli)?;
+    settings.validate()?;
+    let db = settings.database.path.clone();
+    match cli.command {
+        Command::Run => run_daemon(&settings).await,
+        Command::Enqueue(args) => enqueue(&db, &args).await,
+        Command::Status { id, json } => status(&db, &id, json).await,
+        Command::List {
+            tracking,
+            limit,
+            json,
+        } => list(&db, tracking, limit, json).await,
+        Command::Wait(args) => wait(&db, &args).await,
+        Command::CheckConfig | Command::Demo(_) => unreachable!("handled above"),
+    }
+}
+
+fn check_config(cli: &Cli) -> Result<ExitCode, CliError> {
+    let settings = load_settings(cli)?;
+    let mut problems = settings.problems();
+    problems.extend(settings.credential_problems());
+    print!("{}", settings.to_toml());
+    if problems.is_empty() {
+        eprintln!("configuration is valid");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(ConfigError::Invalid(problems).into())
+    }
+}
+
+async fn run_daemon(settings: &Settings) -> Result<ExitCode, CliError> {
+    let daemon = Daemon::start(settings).await?;
+    let stop = CancellationToken::new();
+    tokio::spawn(stop_on_signals(stop.clone()));
+    daemon.run_until_stopped(stop).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// First SIGTERM/SIGINT: orderly stop. Second: exit at once (committed work is safe anyway).
+pub async fn stop_on_signals(stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "stop requested");
+    stop.cancel();
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::warn!(signal = name, "second stop signal: exiting now");
+    std::process::exit(130);
+}
+
+/// Reads ids from arguments and/or a file; refusals carry the value and line.
+fn collect_ids(args: &EnqueueArgs) -> anyhow::Result<(Vec<ActionId>, Vec<String>)> {
+    let mut ids = Vec::new();
+    let mut refused = Vec::new();
+    for raw in &args.ids {
+        match ActionId::parse(raw) {
+            Ok(id) => ids.push(id),
+            Err(e) => refused.push(format!("refused: {e}")),
+        }
+    }
+    if let Some(path) = &args.file {
+        let (reader, name): (Box<dyn BufRead>, String) = if path.as_os_str() == "-" {
+            (Box::new(std::io::stdin().lock()), "stdin".into())
+        } else {
+            let f = std::fs::File::open(path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            (
+                Box::new(std::io::BufReader::new(f)),
+                path.display().to_string(),
+            )
+        };
+        for (n, line) in reader.lines().enumerate() {
+            let line = line.with_context(|| format!("cannot read {name}"))?;
+            let content = line.split('#').next().unwrap_or("").trim();
+            if content.is_empty() {
+                continue;
+            }
+            // Accept "id,anything" so a CSV export's first column works too.
+            let first = content.split([',', '\t', ' ']).next().unwrap_or(content);
+            match ActionId::parse(first) {
+                Ok(id) => ids.push(id),
+                Err(e) => refused.push(format!("{name}:{}: refused: {e}", n + 1)),
+            }
+        }
+    }
+    Ok((ids, refused))
+}
+
+async fn enqueue(db: &Path, args: &EnqueueArgs) -> Result<ExitCode, CliError> {
+    if args.ids.is_empty() && args.file.is_none() {
+        return Err(CliError::Usage(
+            "give action ids as arguments or with --file PATH (or --file - for stdin)".into(),
+        ));
+    }
+    let (mut ids, refused) = collect_ids(args)?;
+    for r in &refused {
+        eprintln!("{r}");
+    }
+    // The same id twice in one command is one enqueue.
+    let mut seen = std::collections::HashSet::new();
+    ids.retain(|id| seen.insert(id.clone()));
+    let mut added = 0usize;
+    let mut known = 0usize;
+    if !ids.is_empty() {
+        let store = Store::open(db, OpenMode::ReadWrite).await?;
+        let results = store.enqueue(&ids, SystemTime::now()).await?;
+        store.close().await;
+        let mut out = std::io::stdout().lock();
+        let verbose = ids.len() <= 1000;
+        for (id, r) in ids.iter().zip(&results) {
+            match r {
+                Enqueued::Added => {
+                    added += 1;
+                    if verbose {
+                        let _ = writeln!(out, "added {id}");
+                    }
+                }
+                Enqueued::Known(t) => {
+                    known += 1;
+                    if verbose {
+                        let _ = writeln!(out, "known {id} (tracking {t})");
+                    }
+                }
+            }
+        }
+    }
+    eprintln!(
+        "{added} added, {known} already known, {} refused",
+        refused.len()
+    );
+    Ok(if refused.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn parse_id_arg(raw: &str) -> Result<ActionId, CliError> {
+    ActionId::parse(raw).map_err(|e| CliError::Usage(e.to_string()))
+}
+
+async fn status(db: &Path, raw: &str, json: bool) -> Result<ExitCode, CliError> {
+    let id = parse_id_arg(raw)?;
+    let store = Store::open(db, OpenMode::ReadOnly).await?;
+    let Some(row) = store.action(&id).await? else {
+        return Err(CliError::Usage(format!(
+            "{id} is not tracked in {} (enqueue it first)",
+            db.display()
+        )));
+    };
+    let transitions = store.transitions(&id).await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let doc = serde_json::json!({
+            "action": action_json(&row),
+            "transitions": transitions,
+        });
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&doc).unwrap_or_default()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let v = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    let _ = writeln!(out, "action        {}", row.action_id);
+    let _ = writeln!(out, "tracking      {}", row.tracking);
+    let _ = writeln!(out, "status        {}", v(&row.status));
+    let _ = writeln!(out, "type          {}", v(&row.action_type));
+    let _ = writeln!(
+        out,
+        "device        {} ({})",
+        v(&row.computer_dns_name),
+        v(&row.machine_id)
+    );
+    let _ = writeln!(out, "requestor     {}", v(&row.requestor));
+    let _ = writeln!(out, "comment       {}", v(&row.requestor_comment));
+    let _ = writeln!(out, "created (MDE) {}", v(&row.mde_created_at));
+    let _ = writeln!(out, "updated (MDE) {}", v(&row.mde_updated_at));
+    let _ = writeln!(out, "enqueued      {}", row.enqueued_at);
+    let _ = writeln!(out, "last polled   {}", v(&row.last_polled_at));
+    let _ = writeln!(out, "next poll     {}", v(&row.next_poll_at));
+    let _ = writeln!(out, "finished      {}", v(&row.finished_at));
+    let _ = writeln!(
+        out,
+        "polls         {} ({} failed)",
+        row.poll_count, row.error_count
+    );
+    if let Some(e) = &row.last_error {
+        let _ = writeln!(out, "last error    {e} (at {})", v(&row.last_error_at));
+    }
+    let _ = writeln!(out, "transitions");
+    if transitions.is_empty() {
+        let _ = writeln!(out, "  (none yet)");
+    }
+    for t in &transitions {
+        let _ = writeln!(
+            out,
+            "  {}  {} -> {}",
+            t.observed_at,
+            t.from_status.as_deref().unwrap_or("(first seen)"),
+            t.to_status
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// An action row as JSON, with the last MDE answer embedded as JSON rather than a string.
+fn action_json(row: &ActionRow) -> serde_json::Value {
+    let mut v = serde_json::to_value(row).unwrap_or_default();
+    if let Some(raw) = &row.last_response {
+        v["last_response"] =
+            serde_json::from_str(raw).unwrap_or_else(|_| serde_json::Value::String(raw.clone()));
+    }
+    v
+}
+
+async fn list(
+    db: &Path,
+    tracking: Option<Tracking>,
+    limit: u32,
+    json: bool,
+) -> Result<ExitCode, CliError> {
+    let store = Store::open(db, OpenMode::ReadOnly).await?;
+    let rows = store.list(tracking, limit).await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let docs: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                let mut v = serde_json::to_value(r).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("last_response");
+                }
+                v
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&docs).unwrap_or_default()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let _ = writeln!(
+        out,
+        "{:<36}  {:<9}  {:<10}  {:<28}  {:>5}  {:<24}",
+        "ACTION", "TRACKING", "STATUS", "TYPE", "POLLS", "ENQUEUED"
+    );
+    for r in &rows {
+        let _ = writeln!(
+            out,
+            "{:<36}  {:<9}  {:<10}  {:<28}  {:>5}  {:<24}",
+            r.action_id,
+            r.tracking,
+            r.status.as_deref().unwrap_or("-"),
+            r.action_type.as_deref().unwrap_or("-"),
+            r.poll_count,
+            r.enqueued_at
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait(db: &Path, args: &WaitArgs) -> Result<ExitCode, CliError> {
+    let mut ids = Vec::new();
+    for raw in &args.ids {
+        ids.push(parse_id_arg(raw)?);
+    }
+    if args.enqueue {
+        let store = Store::open(db, OpenMode::ReadWrite).await?;
+        store.enqueue(&ids, SystemTime::now()).await?;
+        store.close().await;
+    }
+    let store = Store::open(db, OpenMode::ReadOnly).await?;
+    for id in &ids {
+        if store.action(id).await?.is_none() {
+            return Err(CliError::Usage(format!(
+                "{id} is not tracked in {}; enqueue it first or pass --enqueue",
+                db.display()
+            )));
+        }
+    }
+    let deadline = args.timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut pending: Vec<ActionId> = ids.clone();
+    let mut all_succeeded = true;
+    let mut out = std::io::stdout();
+    loop {
+        let mut still = Vec::new();
+        for id in pending {
+            let row = store.action(&id).await?;
+            match row {
+                Some(r) if r.tracking != Tracking::Active.as_str() => {
+                    let status = r.status.as_deref().unwrap_or("-");
+                    let ok = r.tracking == Tracking::Done.as_str() && status == "Succeeded";
+                    all_succeeded &= ok;
+                    let _ = writeln!(out, "{id} {} {status}", r.tracking);
+                    let _ = out.flush();
+                }
+                _ => still.push(id),
+            }
+        }
+        pending = still;
+        if pending.is_empty() {
+            break;
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            for id in &pending {
+                let _ = writeln!(out, "{id} active (still waiting when the timeout passed)");
+            }
+            return Ok(ExitCode::from(EXIT_TIMEOUT));
+        }
+        tokio::time::sleep(args.interval).await;
+    }
+    Ok(if all_succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

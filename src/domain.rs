@@ -1,0 +1,359 @@
+//! Domain types shared by every module: action ids, MDE statuses, tracking states and the
+//! timestamp format of the database.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+/// A MachineAction id: always a lowercase GUID, so it is safe to put in URLs and OData filters.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ActionId(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "'{value}' is not an action id: {reason} (expected a GUID like 2e9da30d-27f6-4208-81f2-9cd3d67893ba)"
+)]
+pub struct InvalidActionId {
+    pub value: String,
+    pub reason: &'static str,
+}
+
+impl ActionId {
+    pub fn parse(input: &str) -> Result<Self, InvalidActionId> {
+        let err = |reason| InvalidActionId {
+            value: shorten(input),
+            reason,
+        };
+        let trimmed = input.trim();
+        // Accept the braced registry form people paste from Windows tooling.
+        let bare = trimmed
+            .strip_prefix('{')
+            .and_then(|s| s.strip_suffix('}'))
+            .unwrap_or(trimmed);
+        if bare.is_empty() {
+            return Err(err("it is empty"));
+        }
+        if bare.len() != 36 {
+            return Err(err("it is not 36 characters long"));
+        }
+        for (i, b) in bare.bytes().enumerate() {
+            let hyphen_position = matches!(i, 8 | 13 | 18 | 23);
+            if hyphen_position {
+                if b != b'-' {
+                    return Err(err("hyphens must separate groups of 8-4-4-4-12 hex digits"));
+                }
+            } else if !b.is_ascii_hexdigit() {
+                return Err(err("it contains a character that is not a hex digit"));
+            }
+        }
+        Ok(Self(bare.to_ascii_lowercase()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A fresh random (version 4) id; used by the simulator.
+    pub fn random(rng: &mut fastrand::Rng) -> Self {
+        let mut bytes = [0u8; 16];
+        rng.fill(&mut bytes);
+        bytes[6] = (bytes[6] & 0x0f) | 0x40;
+        bytes[8] = (bytes[8] & 0x3f) | 0x80;
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Self(format!(
+            "{}-{}-{}-{}-{}",
+            &hex[0..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..32]
+        ))
+    }
+}
+
+fn shorten(input: &str) -> String {
+    const MAX: usize = 80;
+    if input.chars().count() <= MAX {
+        input.to_string()
+    } else {
+        let mut s: String = input.chars().take(MAX).collect();
+        s.push('…');
+        s
+    }
+}
+
+impl FromStr for ActionId {
+    type Err = InvalidActionId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl fmt::Display for ActionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ActionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ActionId({})", self.0)
+    }
+}
+
+/// The `status` of a MachineAction as MDE reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ActionStatus {
+    Pending,
+    InProgress,
+    Succeeded,
+    Failed,
+    TimeOut,
+    Cancelled,
+    /// A value this version does not know; recorded verbatim and polled on.
+    Other(String),
+}
+
+impl ActionStatus {
+    pub const TERMINAL: [ActionStatus; 4] = [
+        ActionStatus::Succeeded,
+        ActionStatus::Failed,
+        ActionStatus::TimeOut,
+        ActionStatus::Cancelled,
+    ];
+
+    pub fn parse(s: &str) -> Self {
+        const KNOWN: [(&str, ActionStatus); 6] = [
+            ("Pending", ActionStatus::Pending),
+            ("InProgress", ActionStatus::InProgress),
+            ("Succeeded", ActionStatus::Succeeded),
+            ("Failed", ActionStatus::Failed),
+            ("TimeOut", ActionStatus::TimeOut),
+            ("Cancelled", ActionStatus::Cancelled),
+        ];
+        KNOWN
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(s))
+            .map(|(_, status)| status.clone())
+            .unwrap_or_else(|| ActionStatus::Other(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            ActionStatus::Pending => "Pending",
+            ActionStatus::InProgress => "InProgress",
+            ActionStatus::Succeeded => "Succeeded",
+            ActionStatus::Failed => "Failed",
+            ActionStatus::TimeOut => "TimeOut",
+            ActionStatus::Cancelled => "Cancelled",
+            ActionStatus::Other(s) => s,
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            ActionStatus::Succeeded
+                | ActionStatus::Failed
+                | ActionStatus::TimeOut
+                | ActionStatus::Cancelled
+        )
+    }
+
+    pub fn is_known(&self) -> bool {
+        !matches!(self, ActionStatus::Other(_))
+    }
+}
+
+impl fmt::Display for ActionStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where the daemon stands with an action; the `tracking` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tracking {
+    /// Still polled.
+    Active,
+    /// A terminal status was seen.
+    Done,
+    /// MDE confirmed with a 404 that it does not know the id.
+    NotFound,
+    /// `give_up_after` passed without a terminal status.
+    GaveUp,
+}
+
+impl Tracking {
+    pub const ALL: [Tracking; 4] = [
+        Tracking::Active,
+        Tracking::Done,
+        Tracking::NotFound,
+        Tracking::GaveUp,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tracking::Active => "active",
+            Tracking::Done => "done",
+            Tracking::NotFound => "not_found",
+            Tracking::GaveUp => "gave_up",
+        }
+    }
+}
+
+impl FromStr for Tracking {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Tracking::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown tracking state '{s}' (expected active, done, not_found or gave_up)"
+                )
+            })
+    }
+}
+
+impl fmt::Display for Tracking {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Formats a time the way the database stores it: UTC RFC 3339 with milliseconds and `Z`,
+/// fixed width so that text order is time order.
+pub fn format_time(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Parses a time MDE sent (any number of fractional digits, `Z`) or one we stored.
+pub fn parse_time(s: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(s.trim()).ok()
+}
+
+/// Re-renders an MDE timestamp in the database's format; `None` when it cannot be read.
+pub fn normalize_time(s: &str) -> Option<String> {
+    parse_time(s).map(format_time)
+}
+
+/// Parses durations written as text: `250ms`, `10s`, `5m`, `7d`, `1h 30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("'{s}' is not a duration ({e}); write e.g. 250ms, 10s, 5m, 7d"))
+}
+
+/// Renders a duration compactly for people and for `check-config`.
+pub fn format_duration(d: Duration) -> String {
+    // Round to milliseconds; humantime would print nanoseconds of jitter otherwise.
+    let ms = Duration::from_millis(d.as_millis() as u64);
+    humantime::format_duration(ms).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_and_lowercases_guids() {
+        let id = ActionId::parse("2E9DA30D-27F6-4208-81F2-9CD3D67893BA").unwrap();
+        assert_eq!(id.as_str(), "2e9da30d-27f6-4208-81f2-9cd3d67893ba");
+        let braced = ActionId::parse(" {2e9da30d-27f6-4208-81f2-9cd3d67893ba} ").unwrap();
+        assert_eq!(braced, id);
+    }
+
+    #[test]
+    fn refuses_non_guids_with_the_value_and_reason() {
+        for (input, reason) in [
+            ("", "empty"),
+            ("abc", "36 characters"),
+            ("2e9da30d-27f6-4208-81f2-9cd3d67893bz", "hex digit"),
+            ("2e9da30d027f6-4208-81f2-9cd3d67893ba", "hyphens"),
+            ("../../../../etc/passwd-aaaaaaaaaaaaa", "hex digit"),
+        ] {
+            let err = ActionId::parse(input).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains(reason), "{input:?}: {msg}");
+            assert!(msg.contains(&format!("'{input}'")), "{msg}");
+        }
+    }
+
+    #[test]
+    fn long_garbage_is_shortened_in_messages() {
+        let input = "x".repeat(500);
+        let msg = ActionId::parse(&input).unwrap_err().to_string();
+        assert!(msg.len() < 250, "{msg}");
+    }
+
+    #[test]
+    fn random_ids_are_valid() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..100 {
+            let id = ActionId::random(&mut rng);
+            assert_eq!(ActionId::parse(id.as_str()).unwrap(), id);
+        }
+    }
+
+    #[test]
+    fn statuses_classify() {
+        assert!(ActionStatus::parse("Succeeded").is_terminal());
+        assert!(ActionStatus::parse("timeout").is_terminal());
+        assert_eq!(ActionStatus::parse("timeout").as_str(), "TimeOut");
+        assert!(!ActionStatus::parse("InProgress").is_terminal());
+        let other = ActionStatus::parse("Queued");
+        assert!(!other.is_terminal() && !other.is_known());
+        assert_eq!(other.as_str(), "Queued");
+    }
+
+    #[test]
+    fn times_are_fixed_width_and_normalized() {
+        assert_eq!(
+            normalize_time("2018-12-04T12:18:27.1293487Z").as_deref(),
+            Some("2018-12-04T12:18:27.129Z")
+        );
+        assert_eq!(
+            normalize_time("2018-12-04T12:18:27Z").as_deref(),
+            Some("2018-12-04T12:18:27.000Z")
+        );
+        assert_eq!(normalize_time("yesterday"), None);
+    }
+
+    #[test]
+    fn durations_parse_from_text() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
+        assert!(parse_duration("soon").unwrap_err().contains("'soon'"));
+    }
+
+    proptest! {
+        #[test]
+        fn any_guid_shape_parses(bytes in proptest::array::uniform16(any::<u8>()), upper in any::<bool>()) {
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let s = format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32]);
+            let input = if upper { s.to_uppercase() } else { s.clone() };
+            let parsed = ActionId::parse(&input).unwrap();
+            prop_assert_eq!(parsed.as_str(), s.as_str());
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics_and_valid_ids_are_canonical(s in ".{0,60}") {
+            if let Ok(id) = ActionId::parse(&s) {
+                prop_assert_eq!(id.as_str().len(), 36);
+                prop_assert!(id.as_str().bytes().all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+            }
+        }
+
+        #[test]
+        fn stored_times_sort_as_text(a in 0u64..4_000_000_000_000, b in 0u64..4_000_000_000_000) {
+            let ta = SystemTime::UNIX_EPOCH + Duration::from_millis(a);
+            let tb = SystemTime::UNIX_EPOCH + Duration::from_millis(b);
+            prop_assert_eq!(format_time(ta).cmp(&format_time(tb)), ta.cmp(&tb));
+        }
+    }
+}

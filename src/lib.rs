@@ -1,0 +1,22 @@
+//! mde-actiond: tracks Microsoft Defender for Endpoint machine actions to their terminal
+//! status, durably, on a SQLite queue.
+//!
+//! Data flows one way: intake (`enqueue`) -> [`store`] -> [`poller`] (with [`mde`], [`auth`],
+//! [`budget`] and [`schedule`]) -> [`store`]. [`sim`] is a simulated tenant for the demo, tests
+//! and benchmarks.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod budget;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod domain;
+pub mod logging;
+pub mod mde;
+pub mod poller;
+pub mod schedule;
+pub mod secret;
+pub mod sim;
+pub mod store;

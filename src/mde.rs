@@ -1,0 +1,553 @@
+//! Typed client for the two MachineAction calls, with error classification.
+//!
+//! Knows nothing of the database or the budget: it sends one request and says what came back.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::domain::{ActionId, ActionStatus, normalize_time};
+use crate::secret::Secret;
+use crate::store::Observation;
+
+pub const USER_AGENT: &str = concat!("mde-actiond/", env!("CARGO_PKG_VERSION"));
+/// How much of an error body is kept in messages.
+const ERROR_SNIPPET: usize = 300;
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum MdeError {
+    #[error("MDE does not know this action (404)")]
+    NotFound,
+    #[error("access token rejected (401){}", detail_suffix(.0))]
+    Unauthorized(String),
+    #[error("rate limited (429){}", .retry_after.map(|d| format!(", retry after {}", crate::domain::format_duration(d))).unwrap_or_default())]
+    RateLimited { retry_after: Option<Duration> },
+    /// The service refused the `id in (...)` list filter.
+    #[error("list filter rejected (400){}", detail_suffix(.0))]
+    FilterRejected(String),
+    /// Worth retrying later: 5xx, time-outs, dropped connections, unreadable answers.
+    #[error("{message}")]
+    Transient {
+        status: Option<u16>,
+        message: String,
+    },
+    /// A 4xx that retrying will not fix by itself (e.g. 403: the app lacks Machine.Read.All).
+    #[error("{message}")]
+    Rejected { status: u16, message: String },
+}
+
+fn detail_suffix(s: &str) -> String {
+    if s.is_empty() {
+        String::new()
+    } else {
+        format!(": {s}")
+    }
+}
+
+impl MdeError {
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            MdeError::NotFound => Some(404),
+            MdeError::Unauthorized(_) => Some(401),
+            MdeError::RateLimited { .. } => Some(429),
+            MdeError::FilterRejected(_) => Some(400),
+            MdeError::Transient { status, .. } => *status,
+            MdeError::Rejected { status, .. } => Some(*status),
+        }
+    }
+
+    /// Short label for the call log.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            MdeError::NotFound => "not_found",
+            MdeError::Unauthorized(_) => "unauthorized",
+            MdeError::RateLimited { .. } => "rate_limited",
+            MdeError::FilterRejected(_) => "filter_rejected",
+            MdeError::Transient { .. } => "transient",
+            MdeError::Rejected { .. } => "rejected",
+        }
+    }
+}
+
+/// One MachineAction as MDE describes it. Unknown fields are ignored; only `id` and `status`
+/// are required, since nothing can be tracked without them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireAction {
+    id: String,
+    status: String,
+    #[serde(rename = "type")]
+    action_type: Option<String>,
+    machine_id: Option<String>,
+    computer_dns_name: Option<String>,
+    requestor: Option<String>,
+    requestor_comment: Option<String>,
+    creation_date_time_utc: Option<String>,
+    // Real answers say lastUpdateDateTimeUtc, some docs lastUpdateTimeUtc; a serde alias would
+    // fail on an answer that carries both, so both are read and merged.
+    last_update_date_time_utc: Option<String>,
+    last_update_time_utc: Option<String>,
+    external_id: Option<String>,
+    #[serde(rename = "externalID")]
+    external_id_upper: Option<String>,
+}
+
+/// A MachineAction read from an answer, with its JSON kept verbatim.
+#[derive(Debug, Clone)]
+pub struct FetchedAction {
+    pub id: ActionId,
+    pub status: ActionStatus,
+    pub observation: Observation,
+}
+
+impl FetchedAction {
+    pub fn from_json(raw: &str) -> Result<Self, String> {
+        let wire: WireAction =
+            serde_json::from_str(raw).map_err(|e| format!("unreadable MachineAction: {e}"))?;
+        let id = ActionId::parse(&wire.id).map_err(|e| format!("answer has a bad id: {e}"))?;
+        let status = ActionStatus::parse(&wire.status);
+        let time = |s: &Option<String>| s.as_deref().and_then(normalize_time);
+        let updated = wire.last_update_date_time_utc.or(wire.last_update_time_utc);
+        let observation = Observation {
+            status: Some(status.clone()),
+            action_type: wire.action_type,
+            machine_id: wire.machine_id,
+            computer_dns_name: wire.computer_dns_name,
+            requestor: wire.requestor,
+            requestor_comment: wire.requestor_comment,
+            external_id: wire.external_id.or(wire.external_id_upper),
+            created_at: time(&wire.creation_date_time_utc),
+            updated_at: time(&updated),
+            raw: raw.to_string(),
+        };
+        Ok(Self {
+            id,
+            status,
+            observation,
+        })
+    }
+}
+
+/// A list answer: the actions that could be read, and the problems with those that could not.
+#[derive(Debug, Default)]
+pub struct ListAnswer {
+    pub actions: HashMap<ActionId, FetchedAction>,
+    pub unreadable: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct MdeClient {
+    http: reqwest::Client,
+    base_url: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build HTTP client: {0}")]
+pub struct BuildError(String);
+
+/// Builds the one HTTP client of the process (shared with the token source).
+pub fn http_client(
+    timeout: Duration,
+    connect_timeout: Duration,
+) -> Result<reqwest::Client, BuildError> {
+    reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .timeout(timeout)
+        .connect_timeout(connect_timeout)
+        .pool_idle_timeout(Duration::from_secs(50))
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| BuildError(e.to_string()))
+}
+
+impl MdeClient {
+    pub fn new(http: reqwest::Client, base_url: &str) -> Self {
+        Self {
+            http,
+            base_url: base_url.trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// `GET /api/machineactions/{id}`.
+    pub async fn get_action(
+        &self,
+        token: &Secret,
+        id: &ActionId,
+    ) -> Result<FetchedAction, MdeError> {
+        // ActionId holds only hex digits and hyphens, so it is safe in a path as it is.
+        let url = format!("{}/api/machineactions/{}", self.base_url, id);
+        let body = self.send(token, &url, true).await?;
+        let action = FetchedAction::from_json(&body).map_err(|message| MdeError::Transient {
+            status: Some(200),
+            message,
+        })?;
+        if action.id != *id {
+            return Err(MdeError::Transient {
+                status: Some(200),
+                message: format!("asked for {id}, answer is about {}", action.id),
+            });
+        }
+        Ok(action)
+    }
+
+    /// `GET /api/machineactions?$filter=id in (...)`; ids missing from the answer are simply
+    /// absent (not proof of a 404).
+    pub async fn list_actions(
+        &self,
+        token: &Secret,
+        ids: &[ActionId],
+    ) -> Result<ListAnswer, MdeError> {
+        let url = self.list_url(ids);
+        let body = self.send(token, &url, false).await?;
+        parse_list(&body, ids)
+    }
+
+    pub fn list_url(&self, ids: &[ActionId]) -> String {
+        let quoted: Vec<String> = ids.iter().map(|id| format!("'{id}'")).collect();
+        format!(
+            "{}/api/machineactions?$filter=id%20in%20({})&$top={}",
+            self.base_url,
+            quoted.join(","),
+            ids.len().max(1)
+        )
+    }
+
+    async fn send(&self, token: &Secret, url: &str, single: bool) -> Result<String, MdeError> {
+        let response = self
+            .http
+            .get(url)
+            .bearer_auth(token.expose())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|e| transport_error(&e))?;
+        let status = response.status();
+        let retry_after = parse_retry_after(response.headers(), SystemTime::now());
+        let body = response.text().await.map_err(|e| MdeError::Transient {
+            status: Some(status.as_u16()),
+            message: format!(
+                "answer cut off (HTTP {}): {}",
+                status.as_u16(),
+                error_chain(&e)
+            ),
+        })?;
+        classify(status, retry_after, body, single)
+    }
+}
+
+fn parse_list(body: &str, ids: &[ActionId]) -> Result<ListAnswer, MdeError> {
+    #[derive(Deserialize)]
+    struct Page<'a> {
+        #[serde(borrow)]
+        value: Vec<&'a RawValue>,
+    }
+    let page: Page = serde_json::from_str(body).map_err(|e| MdeError::Transient {
+        status: Some(200),
+        message: format!("unreadable list answer ({} bytes): {e}", body.len()),
+    })?;
+    let mut answer = ListAnswer::default();
+    for raw in page.value {
+        match FetchedAction::from_json(raw.get()) {
+            // Extra actions (not asked for) are ignored: the filter is the service's business.
+            Ok(a) if ids.contains(&a.id) => {
+                answer.actions.insert(a.id.clone(), a);
+            }
+            Ok(_) => {}
+            Err(e) => answer.unreadable.push(e),
+        }
+    }
+    Ok(answer)
+}
+
+fn classify(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: String,
+    single: bool,
+) -> Result<String, MdeError> {
+    if status.is_success() {
+        return Ok(body);
+    }
+    let detail = describe_error_body(&body);
+    let code = status.as_u16();
+    Err(match code {
+        404 if single => MdeError::NotFound,
+        401 => MdeError::Unauthorized(detail),
+        429 => MdeError::RateLimited { retry_after },
+        400 if !single => MdeError::FilterRejected(detail),
+        408 | 500..=599 => MdeError::Transient {
+            status: Some(code),
+            message: format!("HTTP {code} from MDE{}", detail_suffix(&detail)),
+        },
+        _ => MdeError::Rejected {
+            status: code,
+            message: format!("HTTP {code} from MDE{}", detail_suffix(&detail)),
+        },
+    })
+}
+
+/// Turns an error body into one readable line: the OData error's code and message, an HTML
+/// page's title, or the start of whatever else came.
+pub fn describe_error_body(body: &str) -> String {
+    #[derive(Deserialize)]
+    struct Envelope {
+        error: ErrorBody,
+    }
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        #[serde(default)]
+        code: Option<String>,
+        #[serde(default)]
+        message: Option<String>,
+        #[serde(default)]
+        target: Option<String>,
+    }
+    let trimmed = body.trim();
+    if trimmed.is_empty() {
+        return String::new();
+    }
+    if let Ok(env) = serde_json::from_str::<Envelope>(trimmed) {
+        let e = env.error;
+        let mut parts = Vec::new();
+        if let Some(c) = e.code.filter(|c| !c.is_empty()) {
+            parts.push(c);
+        }
+        if let Some(m) = e.message.filter(|m| !m.is_empty()) {
+            parts.push(m);
+        }
+        let mut s = parts.join(": ");
+        if let Some(t) = e.target.filter(|t| !t.is_empty()) {
+            s.push_str(&format!(" (target {t})"));
+        }
+        return snippet(&s);
+    }
+    if trimmed.starts_with('<') {
+        let lower = trimmed.to_ascii_lowercase();
+        if let (Some(a), Some(b)) = (lower.find("<title>"), lower.find("</title>"))
+            && a + 7 <= b
+        {
+            return format!("HTML page: {}", snippet(trimmed[a + 7..b].trim()));
+        }
+        return "HTML page".to_string();
+    }
+    snippet(trimmed)
+}
+
+fn snippet(s: &str) -> String {
+    let one_line: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(ERROR_SNIPPET)
+        .collect();
+    if s.chars().count() > ERROR_SNIPPET {
+        format!("{one_line}…")
+    } else {
+        one_line
+    }
+}
+
+fn transport_error(e: &reqwest::Error) -> MdeError {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "cannot connect"
+    } else {
+        "connection failed"
+    };
+    MdeError::Transient {
+        status: None,
+        message: format!("{kind}: {}", error_chain(e)),
+    }
+}
+
+/// The error and its causes on one line; reqwest's top-level message alone rarely says why.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = cause.source();
+    }
+    s
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date.
+pub fn parse_retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    if let Ok(secs) = value.parse::<f64>()
+        && secs.is_finite()
+        && secs >= 0.0
+    {
+        return Some(Duration::from_secs_f64(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const ID: &str = "2e9da30d-27f6-4208-81f2-9cd3d67893ba";
+
+    #[test]
+    fn reads_the_documented_example_and_both_field_spellings() {
+        let doc = r#"{
+            "@odata.context": "https://api.securitycenter.windows.com/api/$metadata#MachineActions/$entity",
+            "id": "2e9da30d-27f6-4208-81f2-9cd3d67893ba", "type": "RunAntiVirusScan",
+            "requestor": "Analyst@contoso.com", "requestorComment": "Check machine for viruses due to alert 3212",
+            "status": "Succeeded", "machineId": "f46b9bb259ed4a7fb9981b73510e3cc7aa81ec1f",
+            "creationDateTimeUtc": "2018-12-04T12:18:27.1293487Z",
+            "lastUpdateTimeUtc": "2018-12-04T12:18:57.5511934Z", "relatedFileInfo": null,
+            "externalID": "ext-1", "someNewField": {"nested": [1, 2]}
+        }"#;
+        let a = FetchedAction::from_json(doc).unwrap();
+        assert_eq!(a.id.as_str(), ID);
+        assert_eq!(a.status, ActionStatus::Succeeded);
+        let o = &a.observation;
+        assert_eq!(o.updated_at.as_deref(), Some("2018-12-04T12:18:57.551Z"));
+        assert_eq!(o.created_at.as_deref(), Some("2018-12-04T12:18:27.129Z"));
+        assert_eq!(o.external_id.as_deref(), Some("ext-1"));
+        assert_eq!(o.action_type.as_deref(), Some("RunAntiVirusScan"));
+        assert_eq!(o.raw, doc);
+
+        let both = format!(
+            r#"{{"id":"{ID}","status":"Pending","lastUpdateDateTimeUtc":"2020-01-01T00:00:00Z","lastUpdateTimeUtc":"2019-01-01T00:00:00Z","type":"SomethingNew"}}"#
+        );
+        let a = FetchedAction::from_json(&both).unwrap();
+        assert_eq!(
+            a.observation.updated_at.as_deref(),
+            Some("2020-01-01T00:00:00.000Z")
+        );
+        assert_eq!(a.observation.action_type.as_deref(), Some("SomethingNew"));
+    }
+
+    #[test]
+    fn missing_status_or_bad_id_is_an_error() {
+        assert!(FetchedAction::from_json(&format!(r#"{{"id":"{ID}"}}"#)).is_err());
+        assert!(FetchedAction::from_json(r#"{"id":"nope","status":"Pending"}"#).is_err());
+    }
+
+    #[test]
+    fn list_answers_keep_only_requested_ids() {
+        let other = "11111111-2222-3333-4444-555555555555";
+        let body = format!(
+            r#"{{"@odata.context":"x","value":[{{"id":"{ID}","status":"InProgress"}},{{"id":"{other}","status":"Failed"}},{{"id":"{ID}"}}]}}"#
+        );
+        let ids = [ActionId::parse(ID).unwrap()];
+        let answer = parse_list(&body, &ids).unwrap();
+        assert_eq!(answer.actions.len(), 1);
+        assert_eq!(answer.unreadable.len(), 1);
+        assert!(parse_list(&body[..body.len() / 2], &ids).is_err());
+    }
+
+    #[test]
+    fn error_bodies_become_one_line() {
+        assert_eq!(
+            describe_error_body(
+                r#"{"error":{"code":"ResourceNotFound","message":"Action not found","target":"abc"}}"#
+            ),
+            "ResourceNotFound: Action not found (target abc)"
+        );
+        assert_eq!(
+            describe_error_body(r#"{"error":{"code":"","message":"Oops","details":[]}}"#),
+            "Oops"
+        );
+        assert_eq!(
+            describe_error_body("<html><head><TITLE>502 Bad Gateway</TITLE></head></html>"),
+            "HTML page: 502 Bad Gateway"
+        );
+        assert_eq!(describe_error_body("{\"error\":{\"co"), "{\"error\":{\"co");
+        assert_eq!(describe_error_body(""), "");
+    }
+
+    #[test]
+    fn classification() {
+        let c = |code: u16, single: bool| {
+            classify(
+                StatusCode::from_u16(code).unwrap(),
+                None,
+                String::new(),
+                single,
+            )
+            .unwrap_err()
+        };
+        assert_eq!(c(404, true), MdeError::NotFound);
+        assert!(matches!(
+            c(404, false),
+            MdeError::Rejected { status: 404, .. }
+        ));
+        assert!(matches!(c(400, false), MdeError::FilterRejected(_)));
+        assert!(matches!(c(400, true), MdeError::Rejected { .. }));
+        assert!(matches!(c(403, true), MdeError::Rejected { .. }));
+        assert!(matches!(
+            c(503, true),
+            MdeError::Transient {
+                status: Some(503),
+                ..
+            }
+        ));
+        assert!(matches!(c(401, true), MdeError::Unauthorized(_)));
+        assert!(matches!(
+            c(429, true),
+            MdeError::RateLimited { retry_after: None }
+        ));
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, "7".parse().unwrap());
+        assert_eq!(parse_retry_after(&h, now), Some(Duration::from_secs(7)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(42));
+        h.insert(RETRY_AFTER, later.parse().unwrap());
+        assert_eq!(parse_retry_after(&h, now), Some(Duration::from_secs(42)));
+        h.insert(
+            RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(parse_retry_after(&h, now), Some(Duration::ZERO));
+        h.insert(RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(parse_retry_after(&h, now), None);
+    }
+
+    #[test]
+    fn list_urls_stay_well_under_8kb() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        let ids: Vec<ActionId> = (0..crate::config::MAX_BATCH_SIZE)
+            .map(|_| ActionId::random(&mut rng))
+            .collect();
+        let client = MdeClient::new(
+            reqwest::Client::new(),
+            "https://api.securitycenter.microsoft.com/",
+        );
+        let url = client.list_url(&ids);
+        assert!(url.len() < 7_200, "{}", url.len());
+        assert!(url.starts_with(
+            "https://api.securitycenter.microsoft.com/api/machineactions?$filter=id%20in%20('"
+        ));
+        assert!(reqwest::Url::parse(&url).is_ok());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bodies_never_panic(body in ".{0,400}") {
+            let _ = describe_error_body(&body);
+            let _ = FetchedAction::from_json(&body);
+            let _ = parse_list(&body, &[]);
+        }
+    }
+}

@@ -1,0 +1,869 @@
+//! A simulated MDE tenant on loopback: the identity platform's token endpoint and the two
+//! MachineAction calls, with lifecycles that unfold in real time, expiring tokens, a rate
+//! limit that answers 429 + Retry-After, and switchable faults.
+//!
+//! Used by `demo`, the tests and the benchmarks. It counts what it saw so that tests can
+//! assert on the daemon's manners: calls per action, calls sent early after a 429, calls with
+//! an expired token.
+
+mod http;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{ActionId, ActionStatus, format_time};
+use http::{Reply, Request, form_decode};
+
+pub const SIM_TENANT: &str = "00000000-0000-4000-8000-00000000beef";
+pub const SIM_CLIENT_ID: &str = "00000000-0000-4000-8000-0000000c11e7";
+pub const SIM_CLIENT_SECRET: &str = "sim-client-secret-not-a-real-one";
+pub const SIM_SCOPE: &str = "https://api.securitycenter.microsoft.com/.default";
+
+/// Ways the simulated service can misbehave on an API call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fault {
+    /// 500 with an OData error body.
+    InternalError,
+    /// 503 with an error body whose `code` is empty.
+    Unavailable,
+    /// 502 with an HTML page, as a gateway sends.
+    BadGatewayHtml,
+    /// 200 whose JSON body is cut in half (with a matching Content-Length).
+    TruncatedJson,
+    /// 200 that promises a body and closes the connection half way.
+    CutConnection,
+    /// Closes the connection without answering.
+    Drop,
+    /// Answers only after `slow_delay`.
+    Slow,
+    /// 429 with a Retry-After of `fault_retry_after`.
+    TooManyRequests,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 8] = [
+        Fault::InternalError,
+        Fault::Unavailable,
+        Fault::BadGatewayHtml,
+        Fault::TruncatedJson,
+        Fault::CutConnection,
+        Fault::Drop,
+        Fault::Slow,
+        Fault::TooManyRequests,
+    ];
+}
+
+/// A sliding-window rate limit like the service's (per app and tenant).
+#[derive(Debug, Clone)]
+pub struct SimRateLimit {
+    pub calls: u32,
+    pub window: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub token_lifetime: Duration,
+    pub rate_limit: Option<SimRateLimit>,
+    /// Probability that an API call meets a fault, drawn from `faults`.
+    pub fault_rate: f64,
+    pub faults: Vec<Fault>,
+    /// Probability that a token request fails with a 503.
+    pub token_fault_rate: f64,
+    pub slow_delay: Duration,
+    pub fault_retry_after: Duration,
+    /// Refuse the `id in (...)` list filter with a 400, as an older service might.
+    pub reject_list_filter: bool,
+    /// A request that arrives this soon after a 429 was written was already on its way and is
+    /// not counted as an early retry.
+    pub early_retry_grace: Duration,
+    pub seed: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            token_lifetime: Duration::from_secs(3599),
+            rate_limit: None,
+            fault_rate: 0.0,
+            faults: Fault::ALL.to_vec(),
+            token_fault_rate: 0.0,
+            slow_delay: Duration::from_millis(1500),
+            fault_retry_after: Duration::from_secs(1),
+            reject_list_filter: false,
+            early_retry_grace: Duration::from_millis(100),
+            seed: 42,
+        }
+    }
+}
+
+/// An action's scripted life: from each offset on, the status is the one given.
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    pub steps: Vec<(Duration, ActionStatus)>,
+}
+
+impl Lifecycle {
+    pub fn new(steps: Vec<(Duration, ActionStatus)>) -> Self {
+        assert!(!steps.is_empty(), "a lifecycle needs at least one status");
+        Self { steps }
+    }
+
+    /// Pending for `pending`, InProgress for `running`, then `end`.
+    pub fn simple(pending: Duration, running: Duration, end: ActionStatus) -> Self {
+        Self::new(vec![
+            (Duration::ZERO, ActionStatus::Pending),
+            (pending, ActionStatus::InProgress),
+            (pending + running, end),
+        ])
+    }
+
+    /// A realistic mix scaled to `scale`: most succeed, some fail or time out, some are
+    /// cancelled while pending or running, a few run three times as long.
+    pub fn random(rng: &mut fastrand::Rng, scale: Duration) -> Self {
+        let s = scale.as_secs_f64();
+        let pending = Duration::from_secs_f64(s * (0.05 + 0.3 * rng.f64()));
+        let running = Duration::from_secs_f64(s * (0.1 + 0.6 * rng.f64()));
+        match rng.u32(0..100) {
+            0..55 => Self::simple(pending, running, ActionStatus::Succeeded),
+            55..67 => Self::simple(pending, running, ActionStatus::Failed),
+            67..75 => Self::simple(pending, running * 2, ActionStatus::TimeOut),
+            75..85 => Self::new(vec![
+                (Duration::ZERO, ActionStatus::Pending),
+                (pending, ActionStatus::Cancelled),
+            ]),
+            85..90 => Self::simple(pending, running, ActionStatus::Cancelled),
+            _ => Self::simple(pending, scale * 2 + running, ActionStatus::Succeeded),
+        }
+    }
+
+    fn at(&self, elapsed: Duration) -> (usize, &ActionStatus) {
+        let i = self
+            .steps
+            .iter()
+            .rposition(|(t, _)| *t <= elapsed)
+            .unwrap_or(0);
+        (i, &self.steps[i].1)
+    }
+
+    pub fn terminal(&self) -> &ActionStatus {
+        &self.steps.last().expect("non-empty").1
+    }
+
+    /// How long until the last status is reached.
+    pub fn length(&self) -> Duration {
+        self.steps.last().expect("non-empty").0
+    }
+}
+
+const ACTION_TYPES: [&str; 8] = [
+    "Isolate",
+    "Unisolate",
+    "RunAntiVirusScan",
+    "CollectInvestigationPackage",
+    "RestrictCodeExecution",
+    "UnrestrictCodeExecution",
+    "LiveResponse",
+    "StopAndQuarantineFile",
+];
+
+struct SimAction {
+    id: ActionId,
+    index: usize,
+    lifecycle: Lifecycle,
+    created: Instant,
+    created_wall: SystemTime,
+    action_type: &'static str,
+    machine_id: String,
+}
+
+impl SimAction {
+    fn to_json(&self, now: Instant, context: bool) -> serde_json::Value {
+        let (step, status) = self.lifecycle.at(now.duration_since(self.created));
+        let updated = self.created_wall + self.lifecycle.steps[step].0;
+        let mut v = json!({
+            "id": self.id.as_str(),
+            "type": self.action_type,
+            "title": null,
+            "requestor": "soc-automation@contoso.com",
+            "requestorComment": format!("Automated response to alert {}", 3200 + self.index),
+            "status": status.as_str(),
+            "machineId": self.machine_id,
+            "computerDnsName": format!("ws-{:04}.contoso.local", self.index),
+            "creationDateTimeUtc": mde_time(self.created_wall),
+            "cancellationRequestor": null,
+            "cancellationComment": null,
+            "cancellationDateTimeUtc": null,
+            "errorHResult": 0,
+            "scope": null,
+            "requestSource": "PublicApi",
+            "relatedFileInfo": null,
+            "commands": [],
+            "troubleshootInfo": null,
+        });
+        // Half the actions use the spellings some docs show, as real answers vary.
+        if self.index.is_multiple_of(2) {
+            v["lastUpdateDateTimeUtc"] = json!(mde_time(updated));
+            v["externalId"] = json!(format!("soar-{}", self.index));
+        } else {
+            v["lastUpdateTimeUtc"] = json!(mde_time(updated));
+            v["externalID"] = json!(format!("soar-{}", self.index));
+        }
+        if context {
+            v["@odata.context"] = json!(
+                "https://api.securitycenter.microsoft.com/api/$metadata#MachineActions/$entity"
+            );
+        }
+        v
+    }
+}
+
+/// MDE prints seven fractional digits.
+fn mde_time(t: SystemTime) -> String {
+    let ms = format_time(t);
+    format!("{}0000Z", &ms[..ms.len() - 1])
+}
+
+/// What the simulator saw; tests assert on it.
+#[derive(Debug, Clone, Default)]
+pub struct SimStats {
+    pub api_calls: u64,
+    pub list_calls: u64,
+    pub get_calls: u64,
+    pub token_requests: u64,
+    pub tokens_issued: u64,
+    pub token_refusals: u64,
+    /// 429s answered, whether from the rate limit or a fault.
+    pub rate_limited: u64,
+    /// Calls that arrived while a Retry-After was running (beyond the grace for calls already
+    /// on their way).
+    pub early_retries: u64,
+    pub expired_token_calls: u64,
+    pub unknown_token_calls: u64,
+    pub faults_injected: u64,
+    pub faults_by_kind: HashMap<String, u64>,
+    pub not_found_answers: u64,
+    /// API calls that named each action (a list call counts for every id in it).
+    pub calls_by_action: HashMap<ActionId, u64>,
+}
+
+struct State {
+    config: SimConfig,
+    rng: fastrand::Rng,
+    actions: HashMap<ActionId, SimAction>,
+    tokens: HashMap<String, Instant>,
+    window: VecDeque<Instant>,
+    /// A 429 was written at `.0`; calls before `.1` earn another.
+    retry_window: Option<(Instant, Instant)>,
+    stats: SimStats,
+}
+
+pub struct Simulator {
+    addr: SocketAddr,
+    state: Arc<Tenant>,
+    stop: CancellationToken,
+}
+
+struct Tenant {
+    state: Mutex<State>,
+}
+
+impl Simulator {
+    /// Binds 127.0.0.1 on a free port and starts serving on the current runtime.
+    pub async fn start(config: SimConfig) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let rng = fastrand::Rng::with_seed(config.seed);
+        let tenant = Arc::new(Tenant {
+            state: Mutex::new(State {
+                config,
+                rng,
+                actions: HashMap::new(),
+                tokens: HashMap::new(),
+                window: VecDeque::new(),
+                retry_window: None,
+                stats: SimStats::default(),
+            }),
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(http::serve(listener, tenant.clone(), stop.clone()));
+        Ok(Self {
+            addr,
+            state: tenant,
+            stop,
+        })
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The authority to configure (`auth.authority`); the tenant is `SIM_TENANT`.
+    pub fn authority(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock()
+    }
+
+    /// Creates an action with the given life, starting now.
+    pub fn create_action(&self, lifecycle: Lifecycle) -> ActionId {
+        let mut s = self.lock();
+        let id = ActionId::random(&mut s.rng);
+        let index = s.actions.len();
+        let machine_id: String = (0..40)
+            .map(|_| char::from_digit(s.rng.u32(0..16), 16).unwrap_or('0'))
+            .collect();
+        let action_type = ACTION_TYPES[s.rng.usize(0..ACTION_TYPES.len())];
+        s.actions.insert(
+            id.clone(),
+            SimAction {
+                id: id.clone(),
+                index,
+                lifecycle,
+                created: Instant::now(),
+                created_wall: SystemTime::now(),
+                action_type,
+                machine_id,
+            },
+        );
+        id
+    }
+
+    /// Creates `n` actions with random lifecycles scaled to `scale`.
+    pub fn create_random_actions(&self, n: usize, scale: Duration) -> Vec<ActionId> {
+        (0..n)
+            .map(|_| {
+                let lifecycle = {
+                    let mut s = self.lock();
+                    Lifecycle::random(&mut s.rng, scale)
+                };
+                self.create_action(lifecycle)
+            })
+            .collect()
+    }
+
+    /// The status the service reports for `id` now.
+    pub fn status_now(&self, id: &ActionId) -> Option<ActionStatus> {
+        let s = self.lock();
+        let a = s.actions.get(id)?;
+        Some(a.lifecycle.at(a.created.elapsed()).1.clone())
+    }
+
+    /// The full scripted life of `id`: each status with the wall-clock time it began.
+    pub fn truth(&self, id: &ActionId) -> Option<Vec<(ActionStatus, SystemTime)>> {
+        let s = self.lock();
+        let a = s.actions.get(id)?;
+        Some(
+            a.lifecycle
+                .steps
+                .iter()
+                .map(|(t, st)| (st.clone(), a.created_wall + *t))
+                .collect(),
+        )
+    }
+
+    pub fn terminal_status(&self, id: &ActionId) -> Option<ActionStatus> {
+        let s = self.lock();
+        s.actions.get(id).map(|a| a.lifecycle.terminal().clone())
+    }
+
+    pub fn stats(&self) -> SimStats {
+        self.lock().stats.clone()
+    }
+
+    pub fn set_fault_rate(&self, rate: f64) {
+        self.lock().config.fault_rate = rate;
+    }
+
+    pub fn set_faults(&self, faults: Vec<Fault>) {
+        self.lock().config.faults = faults;
+    }
+
+    pub fn set_token_lifetime(&self, lifetime: Duration) {
+        self.lock().config.token_lifetime = lifetime;
+    }
+
+    /// Makes every token issued so far invalid, as a key rollover or revocation would.
+    pub fn revoke_tokens(&self) {
+        self.lock().tokens.clear();
+    }
+
+    pub fn set_reject_list_filter(&self, reject: bool) {
+        self.lock().config.reject_list_filter = reject;
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Tenant {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl http::Handler for Tenant {
+    async fn handle(&self, req: Request) -> Reply {
+        if req.method == "POST" && req.path.ends_with("/oauth2/v2.0/token") {
+            return self.token(&req).await;
+        }
+        if req.path == "/api/machineactions" || req.path.starts_with("/api/machineactions/") {
+            if req.method != "GET" {
+                return odata_error(405, "MethodNotAllowed", "Only GET is simulated");
+            }
+            return self.api(&req).await;
+        }
+        odata_error(
+            404,
+            "ResourceNotFound",
+            &format!("No route for {}", req.path),
+        )
+    }
+}
+
+fn odata_error(status: u16, code: &str, message: &str) -> Reply {
+    Reply::json(
+        status,
+        json!({"error": {"code": code, "message": message, "target": format!("{:x}", fastrand::u64(..))}})
+            .to_string(),
+    )
+}
+
+fn aad_error(status: u16, error: &str, description: &str) -> Reply {
+    Reply::json(
+        status,
+        json!({
+            "error": error,
+            "error_description": format!("{description}\r\nTrace ID: 0000\r\nCorrelation ID: 0000\r\nTimestamp: {}", format_time(SystemTime::now())),
+            "error_codes": [description.get(5..12).and_then(|c| c.parse::<u32>().ok()).unwrap_or(0)],
+        })
+        .to_string(),
+    )
+}
+
+impl Tenant {
+    async fn token(&self, req: &Request) -> Reply {
+        let form: HashMap<String, String> = form_decode(&String::from_utf8_lossy(&req.body))
+            .into_iter()
+            .collect();
+        let tenant = req
+            .path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let mut s = self.lock();
+        s.stats.token_requests += 1;
+        let fault_rate = s.config.token_fault_rate;
+        if fault_rate > 0.0 && s.rng.f64() < fault_rate {
+            s.stats.faults_injected += 1;
+            *s.stats
+                .faults_by_kind
+                .entry("token_503".into())
+                .or_default() += 1;
+            return Reply::Full {
+                status: 503,
+                content_type: "text/html",
+                extra_headers: Vec::new(),
+                body: b"<html><head><title>Service Unavailable</title></head></html>".to_vec(),
+            };
+        }
+        let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+        let refusal = if tenant != SIM_TENANT {
+            Some(aad_error(
+                400,
+                "invalid_request",
+                &format!(
+                    "AADSTS90002: Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud."
+                ),
+            ))
+        } else if field("grant_type") != "client_credentials" {
+            Some(aad_error(
+                400,
+                "unsupported_grant_type",
+                "AADSTS70003: The app requested an unsupported grant type.",
+            ))
+        } else if field("client_id") != SIM_CLIENT_ID {
+            Some(aad_error(
+                400,
+                "unauthorized_client",
+                &format!(
+                    "AADSTS700016: Application with identifier '{}' was not found in the directory.",
+                    field("client_id")
+                ),
+            ))
+        } else if field("client_secret") != SIM_CLIENT_SECRET {
+            Some(aad_error(
+                401,
+                "invalid_client",
+                &format!(
+                    "AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{SIM_CLIENT_ID}'."
+                ),
+            ))
+        } else if field("scope") != SIM_SCOPE {
+            Some(aad_error(
+                400,
+                "invalid_scope",
+                &format!(
+                    "AADSTS1002012: The provided value for scope {} is not valid.",
+                    field("scope")
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            s.stats.token_refusals += 1;
+            return r;
+        }
+        let lifetime = s.config.token_lifetime;
+        let token = format!("sim.{:016x}{:016x}", s.rng.u64(..), s.rng.u64(..));
+        s.tokens.insert(token.clone(), Instant::now() + lifetime);
+        s.stats.tokens_issued += 1;
+        Reply::json(
+            200,
+            json!({
+                "token_type": "Bearer",
+                "expires_in": lifetime.as_secs().max(1),
+                "ext_expires_in": lifetime.as_secs().max(1),
+                "access_token": token,
+            })
+            .to_string(),
+        )
+    }
+
+    async fn api(&self, req: &Request) -> Reply {
+        let (reply, delay) = self.api_reply(req);
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+        reply
+    }
+
+    fn api_reply(&self, req: &Request) -> (Reply, Option<Duration>) {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        s.stats.api_calls += 1;
+        let single = req
+            .path
+            .strip_prefix("/api/machineactions/")
+            .map(str::to_string);
+        if single.is_some() {
+            s.stats.get_calls += 1;
+        } else {
+            s.stats.list_calls += 1;
+        }
+
+        // A Retry-After in force answers everything with another 429.
+        if let Some((written, until)) = s.retry_window {
+            if now < until {
+                if now.duration_since(written) > s.config.early_retry_grace {
+                    s.stats.early_retries += 1;
+                }
+                s.stats.rate_limited += 1;
+                return (too_many(until - now), None);
+            }
+            s.retry_window = None;
+        }
+
+        let token = req
+            .header("authorization")
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .unwrap_or("");
+        match s.tokens.get(token) {
+            None => {
+                s.stats.unknown_token_calls += 1;
+                return (
+                    odata_error(
+                        401,
+                        "Unauthorized",
+                        "Authorization token is missing or invalid.",
+                    ),
+                    None,
+                );
+            }
+            Some(exp) if *exp <= now => {
+                s.stats.expired_token_calls += 1;
+                return (
+                    odata_error(401, "Unauthorized", "The access token has expired."),
+                    None,
+                );
+            }
+            Some(_) => {}
+        }
+
+        if let Some(limit) = s.config.rate_limit.clone() {
+            while s
+                .window
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= limit.window)
+            {
+                s.window.pop_front();
+            }
+            if s.window.len() >= limit.calls as usize {
+                let until = s.window[0] + limit.window;
+                s.retry_window = Some((now, until));
+                s.stats.rate_limited += 1;
+                return (too_many(until - now), None);
+            }
+            s.window.push_back(now);
+        }
+
+        let fault = if s.config.fault_rate > 0.0
+            && !s.config.faults.is_empty()
+            && s.rng.f64() < s.config.fault_rate
+        {
+            Some(s.config.faults[s.rng.usize(0..s.config.faults.len())])
+        } else {
+            None
+        };
+        if let Some(f) = fault {
+            s.stats.faults_injected += 1;
+            *s.stats.faults_by_kind.entry(format!("{f:?}")).or_default() += 1;
+        }
+        let mut delay = None;
+        match fault {
+            Some(Fault::InternalError) => {
+                return (
+                    odata_error(500, "InternalServerError", "An unexpected error occurred"),
+                    None,
+                );
+            }
+            Some(Fault::Unavailable) => {
+                return (
+                    Reply::json(
+                        503,
+                        r#"{"error":{"code":"","message":"The service is temporarily unavailable.","details":[{"code":"Transient","message":"retry later"}]}}"#,
+                    ),
+                    None,
+                );
+            }
+            Some(Fault::BadGatewayHtml) => {
+                return (
+                    Reply::Full {
+                        status: 502,
+                        content_type: "text/html",
+                        extra_headers: Vec::new(),
+                        body: b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1><p>The proxy server received an invalid response from an upstream server.</p></body></html>".to_vec(),
+                    },
+                    None,
+                );
+            }
+            Some(Fault::Drop) => return (Reply::Drop, None),
+            Some(Fault::TooManyRequests) => {
+                let wait = s.config.fault_retry_after;
+                s.retry_window = Some((now, now + wait));
+                s.stats.rate_limited += 1;
+                return (too_many(wait), None);
+            }
+            Some(Fault::Slow) => delay = Some(s.config.slow_delay),
+            _ => {}
+        }
+
+        let body = match single {
+            Some(raw_id) => {
+                let Ok(id) = ActionId::parse(&raw_id) else {
+                    return (
+                        odata_error(
+                            400,
+                            "InvalidRequestBody",
+                            &format!("'{raw_id}' is not a valid action id"),
+                        ),
+                        None,
+                    );
+                };
+                *s.stats.calls_by_action.entry(id.clone()).or_default() += 1;
+                match s.actions.get(&id) {
+                    Some(a) => a.to_json(now, true).to_string(),
+                    None => {
+                        s.stats.not_found_answers += 1;
+                        return (
+                            odata_error(
+                                404,
+                                "ResourceNotFound",
+                                &format!("MachineAction {id} was not found"),
+                            ),
+                            delay,
+                        );
+                    }
+                }
+            }
+            None => {
+                let query: HashMap<String, String> = form_decode(&req.query).into_iter().collect();
+                let filter = query.get("$filter").map(String::as_str).unwrap_or("");
+                let ids = match parse_id_filter(filter) {
+                    Some(ids) if !s.config.reject_list_filter => ids,
+                    _ => {
+                        return (
+                            odata_error(
+                                400,
+                                "ODataError",
+                                &format!("Invalid filter clause: '{filter}' is not supported."),
+                            ),
+                            None,
+                        );
+                    }
+                };
+                let top = query
+                    .get("$top")
+                    .and_then(|t| t.parse::<usize>().ok())
+                    .unwrap_or(10_000)
+                    .min(10_000);
+                let mut value = Vec::new();
+                for id in ids {
+                    *s.stats.calls_by_action.entry(id.clone()).or_default() += 1;
+                    if let Some(a) = s.actions.get(&id)
+                        && value.len() < top
+                    {
+                        value.push(a.to_json(now, false));
+                    }
+                }
+                json!({
+                    "@odata.context": "https://api.securitycenter.microsoft.com/api/$metadata#MachineActions",
+                    "value": value,
+                })
+                .to_string()
+            }
+        };
+        let reply = match fault {
+            Some(Fault::TruncatedJson) => {
+                let cut = body.len() / 2;
+                Reply::json(200, body.as_bytes()[..cut].to_vec())
+            }
+            Some(Fault::CutConnection) => Reply::CutShort {
+                status: 200,
+                keep: body.len() / 2,
+                body: body.into_bytes(),
+            },
+            _ => Reply::json(200, body),
+        };
+        (reply, delay)
+    }
+}
+
+fn too_many(wait: Duration) -> Reply {
+    // Whole seconds, rounded up, as the service sends.
+    let secs = wait.as_millis().div_ceil(1000).max(1);
+    odata_error(
+        429,
+        "TooManyRequests",
+        "Rate limit is exceeded. Try again later.",
+    )
+    .with_header("retry-after", secs.to_string())
+}
+
+/// Reads `id in ('a','b')` or `id eq 'a' or id eq 'b'`; anything else is refused.
+fn parse_id_filter(filter: &str) -> Option<Vec<ActionId>> {
+    let f = filter.trim();
+    let quoted = |s: &str| -> Option<ActionId> {
+        let inner = s.trim().strip_prefix('\'')?.strip_suffix('\'')?;
+        ActionId::parse(inner).ok()
+    };
+    let lower = f.to_ascii_lowercase();
+    if lower.starts_with("id in") || lower.starts_with("id  in") {
+        let open = f.find('(')?;
+        let close = f.rfind(')')?;
+        if close < open || !f[close + 1..].trim().is_empty() {
+            return None;
+        }
+        return f[open + 1..close].split(',').map(quoted).collect();
+    }
+    f.split(" or ")
+        .map(|term| {
+            let t = term.trim();
+            let rest = t.strip_prefix("id eq ")?;
+            quoted(rest)
+        })
+        .collect()
+}
+
+/// Settings pointing a daemon at `sim`, with polling tuned for seconds-long lifecycles.
+pub fn settings_for(sim: &Simulator, db: &std::path::Path) -> crate::config::Settings {
+    let mut s = crate::config::Settings::default();
+    s.database.path = db.to_path_buf();
+    s.api.base_url = sim.base_url();
+    s.api.timeout = Duration::from_secs(5);
+    s.auth.authority = sim.authority();
+    s.auth.tenant_id = Some(SIM_TENANT.to_string());
+    s.auth.client_id = Some(SIM_CLIENT_ID.to_string());
+    s.auth.client_secret = Some(crate::secret::Secret::new(SIM_CLIENT_SECRET));
+    s.auth.scope = SIM_SCOPE.to_string();
+    s.poll.initial_interval = Duration::from_millis(300);
+    s.poll.multiplier = 1.5;
+    s.poll.max_interval = Duration::from_secs(2);
+    s.poll.ride_along = Duration::from_secs(1);
+    s.poll.shutdown_grace = Duration::from_secs(3);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_parse() {
+        let a = "2e9da30d-27f6-4208-81f2-9cd3d67893ba";
+        let b = "11111111-2222-3333-4444-555555555555";
+        assert_eq!(
+            parse_id_filter(&format!("id in ('{a}','{b}')"))
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(
+            parse_id_filter(&format!("id in ( '{a}' , '{b}' )"))
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(
+            parse_id_filter(&format!("id eq '{a}' or id eq '{b}'"))
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(parse_id_filter("status eq 'Pending'").is_none());
+        assert!(parse_id_filter(&format!("id in ('{a}') and x")).is_none());
+    }
+
+    #[test]
+    fn lifecycles_report_status_by_time() {
+        let l = Lifecycle::simple(
+            Duration::from_secs(1),
+            Duration::from_secs(2),
+            ActionStatus::Failed,
+        );
+        assert_eq!(l.at(Duration::ZERO).1, &ActionStatus::Pending);
+        assert_eq!(
+            l.at(Duration::from_millis(1500)).1,
+            &ActionStatus::InProgress
+        );
+        assert_eq!(l.at(Duration::from_secs(10)).1, &ActionStatus::Failed);
+        assert_eq!(l.length(), Duration::from_secs(3));
+        let mut rng = fastrand::Rng::with_seed(3);
+        for _ in 0..200 {
+            let l = Lifecycle::random(&mut rng, Duration::from_secs(10));
+            assert!(l.terminal().is_terminal());
+            assert_eq!(l.steps[0].1, ActionStatus::Pending);
+        }
+    }
+
+    #[test]
+    fn mde_times_have_seven_digits() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_543_925_907_129);
+        assert_eq!(mde_time(t), "2018-12-04T12:18:27.1290000Z");
+    }
+}

@@ -1,0 +1,656 @@
+//! The SQLite queue: pools, migrations and every SQL statement.
+//!
+//! One writer connection (SQLite allows one writer at a time anyway; a pool of one makes waits
+//! happen in our process instead of as SQLITE_BUSY) and a few read-only connections.
+//! Read-modify-write runs in `BEGIN IMMEDIATE` so it takes the write lock up front.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{FromRow, Row};
+use tracing::instrument;
+
+use crate::domain::{ActionId, ActionStatus, Tracking, format_time, parse_time};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// How long a statement waits for another process's lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bounds the WAL file after checkpoints, so a long reader cannot leave a huge file behind.
+const JOURNAL_SIZE_LIMIT: &str = "67108864";
+const READERS: u32 = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "database {path} does not exist (run `mde-actiond enqueue` or `run` first, or pass --db)"
+    )]
+    Missing { path: PathBuf },
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot migrate database {path}: {source}")]
+    Migrate {
+        path: PathBuf,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("database holds a value this version cannot read: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Lock contention and I/O hiccups are worth retrying; schema or open errors are not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Sql(e) => matches!(
+                e,
+                sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::Database(_)
+            ),
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Create the file if needed and apply migrations.
+    ReadWrite,
+    /// Existing file only; never writes (status, list, wait).
+    ReadOnly,
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    writer: Option<SqlitePool>,
+    reader: SqlitePool,
+    path: PathBuf,
+}
+
+/// What `enqueue` did with one id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enqueued {
+    Added,
+    Known(Tracking),
+}
+
+/// An action that is due (or nearly due) for a poll.
+#[derive(Debug, Clone)]
+pub struct DueAction {
+    pub id: ActionId,
+    /// The last status seen, for logs (the store decides what is a transition).
+    pub status: Option<String>,
+    pub poll_count: u32,
+    pub enqueued_at: SystemTime,
+    pub next_poll_at: SystemTime,
+}
+
+/// What one poll of one action found.
+#[derive(Debug, Clone)]
+pub enum PollResult {
+    Observed(Box<Observation>),
+    /// MDE answered 404 to the single GET.
+    NotFound,
+    /// The poll failed in a way that does not say anything about the action.
+    Error(String),
+}
+
+/// What to do with the action after this poll.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NextStep {
+    PollAt(SystemTime),
+    Finish(Tracking),
+}
+
+#[derive(Debug, Clone)]
+pub struct PollWrite {
+    pub id: ActionId,
+    pub result: PollResult,
+    pub next: NextStep,
+}
+
+/// The fields of a MachineAction the database keeps, already normalized.
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    pub status: Option<ActionStatus>,
+    pub action_type: Option<String>,
+    pub machine_id: Option<String>,
+    pub computer_dns_name: Option<String>,
+    pub requestor: Option<String>,
+    pub requestor_comment: Option<String>,
+    pub external_id: Option<String>,
+    pub created_at: Option<String>,
+    pub updated_at: Option<String>,
+    /// The JSON object exactly as MDE sent it.
+    pub raw: String,
+}
+
+/// What one write of a batch changed, for logs and progress.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct WriteSummary {
+    pub transitions: u32,
+    pub finished: u32,
+}
+
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct ActionRow {
+    pub action_id: String,
+    pub tracking: String,
+    pub status: Option<String>,
+    pub action_type: Option<String>,
+    pub machine_id: Option<String>,
+    pub computer_dns_name: Option<String>,
+    pub requestor: Option<String>,
+    pub requestor_comment: Option<String>,
+    pub external_id: Option<String>,
+    pub mde_created_at: Option<String>,
+    pub mde_updated_at: Option<String>,
+    pub enqueued_at: String,
+    pub last_polled_at: Option<String>,
+    pub next_poll_at: Option<String>,
+    pub poll_count: i64,
+    pub error_count: i64,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub last_response: Option<String>,
+}
+
+#[derive(Debug, Clone, FromRow, Serialize, PartialEq, Eq)]
+pub struct TransitionRow {
+    pub id: i64,
+    pub action_id: String,
+    pub from_status: Option<String>,
+    pub to_status: String,
+    pub observed_at: String,
+    pub mde_updated_at: Option<String>,
+}
+
+/// Counts of actions by tracking state and by (last) status.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Counts {
+    pub by_tracking: Vec<(String, i64)>,
+    pub by_status: Vec<(String, i64)>,
+}
+
+impl Counts {
+    pub fn tracking(&self, t: Tracking) -> i64 {
+        self.by_tracking
+            .iter()
+            .find(|(k, _)| k == t.as_str())
+            .map_or(0, |(_, n)| *n)
+    }
+
+    pub fn total(&self) -> i64 {
+        self.by_tracking.iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// An API call as the rate budget needs to know it after a restart.
+#[derive(Debug, Clone)]
+pub struct PastCall {
+    pub sent_at: SystemTime,
+    /// When a 429 asked us to wait, the moment the wait ends.
+    pub retry_not_before: Option<SystemTime>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Get,
+    List,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Get => "get",
+            Endpoint::List => "list",
+        }
+    }
+}
+
+fn connect_options(path: &Path, mode: OpenMode) -> SqliteConnectOptions {
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .busy_timeout(BUSY_TIMEOUT)
+        .foreign_keys(true);
+    match mode {
+        OpenMode::ReadWrite => options
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // An acknowledged enqueue or transition must survive power loss.
+            .synchronous(SqliteSynchronous::Full)
+            .pragma("journal_size_limit", JOURNAL_SIZE_LIMIT),
+        OpenMode::ReadOnly => options.read_only(true),
+    }
+}
+
+impl Store {
+    pub async fn open(path: &Path, mode: OpenMode) -> Result<Self> {
+        if mode == OpenMode::ReadOnly && !path.exists() {
+            return Err(StoreError::Missing {
+                path: path.to_path_buf(),
+            });
+        }
+        let open_err = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let writer = match mode {
+            OpenMode::ReadWrite => {
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .min_connections(1)
+                    .idle_timeout(None)
+                    .max_lifetime(None)
+                    .connect_with(connect_options(path, mode))
+                    .await
+                    .map_err(open_err)?;
+                migrate(&pool, path).await?;
+                Some(pool)
+            }
+            OpenMode::ReadOnly => None,
+        };
+        let reader = SqlitePoolOptions::new()
+            .max_connections(READERS)
+            .connect_with(connect_options(path, OpenMode::ReadOnly))
+            .await
+            .map_err(open_err)?;
+        Ok(Self {
+            writer,
+            reader,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn writer(&self) -> &SqlitePool {
+        self.writer
+            .as_ref()
+            .expect("write on a store opened read-only: a bug in the caller")
+    }
+
+    /// Adds ids to the queue in one transaction; known ids are left as they are.
+    #[instrument(skip_all, fields(count = ids.len()))]
+    pub async fn enqueue(&self, ids: &[ActionId], now: SystemTime) -> Result<Vec<Enqueued>> {
+        let now = format_time(now);
+        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let inserted = sqlx::query(
+                "INSERT INTO actions (action_id, tracking, enqueued_at, next_poll_at)
+                 VALUES (?1, 'active', ?2, ?2) ON CONFLICT (action_id) DO NOTHING",
+            )
+            .bind(id.as_str())
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 1 {
+                out.push(Enqueued::Added);
+            } else {
+                let tracking: String =
+                    sqlx::query_scalar("SELECT tracking FROM actions WHERE action_id = ?1")
+                        .bind(id.as_str())
+                        .fetch_one(&mut *tx)
+                        .await?;
+                out.push(Enqueued::Known(parse_tracking(&tracking)?));
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Active actions due by `horizon`, soonest first.
+    #[instrument(skip_all)]
+    pub async fn due_actions(&self, horizon: SystemTime, limit: u32) -> Result<Vec<DueAction>> {
+        let rows = sqlx::query(
+            "SELECT action_id, status, poll_count, enqueued_at, next_poll_at FROM actions
+             WHERE tracking = 'active' AND next_poll_at <= ?1
+             ORDER BY next_poll_at LIMIT ?2",
+        )
+        .bind(format_time(horizon))
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("action_id")?;
+                let enqueued: String = row.try_get("enqueued_at")?;
+                let next: String = row.try_get("next_poll_at")?;
+                let count: i64 = row.try_get("poll_count")?;
+                Ok(DueAction {
+                    id: ActionId::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    status: row.try_get("status")?,
+                    poll_count: u32::try_from(count).unwrap_or(u32::MAX),
+                    enqueued_at: read_time(&enqueued)?,
+                    next_poll_at: read_time(&next)?,
+                })
+            })
+            .collect()
+    }
+
+    /// When the soonest active action is due, if any is active.
+    pub async fn next_due_at(&self) -> Result<Option<SystemTime>> {
+        let next: Option<String> =
+            sqlx::query_scalar("SELECT min(next_poll_at) FROM actions WHERE tracking = 'active'")
+                .fetch_one(&self.reader)
+                .await?;
+        next.as_deref().map(read_time).transpose()
+    }
+
+    /// Writes what a batch of polls found: status, transition and schedule of each action
+    /// commit together, so a crash can neither lose nor duplicate a transition.
+    #[instrument(skip_all, fields(count = writes.len()))]
+    pub async fn record_polls(
+        &self,
+        writes: &[PollWrite],
+        now: SystemTime,
+    ) -> Result<WriteSummary> {
+        let now_text = format_time(now);
+        let mut summary = WriteSummary::default();
+        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
+        for w in writes {
+            let current: Option<(String, Option<String>)> =
+                sqlx::query_as("SELECT tracking, status FROM actions WHERE action_id = ?1")
+                    .bind(w.id.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let Some((tracking, old_status)) = current else {
+                continue;
+            };
+            if tracking != Tracking::Active.as_str() {
+                // Finished meanwhile (e.g. a second daemon); never reopen a finished action.
+                continue;
+            }
+            let (tracking, next_poll_at, finished_at) = match &w.next {
+                NextStep::PollAt(t) => (Tracking::Active, Some(format_time(*t)), None),
+                NextStep::Finish(t) => (*t, None, Some(now_text.clone())),
+            };
+            if tracking != Tracking::Active {
+                summary.finished += 1;
+            }
+            match &w.result {
+                PollResult::Observed(o) => {
+                    let new_status = o.status.as_ref().map(|s| s.as_str());
+                    if let Some(to) = new_status
+                        && old_status.as_deref() != Some(to)
+                    {
+                        sqlx::query(
+                            "INSERT INTO transitions
+                               (action_id, from_status, to_status, observed_at, mde_updated_at)
+                             VALUES (?1, ?2, ?3, ?4, ?5)",
+                        )
+                        .bind(w.id.as_str())
+                        .bind(&old_status)
+                        .bind(to)
+                        .bind(&now_text)
+                        .bind(&o.updated_at)
+                        .execute(&mut *tx)
+                        .await?;
+                        summary.transitions += 1;
+                    }
+                    sqlx::query(
+                        "UPDATE actions SET
+                           status = coalesce(?2, status),
+                           action_type = coalesce(?3, action_type),
+                           machine_id = coalesce(?4, machine_id),
+                           computer_dns_name = coalesce(?5, computer_dns_name),
+                           requestor = coalesce(?6, requestor),
+                           requestor_comment = coalesce(?7, requestor_comment),
+                           external_id = coalesce(?8, external_id),
+                           mde_created_at = coalesce(?9, mde_created_at),
+                           mde_updated_at = coalesce(?10, mde_updated_at),
+                           last_response = ?11,
+                           last_polled_at = ?12,
+                           poll_count = poll_count + 1,
+                           tracking = ?13,
+                           next_poll_at = ?14,
+                           finished_at = ?15
+                         WHERE action_id = ?1",
+                    )
+                    .bind(w.id.as_str())
+                    .bind(new_status)
+                    .bind(&o.action_type)
+                    .bind(&o.machine_id)
+                    .bind(&o.computer_dns_name)
+                    .bind(&o.requestor)
+                    .bind(&o.requestor_comment)
+                    .bind(&o.external_id)
+                    .bind(&o.created_at)
+                    .bind(&o.updated_at)
+                    .bind(&o.raw)
+                    .bind(&now_text)
+                    .bind(tracking.as_str())
+                    .bind(&next_poll_at)
+                    .bind(&finished_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                PollResult::NotFound | PollResult::Error(_) => {
+                    let error = match &w.result {
+                        PollResult::Error(e) => Some(e.as_str()),
+                        _ => None,
+                    };
+                    sqlx::query(
+                        "UPDATE actions SET
+                           last_polled_at = ?2,
+                           poll_count = poll_count + 1,
+                           error_count = error_count + (?3 IS NOT NULL),
+                           last_error = coalesce(?3, last_error),
+                           last_error_at = CASE WHEN ?3 IS NULL THEN last_error_at ELSE ?2 END,
+                           tracking = ?4,
+                           next_poll_at = ?5,
+                           finished_at = ?6
+                         WHERE action_id = ?1",
+                    )
+                    .bind(w.id.as_str())
+                    .bind(&now_text)
+                    .bind(error)
+                    .bind(tracking.as_str())
+                    .bind(&next_poll_at)
+                    .bind(&finished_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(summary)
+    }
+
+    /// Records an API call before it is sent, so the budget is right even after a crash.
+    pub async fn start_api_call(
+        &self,
+        endpoint: Endpoint,
+        action_count: usize,
+        sent_at: SystemTime,
+    ) -> Result<i64> {
+        let id = sqlx::query_scalar(
+            "INSERT INTO api_calls (sent_at, endpoint, action_count) VALUES (?1, ?2, ?3)
+             RETURNING id",
+        )
+        .bind(format_time(sent_at))
+        .bind(endpoint.as_str())
+        .bind(action_count as i64)
+        .fetch_one(self.writer())
+        .await?;
+        Ok(id)
+    }
+
+    pub async fn finish_api_call(
+        &self,
+        id: i64,
+        http_status: Option<u16>,
+        outcome: &str,
+        retry_after: Option<Duration>,
+        duration: Duration,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE api_calls SET http_status = ?2, outcome = ?3, retry_after_ms = ?4,
+               duration_ms = ?5 WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(http_status)
+        .bind(outcome)
+        .bind(retry_after.map(|d| d.as_millis() as i64))
+        .bind(duration.as_millis() as i64)
+        .execute(self.writer())
+        .await?;
+        Ok(())
+    }
+
+    /// Calls sent since `since`, oldest first, for rebuilding the rate budget at start.
+    pub async fn api_calls_since(&self, since: SystemTime) -> Result<Vec<PastCall>> {
+        let rows: Vec<(String, Option<i64>)> = sqlx::query_as(
+            "SELECT sent_at, retry_after_ms FROM api_calls WHERE sent_at >= ?1 ORDER BY sent_at",
+        )
+        .bind(format_time(since))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter()
+            .map(|(sent, retry)| {
+                let sent_at = read_time(&sent)?;
+                Ok(PastCall {
+                    sent_at,
+                    retry_not_before: retry.map(|ms| sent_at + Duration::from_millis(ms as u64)),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn api_call_count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM api_calls")
+            .fetch_one(&self.reader)
+            .await?)
+    }
+
+    /// Drops the call log older than `before`; the budget needs only the last hour.
+    pub async fn prune_api_calls(&self, before: SystemTime) -> Result<u64> {
+        Ok(sqlx::query("DELETE FROM api_calls WHERE sent_at < ?1")
+            .bind(format_time(before))
+            .execute(self.writer())
+            .await?
+            .rows_affected())
+    }
+
+    pub async fn action(&self, id: &ActionId) -> Result<Option<ActionRow>> {
+        Ok(sqlx::query_as("SELECT * FROM actions WHERE action_id = ?1")
+            .bind(id.as_str())
+            .fetch_optional(&self.reader)
+            .await?)
+    }
+
+    pub async fn transitions(&self, id: &ActionId) -> Result<Vec<TransitionRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, action_id, from_status, to_status, observed_at, mde_updated_at
+             FROM transitions WHERE action_id = ?1 ORDER BY id",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
+    /// Transitions with an id above `after`, in order; for progress displays.
+    pub async fn transitions_after(&self, after: i64, limit: u32) -> Result<Vec<TransitionRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, action_id, from_status, to_status, observed_at, mde_updated_at
+             FROM transitions WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
+    /// Actions, newest enqueue first, optionally only those in one tracking state.
+    pub async fn list(&self, tracking: Option<Tracking>, limit: u32) -> Result<Vec<ActionRow>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM actions WHERE ?1 IS NULL OR tracking = ?1
+             ORDER BY enqueued_at DESC, action_id LIMIT ?2",
+        )
+        .bind(tracking.map(Tracking::as_str))
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
+    pub async fn counts(&self) -> Result<Counts> {
+        let by_tracking = sqlx::query_as(
+            "SELECT tracking, count(*) FROM actions GROUP BY tracking ORDER BY tracking",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        let by_status = sqlx::query_as(
+            "SELECT coalesce(status, '(none yet)'), count(*) FROM actions
+             GROUP BY status ORDER BY status",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(Counts {
+            by_tracking,
+            by_status,
+        })
+    }
+
+    /// Folds the WAL back into the database file; called at shutdown so readers find a
+    /// compact file and no stale `-wal`.
+    pub async fn checkpoint(&self) -> Result<()> {
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(self.writer())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        if let Some(w) = &self.writer {
+            w.close().await;
+        }
+        self.reader.close().await;
+    }
+}
+
+async fn migrate(pool: &SqlitePool, path: &Path) -> Result<()> {
+    // sqlx does not lock migrations on SQLite; two processes starting together can race on a
+    // fresh file. The loser's attempt fails and a retry finds the work done.
+    let mut attempt = 0;
+    loop {
+        match MIGRATOR.run(pool).await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 3 => {
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, "migration attempt failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            }
+            Err(source) => {
+                return Err(StoreError::Migrate {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+fn read_time(s: &str) -> Result<SystemTime> {
+    parse_time(s).ok_or_else(|| StoreError::Corrupt(format!("unreadable time '{s}'")))
+}
+
+fn parse_tracking(s: &str) -> Result<Tracking> {
+    Tracking::from_str(s).map_err(StoreError::Corrupt)
+}
