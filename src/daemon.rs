@@ -153,23 +153,26 @@ impl Daemon {
             "mde-actiond polling"
         );
         let mut handle = tokio::spawn(self.poller.clone().run(stop.clone()));
-        tokio::select! {
-            _ = stop.cancelled() => {}
+        let loop_ended = tokio::select! {
+            biased;
+            _ = stop.cancelled() => false,
             joined = &mut handle => {
-                let why = match joined {
-                    Ok(()) => "it returned".to_string(),
-                    Err(e) => e.to_string(),
-                };
-                return Err(DaemonError::LoopDied(why));
+                // The loop ends by itself only once `stop` fired; anything else is a bug.
+                match joined {
+                    Ok(()) if stop.is_cancelled() => true,
+                    Ok(()) => return Err(DaemonError::LoopDied("it returned".into())),
+                    Err(e) => return Err(DaemonError::LoopDied(e.to_string())),
+                }
             }
-        }
+        };
         info!(
             grace_ms = self.shutdown_grace.as_millis() as u64,
             "stopping: letting calls in flight finish"
         );
-        if tokio::time::timeout(self.shutdown_grace, &mut handle)
-            .await
-            .is_err()
+        if !loop_ended
+            && tokio::time::timeout(self.shutdown_grace, &mut handle)
+                .await
+                .is_err()
         {
             handle.abort();
             warn!(

@@ -375,6 +375,76 @@ impl Simulator {
         s.actions.get(id).map(|a| a.lifecycle.terminal().clone())
     }
 
+    /// Checks a recorded transition log against the scripted truth: it starts from nothing,
+    /// each entry continues the previous one, statuses appear in their true order without
+    /// repeats, none is seen before it happened, `mde_updated_at` is the true change time, and
+    /// (when `finished`) it ends at the true terminal status.
+    pub fn verify_transitions(
+        &self,
+        id: &ActionId,
+        recorded: &[crate::store::TransitionRow],
+        finished: bool,
+    ) -> Result<(), String> {
+        let truth = self
+            .truth(id)
+            .ok_or_else(|| format!("{id}: unknown to the simulator"))?;
+        let first = recorded
+            .first()
+            .ok_or_else(|| format!("{id}: no transitions"))?;
+        if first.from_status.is_some() {
+            return Err(format!(
+                "{id}: first transition starts from {:?}",
+                first.from_status
+            ));
+        }
+        let mut last_index = None;
+        for (i, t) in recorded.iter().enumerate() {
+            if i > 0 && t.from_status.as_deref() != Some(recorded[i - 1].to_status.as_str()) {
+                return Err(format!(
+                    "{id}: transition {} does not continue from {}",
+                    t.id,
+                    recorded[i - 1].to_status
+                ));
+            }
+            let Some(pos) = truth.iter().position(|(s, _)| s.as_str() == t.to_status) else {
+                return Err(format!(
+                    "{id}: recorded status {} never happened",
+                    t.to_status
+                ));
+            };
+            if last_index.is_some_and(|l| pos <= l) {
+                return Err(format!(
+                    "{id}: {} recorded out of order or twice",
+                    t.to_status
+                ));
+            }
+            last_index = Some(pos);
+            let happened = format_time(truth[pos].1);
+            if t.observed_at < happened {
+                return Err(format!(
+                    "{id}: {} observed at {} before it happened at {happened}",
+                    t.to_status, t.observed_at
+                ));
+            }
+            if let Some(u) = &t.mde_updated_at
+                && *u != happened
+            {
+                return Err(format!(
+                    "{id}: {} has mde_updated_at {u}, truth {happened}",
+                    t.to_status
+                ));
+            }
+        }
+        if finished && last_index != Some(truth.len() - 1) {
+            return Err(format!(
+                "{id}: log ends at {} but the true terminal status is {}",
+                recorded.last().map(|t| t.to_status.as_str()).unwrap_or("-"),
+                truth[truth.len() - 1].0
+            ));
+        }
+        Ok(())
+    }
+
     pub fn stats(&self) -> SimStats {
         self.lock().stats.clone()
     }

@@ -1,0 +1,204 @@
+//! Shared test helpers: a simulator per test on port 0, a temp database, the daemon in-process
+//! or as the real binary, and waits on conditions (never fixed sleeps).
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mde_actiond::config::Settings;
+use mde_actiond::daemon::{Daemon, DaemonError};
+use mde_actiond::domain::{ActionId, Tracking};
+use mde_actiond::poller::Poller;
+use mde_actiond::sim::{SimConfig, Simulator, settings_for};
+use mde_actiond::store::{ActionRow, OpenMode, Store};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Logs only when TEST_LOG is set (e.g. TEST_LOG=debug).
+pub fn init_logs() {
+    if let Ok(level) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+pub struct TestEnv {
+    pub sim: Simulator,
+    pub dir: tempfile::TempDir,
+    pub settings: Settings,
+}
+
+impl TestEnv {
+    pub async fn new(config: SimConfig) -> Self {
+        init_logs();
+        let sim = Simulator::start(config).await.expect("simulator starts");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let settings = settings_for(&sim, &dir.path().join("actions.db"));
+        Self { sim, dir, settings }
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.settings.database.path.clone()
+    }
+
+    pub async fn start_daemon(&self) -> RunningDaemon {
+        RunningDaemon::start(&self.settings)
+            .await
+            .expect("daemon starts")
+    }
+
+    pub async fn reader(&self) -> Store {
+        Store::open(&self.db(), OpenMode::ReadOnly)
+            .await
+            .expect("reader opens")
+    }
+
+    /// Every action finished with the true terminal status and a log that matches the truth.
+    pub async fn assert_all_true(&self, ids: &[ActionId]) {
+        let store = self.reader().await;
+        for id in ids {
+            let row = store.action(id).await.unwrap().expect("tracked");
+            let truth = self.sim.terminal_status(id).expect("simulated");
+            assert_eq!(row.tracking, "done", "{id}: {row:?}");
+            assert_eq!(row.status.as_deref(), Some(truth.as_str()), "{id}");
+            assert!(
+                row.next_poll_at.is_none() && row.finished_at.is_some(),
+                "{id}"
+            );
+            let log = store.transitions(id).await.unwrap();
+            if let Err(e) = self.sim.verify_transitions(id, &log, true) {
+                panic!("{e}\n{log:#?}");
+            }
+        }
+        store.close().await;
+    }
+}
+
+pub struct RunningDaemon {
+    pub stop: CancellationToken,
+    pub poller: Arc<Poller>,
+    pub store: Store,
+    handle: JoinHandle<Result<(), DaemonError>>,
+}
+
+impl RunningDaemon {
+    pub async fn start(settings: &Settings) -> Result<Self, DaemonError> {
+        let daemon = Daemon::start(settings).await?;
+        let poller = daemon.poller().clone();
+        let store = daemon.store().clone();
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(daemon.run_until_stopped(stop.clone()));
+        Ok(Self {
+            stop,
+            poller,
+            store,
+            handle,
+        })
+    }
+
+    pub async fn enqueue(&self, ids: &[ActionId]) {
+        self.store
+            .enqueue(ids, std::time::SystemTime::now())
+            .await
+            .expect("enqueue");
+        self.poller.wake();
+    }
+
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.handle
+            .await
+            .expect("daemon task")
+            .expect("daemon stops cleanly");
+    }
+}
+
+/// Waits until `check` is true, looking every 50 ms; panics with `what` after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until none of `ids` is active any more.
+pub async fn wait_finished(store: &Store, ids: &[ActionId], limit: Duration) {
+    eventually(limit, "all actions finished", || async {
+        let mut done = true;
+        for id in ids {
+            match store.action(id).await {
+                Ok(Some(row)) if row.tracking != Tracking::Active.as_str() => {}
+                _ => {
+                    done = false;
+                    break;
+                }
+            }
+        }
+        done
+    })
+    .await;
+}
+
+pub async fn row(store: &Store, id: &ActionId) -> ActionRow {
+    store.action(id).await.unwrap().expect("tracked")
+}
+
+/// The environment that points the real binary at `env`'s simulator and database.
+pub fn daemon_env(env: &TestEnv) -> Vec<(String, String)> {
+    let s = &env.settings;
+    let d = |d: Duration| format!("{}ms", d.as_millis());
+    vec![
+        (
+            "MDE_ACTIOND_DATABASE__PATH",
+            s.database.path.display().to_string(),
+        ),
+        ("MDE_ACTIOND_API__BASE_URL", s.api.base_url.clone()),
+        ("MDE_ACTIOND_API__TIMEOUT", d(s.api.timeout)),
+        ("MDE_ACTIOND_AUTH__AUTHORITY", s.auth.authority.clone()),
+        (
+            "MDE_ACTIOND_AUTH__TENANT_ID",
+            s.auth.tenant_id.clone().unwrap(),
+        ),
+        (
+            "MDE_ACTIOND_AUTH__CLIENT_ID",
+            s.auth.client_id.clone().unwrap(),
+        ),
+        (
+            "MDE_ACTIOND_AUTH__CLIENT_SECRET",
+            s.auth.client_secret.as_ref().unwrap().expose().to_string(),
+        ),
+        ("MDE_ACTIOND_AUTH__SCOPE", s.auth.scope.clone()),
+        (
+            "MDE_ACTIOND_POLL__INITIAL_INTERVAL",
+            d(s.poll.initial_interval),
+        ),
+        (
+            "MDE_ACTIOND_POLL__MULTIPLIER",
+            s.poll.multiplier.to_string(),
+        ),
+        ("MDE_ACTIOND_POLL__MAX_INTERVAL", d(s.poll.max_interval)),
+        ("MDE_ACTIOND_POLL__RIDE_ALONG", d(s.poll.ride_along)),
+        (
+            "MDE_ACTIOND_POLL__BATCH_SIZE",
+            s.poll.batch_size.to_string(),
+        ),
+        ("MDE_ACTIOND_POLL__SHUTDOWN_GRACE", d(s.poll.shutdown_grace)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
