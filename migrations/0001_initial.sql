@@ -29,8 +29,9 @@ CREATE TABLE actions (
     CHECK ((tracking = 'active') = (finished_at IS NULL))
 ) WITHOUT ROWID;
 
--- The scheduler's only question: which active actions are due, soonest first.
-CREATE INDEX actions_due ON actions (next_poll_at) WHERE tracking = 'active';
+-- The scheduler's only question: which active actions are due, soonest first. Finished
+-- actions keep next_poll_at NULL, so they sort apart and cost nothing here.
+CREATE INDEX actions_due ON actions (tracking, next_poll_at);
 CREATE INDEX actions_tracking ON actions (tracking, status);
 
 CREATE TABLE transitions (

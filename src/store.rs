@@ -250,14 +250,7 @@ impl Store {
         };
         let writer = match mode {
             OpenMode::ReadWrite => {
-                let pool = SqlitePoolOptions::new()
-                    .max_connections(1)
-                    .min_connections(1)
-                    .idle_timeout(None)
-                    .max_lifetime(None)
-                    .connect_with(connect_options(path, mode))
-                    .await
-                    .map_err(open_err)?;
+                let pool = open_writer(path).await.map_err(open_err)?;
                 migrate(&pool, path).await?;
                 Some(pool)
             }
@@ -343,15 +336,6 @@ impl Store {
                 })
             })
             .collect()
-    }
-
-    /// When the soonest active action is due, if any is active.
-    pub async fn next_due_at(&self) -> Result<Option<SystemTime>> {
-        let next: Option<String> =
-            sqlx::query_scalar("SELECT min(next_poll_at) FROM actions WHERE tracking = 'active'")
-                .fetch_one(&self.reader)
-                .await?;
-        next.as_deref().map(read_time).transpose()
     }
 
     /// Writes what a batch of polls found: status, transition and schedule of each action
@@ -623,6 +607,34 @@ impl Store {
         }
         self.reader.close().await;
     }
+}
+
+/// Opens the writer pool. Two processes creating the same new file at once (a CLI enqueue
+/// and a starting daemon) can meet SQLITE_BUSY while one switches it to WAL, which SQLite
+/// reports without waiting; a short retry lets the first finish.
+async fn open_writer(path: &Path) -> std::result::Result<SqlitePool, sqlx::Error> {
+    let mut attempt = 0u64;
+    loop {
+        let result = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(connect_options(path, OpenMode::ReadWrite))
+            .await;
+        match result {
+            Err(sqlx::Error::Database(e)) if attempt < 5 && is_busy(e.message()) => {
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, "database busy while opening; retrying");
+                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn is_busy(message: &str) -> bool {
+    message.contains("locked") || message.contains("busy")
 }
 
 async fn migrate(pool: &SqlitePool, path: &Path) -> Result<()> {

@@ -258,6 +258,7 @@ struct State {
     rng: fastrand::Rng,
     actions: HashMap<ActionId, SimAction>,
     tokens: HashMap<String, Instant>,
+    issued: Vec<String>,
     window: VecDeque<Instant>,
     /// A 429 was written at `.0`; calls before `.1` earn another.
     retry_window: Option<(Instant, Instant)>,
@@ -286,6 +287,7 @@ impl Simulator {
                 rng,
                 actions: HashMap::new(),
                 tokens: HashMap::new(),
+                issued: Vec::new(),
                 window: VecDeque::new(),
                 retry_window: None,
                 stats: SimStats::default(),
@@ -449,6 +451,11 @@ impl Simulator {
         self.lock().stats.clone()
     }
 
+    /// Every access token handed out so far (tests look for leaks of them).
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.lock().issued.clone()
+    }
+
     pub fn set_fault_rate(&self, rate: f64) {
         self.lock().config.fault_rate = rate;
     }
@@ -601,6 +608,7 @@ impl Tenant {
         let lifetime = s.config.token_lifetime;
         let token = format!("sim.{:016x}{:016x}", s.rng.u64(..), s.rng.u64(..));
         s.tokens.insert(token.clone(), Instant::now() + lifetime);
+        s.issued.push(token.clone());
         s.stats.tokens_issued += 1;
         Reply::json(
             200,

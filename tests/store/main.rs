@@ -1,0 +1,377 @@
+//! The database as a public interface: the documented schema, transition bookkeeping, the
+//! index the scheduler relies on, and what other SQLite clients see.
+
+use std::time::{Duration, SystemTime};
+
+use mde_actiond::domain::{ActionId, ActionStatus, Tracking};
+use mde_actiond::store::{
+    Enqueued, NextStep, Observation, OpenMode, PollResult, PollWrite, Store, StoreError,
+};
+use sqlx::Row;
+
+fn ids(n: usize, seed: u64) -> Vec<ActionId> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..n).map(|_| ActionId::random(&mut rng)).collect()
+}
+
+async fn fresh() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("t.db"), OpenMode::ReadWrite)
+        .await
+        .unwrap();
+    (dir, store)
+}
+
+fn observed(id: &ActionId, status: ActionStatus, next: NextStep) -> PollWrite {
+    PollWrite {
+        id: id.clone(),
+        result: PollResult::Observed(Box::new(Observation {
+            status: Some(status),
+            action_type: Some("Isolate".into()),
+            updated_at: Some("2026-11-28T10:00:00.000Z".into()),
+            raw: "{}".into(),
+            ..Observation::default()
+        })),
+        next,
+    }
+}
+
+/// (name, declared type, NOT NULL)
+type Column = (&'static str, &'static str, bool);
+
+/// The reporting contract: these tables and columns with these types. Adding is fine;
+/// removing or retyping one fails here.
+#[tokio::test]
+async fn schema_matches_the_documented_contract() {
+    let (dir, store) = fresh().await;
+    store.close().await;
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}?mode=ro",
+        dir.path().join("t.db").display()
+    ))
+    .await
+    .unwrap();
+    let contract: &[(&str, &[Column])] = &[
+        (
+            "actions",
+            &[
+                ("action_id", "TEXT", true),
+                ("tracking", "TEXT", true),
+                ("status", "TEXT", false),
+                ("action_type", "TEXT", false),
+                ("machine_id", "TEXT", false),
+                ("computer_dns_name", "TEXT", false),
+                ("requestor", "TEXT", false),
+                ("requestor_comment", "TEXT", false),
+                ("external_id", "TEXT", false),
+                ("mde_created_at", "TEXT", false),
+                ("mde_updated_at", "TEXT", false),
+                ("enqueued_at", "TEXT", true),
+                ("last_polled_at", "TEXT", false),
+                ("next_poll_at", "TEXT", false),
+                ("poll_count", "INTEGER", true),
+                ("error_count", "INTEGER", true),
+                ("last_error", "TEXT", false),
+                ("last_error_at", "TEXT", false),
+                ("finished_at", "TEXT", false),
+                ("last_response", "TEXT", false),
+            ],
+        ),
+        (
+            "transitions",
+            &[
+                ("id", "INTEGER", false),
+                ("action_id", "TEXT", true),
+                ("from_status", "TEXT", false),
+                ("to_status", "TEXT", true),
+                ("observed_at", "TEXT", true),
+                ("mde_updated_at", "TEXT", false),
+            ],
+        ),
+        (
+            "api_calls",
+            &[
+                ("id", "INTEGER", false),
+                ("sent_at", "TEXT", true),
+                ("endpoint", "TEXT", true),
+                ("action_count", "INTEGER", true),
+                ("http_status", "INTEGER", false),
+                ("outcome", "TEXT", false),
+                ("retry_after_ms", "INTEGER", false),
+                ("duration_ms", "INTEGER", false),
+            ],
+        ),
+    ];
+    for (table, columns) in contract {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA table_info({table})")))
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        let actual: Vec<(String, String, bool)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<String, _>("name"),
+                    r.get::<String, _>("type"),
+                    r.get::<i64, _>("notnull") == 1,
+                )
+            })
+            .collect();
+        for (name, ty, not_null) in *columns {
+            let found = actual.iter().find(|(n, _, _)| n == name);
+            assert_eq!(
+                found.map(|(_, t, nn)| (t.as_str(), *nn)),
+                Some((*ty, *not_null)),
+                "{table}.{name}: documented as {ty}{}",
+                if *not_null { " NOT NULL" } else { "" }
+            );
+        }
+    }
+    // The transitions table refers to actions.
+    let fks = sqlx::query("PRAGMA foreign_key_list(transitions)")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(fks.len(), 1);
+    assert_eq!(fks[0].get::<String, _>("table"), "actions");
+    // WAL mode is a property of the file: readers rely on it.
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
+
+#[tokio::test]
+async fn enqueue_reports_known_ids_and_keeps_their_state() {
+    let (_dir, store) = fresh().await;
+    let a = ids(3, 1);
+    let now = SystemTime::now();
+    assert_eq!(
+        store.enqueue(&a[..2], now).await.unwrap(),
+        vec![Enqueued::Added; 2]
+    );
+    store
+        .record_polls(
+            &[observed(
+                &a[0],
+                ActionStatus::Succeeded,
+                NextStep::Finish(Tracking::Done),
+            )],
+            now,
+        )
+        .await
+        .unwrap();
+    let again = store.enqueue(&a, now).await.unwrap();
+    assert_eq!(
+        again,
+        vec![
+            Enqueued::Known(Tracking::Done),
+            Enqueued::Known(Tracking::Active),
+            Enqueued::Added
+        ]
+    );
+    assert_eq!(store.action(&a[0]).await.unwrap().unwrap().tracking, "done");
+}
+
+#[tokio::test]
+async fn a_replayed_observation_is_not_a_new_transition() {
+    let (_dir, store) = fresh().await;
+    let a = ids(1, 2);
+    let now = SystemTime::now();
+    store.enqueue(&a, now).await.unwrap();
+    let later = NextStep::PollAt(now + Duration::from_secs(5));
+    for _ in 0..3 {
+        let s = store
+            .record_polls(
+                &[observed(&a[0], ActionStatus::Pending, later.clone())],
+                now,
+            )
+            .await
+            .unwrap();
+        let _ = s;
+    }
+    store
+        .record_polls(
+            &[observed(&a[0], ActionStatus::InProgress, later.clone())],
+            now,
+        )
+        .await
+        .unwrap();
+    let s = store
+        .record_polls(
+            &[observed(
+                &a[0],
+                ActionStatus::Succeeded,
+                NextStep::Finish(Tracking::Done),
+            )],
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.transitions, 1);
+    assert_eq!(s.finished, 1);
+    // A late duplicate after the end changes nothing: finished actions are never reopened.
+    let s = store
+        .record_polls(&[observed(&a[0], ActionStatus::InProgress, later)], now)
+        .await
+        .unwrap();
+    assert_eq!(s.transitions, 0);
+    let log: Vec<(Option<String>, String)> = store
+        .transitions(&a[0])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.from_status, t.to_status))
+        .collect();
+    assert_eq!(
+        log,
+        vec![
+            (None, "Pending".into()),
+            (Some("Pending".into()), "InProgress".into()),
+            (Some("InProgress".into()), "Succeeded".into()),
+        ]
+    );
+    let row = store.action(&a[0]).await.unwrap().unwrap();
+    assert_eq!(row.poll_count, 5);
+    assert_eq!(row.tracking, "done");
+    assert!(row.next_poll_at.is_none());
+}
+
+#[tokio::test]
+async fn errors_count_without_touching_status() {
+    let (_dir, store) = fresh().await;
+    let a = ids(1, 3);
+    let now = SystemTime::now();
+    store.enqueue(&a, now).await.unwrap();
+    store
+        .record_polls(
+            &[PollWrite {
+                id: a[0].clone(),
+                result: PollResult::Error("HTTP 503 from MDE".into()),
+                next: NextStep::PollAt(now + Duration::from_secs(1)),
+            }],
+            now,
+        )
+        .await
+        .unwrap();
+    let row = store.action(&a[0]).await.unwrap().unwrap();
+    assert_eq!((row.error_count, row.poll_count), (1, 1));
+    assert_eq!(row.last_error.as_deref(), Some("HTTP 503 from MDE"));
+    assert!(row.last_error_at.is_some());
+    assert_eq!(row.status, None);
+    assert_eq!(row.tracking, "active");
+}
+
+#[tokio::test]
+async fn the_due_query_uses_its_index() {
+    let (dir, store) = fresh().await;
+    store
+        .enqueue(&ids(500, 4), SystemTime::now())
+        .await
+        .unwrap();
+    store.close().await;
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}?mode=ro",
+        dir.path().join("t.db").display()
+    ))
+    .await
+    .unwrap();
+    let plan: Vec<String> = sqlx::query(
+        "EXPLAIN QUERY PLAN SELECT action_id, status, poll_count, enqueued_at, next_poll_at FROM actions
+         WHERE tracking = 'active' AND next_poll_at <= ?1 ORDER BY next_poll_at LIMIT ?2",
+    )
+    .bind("2030-01-01T00:00:00.000Z")
+    .bind(100)
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get::<String, _>("detail"))
+    .collect();
+    assert!(
+        plan.iter().any(|d| d.contains("USING INDEX actions_due")),
+        "{plan:?}"
+    );
+    assert!(!plan.iter().any(|d| d.contains("TEMP B-TREE")), "{plan:?}");
+}
+
+#[tokio::test]
+async fn the_database_refuses_rows_that_break_the_contract() {
+    let (dir, store) = fresh().await;
+    store.close().await;
+    let pool =
+        sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
+            .await
+            .unwrap();
+    for bad in [
+        // Not lowercase.
+        "INSERT INTO actions (action_id, tracking, enqueued_at, next_poll_at) VALUES ('2E9DA30D-27F6-4208-81F2-9CD3D67893BA', 'active', 'x', 'x')",
+        // Unknown tracking state.
+        "INSERT INTO actions (action_id, tracking, enqueued_at, next_poll_at) VALUES ('2e9da30d-27f6-4208-81f2-9cd3d67893ba', 'paused', 'x', 'x')",
+        // Active without a next poll.
+        "INSERT INTO actions (action_id, tracking, enqueued_at) VALUES ('2e9da30d-27f6-4208-81f2-9cd3d67893ba', 'active', 'x')",
+    ] {
+        assert!(
+            sqlx::query(sqlx::AssertSqlSafe(bad))
+                .execute(&pool)
+                .await
+                .is_err(),
+            "{bad}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn read_only_commands_need_an_existing_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Store::open(&dir.path().join("nope.db"), OpenMode::ReadOnly)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Missing { .. }));
+    assert!(err.to_string().contains("nope.db"));
+}
+
+#[tokio::test]
+async fn the_call_log_restores_the_budget() {
+    let (_dir, store) = fresh().await;
+    let now = SystemTime::now();
+    for i in 0..5 {
+        let id = store
+            .start_api_call(
+                mde_actiond::store::Endpoint::List,
+                10,
+                now - Duration::from_secs(i * 10),
+            )
+            .await
+            .unwrap();
+        let retry = (i == 0).then_some(Duration::from_secs(30));
+        store
+            .finish_api_call(
+                id,
+                Some(if retry.is_some() { 429 } else { 200 }),
+                "ok",
+                retry,
+                Duration::from_millis(20),
+            )
+            .await
+            .unwrap();
+    }
+    let past = store
+        .api_calls_since(now - Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(past.len(), 5);
+    let budget = mde_actiond::budget::RateBudget::new(100, 1500);
+    budget.seed(&past, now);
+    let left = budget.remaining();
+    assert_eq!(left.this_minute, 95);
+    assert!(left.paused_for.is_some_and(|d| d > Duration::from_secs(25)));
+    assert_eq!(
+        store
+            .prune_api_calls(now - Duration::from_secs(25))
+            .await
+            .unwrap(),
+        2
+    );
+}
