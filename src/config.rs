@@ -527,6 +527,26 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mde-actiond.toml");
+        let s = Settings::load_from(Some(&path), env(&[])).unwrap();
+        s.validate_for_run().unwrap();
+        let defaults = Settings::default();
+        // The example documents the defaults; it must not drift from them.
+        assert_eq!(s.poll.policy(), defaults.poll.policy());
+        assert_eq!(s.poll.batch_size, defaults.poll.batch_size);
+        assert_eq!(s.poll.concurrency, defaults.poll.concurrency);
+        assert_eq!(s.poll.give_up_after, defaults.poll.give_up_after);
+        assert_eq!(s.poll.ride_along, defaults.poll.ride_along);
+        assert_eq!(s.poll.shutdown_grace, defaults.poll.shutdown_grace);
+        assert_eq!(s.api.timeout, defaults.api.timeout);
+        assert_eq!(s.rate_limit.per_minute, defaults.rate_limit.per_minute);
+        assert_eq!(s.rate_limit.per_hour, defaults.rate_limit.per_hour);
+        assert_eq!(s.auth.scope, defaults.auth.scope);
+        assert_eq!(s.api.base_url, defaults.api.base_url);
+    }
+
+    #[test]
     fn rendered_config_redacts_secrets() {
         let mut s = Settings::default();
         s.auth.client_secret = Some(Secret::new("hunter2"));
