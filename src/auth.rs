@@ -252,6 +252,8 @@ struct State {
     token: Option<AccessToken>,
     consecutive_failures: u32,
     retry_at: Option<(Instant, String)>,
+    /// The identity platform's last refusal, until a token is granted again.
+    refused: Option<String>,
 }
 
 fn failure_backoff() -> PollPolicy {
@@ -302,6 +304,7 @@ impl TokenProvider {
                 state.token = Some(token);
                 state.consecutive_failures = 0;
                 state.retry_at = None;
+                state.refused = None;
                 Ok(secret)
             }
             Err(e) => {
@@ -313,6 +316,9 @@ impl TokenProvider {
                 );
                 state.consecutive_failures = state.consecutive_failures.saturating_add(1);
                 state.retry_at = Some((Instant::now() + delay, e.to_string()));
+                if matches!(e, AuthError::Refused { .. } | AuthError::Local(_)) {
+                    state.refused = Some(e.to_string());
+                }
                 // Keep a still-valid token: an early refresh that failed does not make it bad.
                 if let Some(current) = state
                     .token
@@ -335,6 +341,18 @@ impl TokenProvider {
             state.token = None;
             state.retry_at = None;
         }
+    }
+
+    /// Why no token can be had, when the identity platform refused the credentials (or the
+    /// secret cannot be read) and no valid token is cached. A refresh in progress counts as
+    /// obtainable.
+    pub fn refusal(&self) -> Option<String> {
+        let state = self.state.try_lock().ok()?;
+        let valid = state
+            .token
+            .as_ref()
+            .is_some_and(|t| Instant::now() < t.expires_at);
+        if valid { None } else { state.refused.clone() }
     }
 
     /// Successful token requests so far.

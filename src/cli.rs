@@ -98,6 +98,18 @@ pub enum Command {
     Wait(WaitArgs),
     /// Validate the configuration and print it as the daemon sees it (secrets redacted).
     CheckConfig,
+    /// Probe the running daemon's /readyz (needs [http] listen); exit 0 when ready, 1 if not.
+    #[command(
+        after_help = "For container images without curl:\n  HEALTHCHECK CMD [\"/mde-actiond\", \"healthcheck\"]\n  mde-actiond healthcheck --url http://127.0.0.1:9187"
+    )]
+    Healthcheck {
+        /// Base URL of the listener; defaults to http.listen from the configuration.
+        #[arg(long)]
+        url: Option<String>,
+        /// Give up after this long.
+        #[arg(long, default_value = "3s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
     /// Run the daemon against the built-in simulated tenant and show it working.
     #[command(after_help = "Example:\n  cargo run --release -- demo --actions 40")]
     Demo(crate::demo::DemoArgs),
@@ -181,6 +193,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match &cli.command {
         Command::Demo(args) => return crate::demo::run(&cli, args).await,
         Command::CheckConfig => return check_config(&cli),
+        Command::Healthcheck { url, timeout } => {
+            return healthcheck(&cli, url.as_deref(), *timeout).await;
+        }
         _ => {}
     }
     let settings = load_settings(&cli)?;
@@ -196,7 +211,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             json,
         } => list(&db, tracking, limit, json).await,
         Command::Wait(args) => wait(&db, &args).await,
-        Command::CheckConfig | Command::Demo(_) => unreachable!("handled above"),
+        Command::CheckConfig | Command::Demo(_) | Command::Healthcheck { .. } => {
+            unreachable!("handled above")
+        }
     }
 }
 
@@ -213,36 +230,98 @@ fn check_config(cli: &Cli) -> Result<ExitCode, CliError> {
     }
 }
 
+async fn healthcheck(
+    cli: &Cli,
+    url: Option<&str>,
+    timeout: Duration,
+) -> Result<ExitCode, CliError> {
+    let addr = match url {
+        Some(u) => {
+            let parsed =
+                reqwest::Url::parse(u).map_err(|e| CliError::Usage(format!("--url '{u}': {e}")))?;
+            let host = parsed
+                .host_str()
+                .unwrap_or("127.0.0.1")
+                .trim_matches(['[', ']']);
+            let ip: std::net::IpAddr = host.parse().map_err(|_| {
+                CliError::Usage(format!("--url '{u}': give an IP address, not a host name"))
+            })?;
+            std::net::SocketAddr::new(ip, parsed.port_or_known_default().unwrap_or(80))
+        }
+        None => {
+            let settings = load_settings(cli)?;
+            match settings.http.listen_addr() {
+                Some(Ok(addr)) => addr,
+                Some(Err(e)) => {
+                    return Err(ConfigError::Invalid(vec![crate::config::Problem {
+                        key: "http.listen",
+                        message: e,
+                    }])
+                    .into());
+                }
+                None => {
+                    return Err(CliError::Usage(
+                        "no listener to probe: set [http] listen (MDE_ACTIOND_HTTP__LISTEN) or pass --url".into(),
+                    ));
+                }
+            }
+        }
+    };
+    match crate::http::probe(addr, timeout).await {
+        Ok(()) => {
+            println!("ready");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("not ready: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
 async fn run_daemon(settings: &Settings) -> Result<ExitCode, CliError> {
-    let daemon = Daemon::start(settings).await?;
+    // Handlers first: a SIGTERM that arrives while the database opens must still mean an
+    // orderly stop, not the default instant death.
+    let signals = StopSignals::install()
+        .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
     let stop = CancellationToken::new();
-    tokio::spawn(stop_on_signals(stop.clone()));
+    tokio::spawn(signals.stop_on_signals(stop.clone()));
+    let daemon = Daemon::start(settings).await?;
     daemon.run_until_stopped(stop).await?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// First SIGTERM/SIGINT: orderly stop. Second: exit at once (committed work is safe anyway).
-pub async fn stop_on_signals(stop: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return;
-    };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(signal = name, "stop requested");
-    stop.cancel();
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::warn!(signal = name, "second stop signal: exiting now");
-    std::process::exit(130);
+/// SIGTERM and SIGINT, registered synchronously so none is missed.
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+
+    /// First signal: orderly stop. Second: exit at once (committed work is safe anyway).
+    pub async fn stop_on_signals(mut self, stop: CancellationToken) {
+        let name = self.next().await;
+        tracing::info!(signal = name, "stop requested");
+        stop.cancel();
+        let name = self.next().await;
+        tracing::warn!(signal = name, "second stop signal: exiting now");
+        std::process::exit(130);
+    }
 }
 
 /// Reads ids from arguments and/or a file; refusals carry the value and line.
@@ -403,7 +482,7 @@ async fn status(db: &Path, raw: &str, json: bool) -> Result<ExitCode, CliError> 
 }
 
 /// An action row as JSON, with the last MDE answer embedded as JSON rather than a string.
-fn action_json(row: &ActionRow) -> serde_json::Value {
+pub fn action_json(row: &ActionRow) -> serde_json::Value {
     let mut v = serde_json::to_value(row).unwrap_or_default();
     if let Some(raw) = &row.last_response {
         v["last_response"] =

@@ -51,6 +51,27 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub poll: PollSettings,
     pub rate_limit: RateLimitSettings,
+    pub http: HttpSettings,
+}
+
+/// The optional HTTP listener: health, readiness, metrics and intake for sidecars.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Address to listen on, e.g. `127.0.0.1:9187`; no listener when unset.
+    pub listen: Option<String>,
+    /// File holding a bearer token that `/v1/*` requests must present.
+    pub api_token_file: Option<PathBuf>,
+}
+
+impl HttpSettings {
+    pub fn listen_addr(&self) -> Option<Result<std::net::SocketAddr, String>> {
+        self.listen.as_deref().map(|l| {
+            l.trim()
+                .parse()
+                .map_err(|_| format!("'{l}' is not an address:port such as 127.0.0.1:9187"))
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -96,6 +117,9 @@ pub struct AuthSettings {
     pub client_id: Option<String>,
     pub client_secret: Option<Secret>,
     pub client_secret_file: Option<PathBuf>,
+    /// Name of a systemd credential (`LoadCredential=NAME:...`) holding the secret, read from
+    /// `$CREDENTIALS_DIRECTORY/NAME`.
+    pub client_secret_credential: Option<String>,
     pub scope: String,
 }
 
@@ -107,6 +131,7 @@ impl Default for AuthSettings {
             client_id: None,
             client_secret: None,
             client_secret_file: None,
+            client_secret_credential: None,
             scope: DEFAULT_SCOPE.to_string(),
         }
     }
@@ -280,6 +305,9 @@ impl Settings {
                 format!("must be between 1 and 64, not {}", p.concurrency),
             );
         }
+        if let Some(Err(e)) = self.http.listen_addr() {
+            bad("http.listen", e);
+        }
         let r = &self.rate_limit;
         if r.per_minute == 0 {
             bad("rate_limit.per_minute", "must be at least 1".into());
@@ -314,17 +342,27 @@ impl Settings {
             });
         }
         let inline = a.client_secret.as_ref().is_some_and(|s| !s.is_empty());
-        match (inline, &a.client_secret_file) {
-            (false, None) => out.push(Problem {
+        let sources = usize::from(inline)
+            + usize::from(a.client_secret_file.is_some())
+            + usize::from(a.client_secret_credential.is_some());
+        if sources == 0 {
+            out.push(Problem {
                 key: "auth.client_secret",
-                message: "set auth.client_secret or auth.client_secret_file".into(),
-            }),
-            (true, Some(_)) => out.push(Problem {
-                key: "auth.client_secret_file",
-                message: "set either auth.client_secret or auth.client_secret_file, not both"
-                    .into(),
-            }),
-            _ => {}
+                message: "set one of auth.client_secret, auth.client_secret_file or auth.client_secret_credential".into(),
+            });
+        } else if sources > 1 {
+            out.push(Problem {
+                key: "auth.client_secret",
+                message: "set only one of auth.client_secret, auth.client_secret_file and auth.client_secret_credential".into(),
+            });
+        }
+        if let Some(name) = &a.client_secret_credential
+            && (name.is_empty() || name.contains('/') || name == "." || name == "..")
+        {
+            out.push(Problem {
+                key: "auth.client_secret_credential",
+                message: format!("'{name}' is not a credential name (a plain file name as in LoadCredential=NAME:...)"),
+            });
         }
         out
     }

@@ -11,9 +11,14 @@ use tracing::{info, warn};
 use crate::auth::{ClientSecretSource, SecretSource, TokenProvider};
 use crate::budget::RateBudget;
 use crate::config::{ConfigError, Settings};
+use crate::domain::Tracking;
+use crate::http::HttpState;
 use crate::mde::{MdeClient, http_client};
+use crate::notify::Notifier;
 use crate::poller::Poller;
+use crate::secret::Secret;
 use crate::store::{OpenMode, Store, StoreError};
+use tokio::net::TcpListener;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -28,6 +33,11 @@ pub enum DaemonError {
     #[error("cannot create lock file {path}: {source}")]
     Lock {
         path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr} (http.listen): {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
         source: std::io::Error,
     },
     #[error("the poll loop ended unexpectedly: {0}")]
@@ -71,8 +81,13 @@ pub struct Daemon {
     poller: Arc<Poller>,
     store: Store,
     shutdown_grace: Duration,
+    http: Option<(TcpListener, Option<Secret>)>,
+    notifier: Notifier,
     _lock: InstanceLock,
 }
+
+/// How often `systemctl status` gets a fresh STATUS line.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
 
 impl Daemon {
     /// Validates the settings, takes the instance lock, opens (and migrates) the database and
@@ -102,11 +117,33 @@ impl Daemon {
             );
         }
 
+        let listener = match settings.http.listen_addr() {
+            Some(Ok(addr)) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| DaemonError::Listen { addr, source })?;
+                if !addr.ip().is_loopback() && settings.http.api_token_file.is_none() {
+                    warn!(%addr, "HTTP intake listens beyond loopback without http.api_token_file; anyone who reaches it can enqueue");
+                }
+                let token = match &settings.http.api_token_file {
+                    Some(path) => Some(read_secret_file(path, "http.api_token_file")?),
+                    None => None,
+                };
+                Some((listener, token))
+            }
+            Some(Err(_)) | None => None,
+        };
+
         let http = http_client(settings.api.timeout, settings.api.connect_timeout)?;
         let auth = &settings.auth;
-        let secret = match (&auth.client_secret, &auth.client_secret_file) {
-            (Some(s), _) if !s.is_empty() => SecretSource::Inline(s.clone()),
-            (_, Some(path)) => SecretSource::File(path.clone()),
+        let secret = match (
+            &auth.client_secret,
+            &auth.client_secret_file,
+            &auth.client_secret_credential,
+        ) {
+            (Some(s), _, _) if !s.is_empty() => SecretSource::Inline(s.clone()),
+            (_, Some(path), _) => SecretSource::File(path.clone()),
+            (_, _, Some(name)) => SecretSource::File(credential_path(name)?),
             _ => unreachable!("validate_for_run checked the secret"),
         };
         let source = ClientSecretSource::new(
@@ -125,11 +162,14 @@ impl Daemon {
             tokens,
             budget,
             settings.poll.clone(),
+            settings.api.timeout,
         ));
         Ok(Self {
             poller,
             store,
             shutdown_grace: settings.poll.shutdown_grace,
+            http: listener,
+            notifier: Notifier::from_env(),
             _lock: lock,
         })
     }
@@ -142,17 +182,47 @@ impl Daemon {
         &self.store
     }
 
+    /// Where the HTTP listener is bound (useful with port 0).
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
     /// Polls until `stop` fires, then lets calls in flight finish (up to
     /// `poll.shutdown_grace`), checkpoints the WAL and closes the database.
-    pub async fn run_until_stopped(self, stop: CancellationToken) -> Result<(), DaemonError> {
+    pub async fn run_until_stopped(mut self, stop: CancellationToken) -> Result<(), DaemonError> {
         let counts = self.store.counts().await?;
         info!(
             db = %self.store.path().display(),
-            active = counts.tracking(crate::domain::Tracking::Active),
+            active = counts.tracking(Tracking::Active),
             total = counts.total(),
             "mde-actiond polling"
         );
         let mut handle = tokio::spawn(self.poller.clone().run(stop.clone()));
+        let mut http_task = None;
+        if let Some((listener, token)) = self.http.take() {
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, "HTTP listener up (/healthz, /readyz, /metrics, /v1/actions)");
+            }
+            let state = Arc::new(HttpState {
+                store: self.store.clone(),
+                poller: self.poller.clone(),
+                api_token: token,
+                started: tokio::time::Instant::now(),
+            });
+            http_task = Some(tokio::spawn(crate::http::serve(
+                listener,
+                state,
+                stop.clone(),
+            )));
+        }
+        let notifier = Arc::new(std::mem::replace(&mut self.notifier, Notifier::disabled()));
+        notifier.ready(&status_line(&self.store, &self.poller).await);
+        let supervisor = tokio::spawn(supervise(
+            notifier.clone(),
+            self.store.clone(),
+            self.poller.clone(),
+            stop.clone(),
+        ));
         let loop_ended = tokio::select! {
             biased;
             _ = stop.cancelled() => false,
@@ -165,6 +235,8 @@ impl Daemon {
                 }
             }
         };
+        notifier.stopping("stopping: letting calls in flight finish");
+        supervisor.abort();
         info!(
             grace_ms = self.shutdown_grace.as_millis() as u64,
             "stopping: letting calls in flight finish"
@@ -179,6 +251,10 @@ impl Daemon {
                 "calls still in flight after the grace period were abandoned; their actions stay due"
             );
         }
+        if let Some(task) = http_task {
+            // Graceful shutdown of the listener began with `stop`; open requests get a moment.
+            let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+        }
         if let Err(e) = self.store.checkpoint().await {
             warn!(error = %e, "WAL checkpoint at shutdown failed");
         }
@@ -186,4 +262,102 @@ impl Daemon {
         info!("stopped");
         Ok(())
     }
+}
+
+/// Pings the systemd watchdog while the poll loop shows progress (never from a free-running
+/// timer alone: a hung loop must get the process restarted) and refreshes STATUS.
+async fn supervise(
+    notifier: Arc<Notifier>,
+    store: Store,
+    poller: Arc<Poller>,
+    stop: CancellationToken,
+) {
+    if !notifier.is_enabled() {
+        return;
+    }
+    let watchdog = notifier.watchdog_interval();
+    let tick = watchdog.map_or(STATUS_EVERY, |w| (w / 2).min(STATUS_EVERY));
+    let mut last_status = tokio::time::Instant::now();
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        if watchdog.is_some() {
+            if poller.is_alive() {
+                notifier.watchdog();
+                warned = false;
+            } else if !warned {
+                warned = true;
+                warn!(
+                    stalled_s = poller.since_progress().as_secs(),
+                    "poll loop shows no progress; withholding the watchdog ping"
+                );
+            }
+        }
+        if last_status.elapsed() >= STATUS_EVERY {
+            last_status = tokio::time::Instant::now();
+            notifier.status(&status_line(&store, &poller).await);
+        }
+    }
+}
+
+/// One line for `systemctl status`: counts, budget, pauses, the last error.
+pub async fn status_line(store: &Store, poller: &Poller) -> String {
+    let mut parts = Vec::new();
+    match store.counts().await {
+        Ok(c) => parts.push(format!(
+            "active {}, done {}, not found {}, gave up {}",
+            c.tracking(Tracking::Active),
+            c.tracking(Tracking::Done),
+            c.tracking(Tracking::NotFound),
+            c.tracking(Tracking::GaveUp)
+        )),
+        Err(e) => parts.push(format!("database error: {e}")),
+    }
+    let left = poller.budget().remaining();
+    parts.push(format!(
+        "API budget left {}/min {}/h",
+        left.this_minute, left.this_hour
+    ));
+    if let Some(p) = left.paused_for {
+        parts.push(format!("paused {}s for Retry-After", p.as_secs() + 1));
+    }
+    if let Some(refusal) = poller.tokens().refusal() {
+        parts.push(format!("no token: {refusal}"));
+    } else if let Some((error, at)) = poller.metrics().last_error() {
+        let ago = SystemTime::now().duration_since(at).unwrap_or_default();
+        parts.push(format!("last error {}s ago: {error}", ago.as_secs()));
+    }
+    parts.join(" · ")
+}
+
+/// `$CREDENTIALS_DIRECTORY/NAME`, as systemd's LoadCredential= provides it.
+fn credential_path(name: &str) -> Result<PathBuf, DaemonError> {
+    let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+        DaemonError::Config(ConfigError::Invalid(vec![crate::config::Problem {
+            key: "auth.client_secret_credential",
+            message: format!(
+                "is '{name}' but $CREDENTIALS_DIRECTORY is not set; add LoadCredential={name}:/path/to/secret to the unit"
+            ),
+        }]))
+    })?;
+    Ok(PathBuf::from(dir).join(name))
+}
+
+fn read_secret_file(path: &Path, key: &'static str) -> Result<Secret, DaemonError> {
+    let invalid = |message: String| {
+        DaemonError::Config(ConfigError::Invalid(vec![crate::config::Problem {
+            key,
+            message,
+        }]))
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
+    let value = text.trim();
+    if value.is_empty() {
+        return Err(invalid(format!("{} is empty", path.display())));
+    }
+    Ok(Secret::new(value))
 }

@@ -8,6 +8,8 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::metrics::Metrics;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
@@ -32,17 +34,7 @@ const STORE_RETRY: Duration = Duration::from_secs(2);
 /// The call log is kept this long (the budget needs one hour of it).
 const API_CALL_RETENTION: Duration = Duration::from_secs(7 * 86_400);
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(3600);
-
-/// Counters for progress displays, tests and benchmarks.
-#[derive(Debug, Default)]
-pub struct PollerStats {
-    pub sweeps: AtomicU64,
-    pub api_calls: AtomicU64,
-    pub transitions: AtomicU64,
-    pub finished: AtomicU64,
-    pub rate_limited: AtomicU64,
-    pub errors: AtomicU64,
-}
+const STALL_MARGIN: Duration = Duration::from_secs(15);
 
 pub struct Poller {
     store: Store,
@@ -53,7 +45,11 @@ pub struct Poller {
     policy: PollPolicy,
     list_supported: AtomicBool,
     wake: Notify,
-    stats: PollerStats,
+    metrics: Arc<Metrics>,
+    /// Milliseconds since `started` at the loop's last sign of progress.
+    heartbeat: AtomicU64,
+    started: tokio::time::Instant,
+    stall_limit: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +79,7 @@ impl Poller {
         tokens: Arc<TokenProvider>,
         budget: Arc<RateBudget>,
         settings: PollSettings,
+        api_timeout: Duration,
     ) -> Self {
         let policy = settings.policy();
         Self {
@@ -94,12 +91,50 @@ impl Poller {
             settings,
             policy,
             wake: Notify::new(),
-            stats: PollerStats::default(),
+            metrics: Arc::new(Metrics::default()),
+            heartbeat: AtomicU64::new(0),
+            started: tokio::time::Instant::now(),
+            // Between two signs of progress the loop waits at most for one HTTP call and one
+            // database write (busy timeout); budget waits beat every second.
+            stall_limit: api_timeout + crate::store::BUSY_TIMEOUT + STALL_MARGIN,
         }
     }
 
-    pub fn stats(&self) -> &PollerStats {
-        &self.stats
+    pub fn stats(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn beat(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.heartbeat.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long since the loop last showed progress.
+    pub fn since_progress(&self) -> Duration {
+        let last = Duration::from_millis(self.heartbeat.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+
+    /// True while the loop shows progress within the longest legitimate wait.
+    pub fn is_alive(&self) -> bool {
+        self.since_progress() < self.stall_limit
+    }
+
+    /// Runs `f`, beating every second while it waits (budget and Retry-After waits can last
+    /// minutes and are progress, not a hang).
+    async fn beating<F: std::future::Future>(&self, f: F) -> F::Output {
+        tokio::pin!(f);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                out = &mut f => return out,
+                _ = tick.tick() => self.beat(),
+            }
+        }
     }
 
     pub fn budget(&self) -> &RateBudget {
@@ -120,6 +155,7 @@ impl Poller {
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         let mut last_housekeeping: Option<tokio::time::Instant> = None;
         while !cancel.is_cancelled() {
+            self.beat();
             if last_housekeeping.is_none_or(|t| t.elapsed() >= HOUSEKEEPING_EVERY) {
                 self.housekeeping().await;
                 last_housekeeping = Some(tokio::time::Instant::now());
@@ -132,10 +168,12 @@ impl Poller {
                 Err(Halt::Auth(e)) => {
                     let wait = e.wait().unwrap_or(Duration::from_secs(1));
                     error!(error = %e, "cannot get an access token; polls wait for it");
+                    self.metrics.set_last_error(&e.to_string());
                     wait
                 }
                 Err(Halt::Store(e)) => {
                     error!(error = %e, "database error; retrying");
+                    self.metrics.set_last_error(&e.to_string());
                     STORE_RETRY
                 }
             };
@@ -177,7 +215,8 @@ impl Poller {
                 .unwrap_or(INTAKE_CHECK);
             return Ok(Some(until_first.min(INTAKE_CHECK)));
         }
-        self.stats.sweeps.fetch_add(1, Ordering::Relaxed);
+        self.metrics.sweeps.fetch_add(1, Ordering::Relaxed);
+        let sweep_started = tokio::time::Instant::now();
         // Only as many calls as the due actions need; nearly-due ones fill the last call.
         let calls = due.div_ceil(batch);
         let mut chunks: Vec<Vec<DueAction>> = Vec::with_capacity(calls);
@@ -203,6 +242,7 @@ impl Poller {
                 Err(e) => error!(error = %e, "a poll task failed"),
             }
         }
+        self.metrics.sweep_seconds.observe(sweep_started.elapsed());
         match halt {
             Some(h) => Err(h),
             None => Ok(None),
@@ -297,15 +337,19 @@ impl Poller {
 
         if !writes.is_empty() {
             // Written even when stopping: these answers were paid for.
+            let write_started = tokio::time::Instant::now();
             let summary = self
                 .store
                 .record_polls(&writes, SystemTime::now())
                 .await
                 .map_err(Halt::Store)?;
-            self.stats
+            self.metrics
+                .db_write_seconds
+                .observe(write_started.elapsed());
+            self.metrics
                 .transitions
                 .fetch_add(summary.transitions.into(), Ordering::Relaxed);
-            self.stats
+            self.metrics
                 .finished
                 .fetch_add(summary.finished.into(), Ordering::Relaxed);
         }
@@ -320,7 +364,8 @@ impl Poller {
         match e {
             CallError::Api(MdeError::RateLimited { .. }) => Err(Halt::RateLimited),
             CallError::Api(e) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.set_last_error(&e.to_string());
                 if matches!(e, MdeError::Rejected { .. } | MdeError::Unauthorized(_)) {
                     error!(error = %e, "MDE refused the call; check the app's permissions (Machine.Read.All)");
                 } else {
@@ -349,8 +394,7 @@ impl Poller {
     {
         let mut retried = false;
         loop {
-            self.budget
-                .acquire(cancel)
+            self.beating(self.budget.acquire(cancel))
                 .await
                 .map_err(|_| CallError::Cancelled)?;
             let token = self.tokens.token().await.map_err(CallError::Auth)?;
@@ -361,11 +405,10 @@ impl Poller {
                 .map_err(CallError::Store)?;
             // Recording the call took a moment; a 429 seen meanwhile by another call holds
             // this one too.
-            self.budget
-                .wait_while_paused(cancel)
+            self.beating(self.budget.wait_while_paused(cancel))
                 .await
                 .map_err(|_| CallError::Cancelled)?;
-            self.stats.api_calls.fetch_add(1, Ordering::Relaxed);
+            self.metrics.api_calls.fetch_add(1, Ordering::Relaxed);
             let started = tokio::time::Instant::now();
             let result = send(token.clone()).await;
             if let Err(MdeError::RateLimited { retry_after }) = &result {
@@ -386,6 +429,7 @@ impl Poller {
                     },
                 ),
             };
+            self.metrics.count_call(endpoint.as_str(), status);
             if let Err(e) = self
                 .store
                 .finish_api_call(call_id, status, outcome, retry_after, started.elapsed())
@@ -404,7 +448,7 @@ impl Poller {
                 }
                 Err(MdeError::RateLimited { .. }) => {
                     let wait = retry_after.unwrap_or(DEFAULT_RETRY_AFTER);
-                    self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
                     warn!(
                         retry_after_ms = wait.as_millis() as u64,
                         "MDE rate limit (429); pausing every call"
@@ -422,6 +466,15 @@ impl Poller {
         let status = found.status.clone();
         let new = a.status.as_deref() != Some(status.as_str());
         if new {
+            let lag = found
+                .observation
+                .updated_at
+                .as_deref()
+                .and_then(crate::domain::parse_time)
+                .and_then(|changed| SystemTime::now().duration_since(changed).ok());
+            if let Some(lag) = lag {
+                self.metrics.detection_lag.observe(lag);
+            }
             info!(
                 action_id = %a.id,
                 from = a.status.as_deref().unwrap_or("-"),

@@ -20,7 +20,7 @@ use crate::domain::{ActionId, ActionStatus, Tracking, format_time, parse_time};
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// How long a statement waits for another process's lock before giving up.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bounds the WAL file after checkpoints, so a long reader cannot leave a huge file behind.
 const JOURNAL_SIZE_LIMIT: &str = "67108864";
 const READERS: u32 = 4;
@@ -590,6 +590,13 @@ impl Store {
             by_tracking,
             by_status,
         })
+    }
+
+    /// Takes and releases the write lock: proves the file is writable and not locked out.
+    pub async fn check_writable(&self) -> Result<()> {
+        let tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
+        tx.rollback().await?;
+        Ok(())
     }
 
     /// Folds the WAL back into the database file; called at shutdown so readers find a

@@ -80,6 +80,7 @@ impl TestEnv {
 
 pub struct RunningDaemon {
     pub stop: CancellationToken,
+    pub http_addr: Option<std::net::SocketAddr>,
     pub poller: Arc<Poller>,
     pub store: Store,
     handle: JoinHandle<Result<(), DaemonError>>,
@@ -90,10 +91,12 @@ impl RunningDaemon {
         let daemon = Daemon::start(settings).await?;
         let poller = daemon.poller().clone();
         let store = daemon.store().clone();
+        let http_addr = daemon.http_addr();
         let stop = CancellationToken::new();
         let handle = tokio::spawn(daemon.run_until_stopped(stop.clone()));
         Ok(Self {
             stop,
+            http_addr,
             poller,
             store,
             handle,
@@ -115,6 +118,14 @@ impl RunningDaemon {
             .expect("daemon task")
             .expect("daemon stops cleanly");
     }
+}
+
+/// A loopback port that was free a moment ago (for the spawned binary's listener).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 /// Waits until `check` is true, looking every 50 ms; panics with `what` after `limit`.

@@ -1,0 +1,317 @@
+//! The optional HTTP listener: liveness, readiness, Prometheus metrics, and intake for
+//! sidecar deployments where the main container cannot run our CLI.
+//!
+//! `/healthz` and `/metrics` are open; `/v1/*` needs the bearer token when one is configured.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::ActionId;
+use crate::metrics::Snapshot;
+use crate::poller::Poller;
+use crate::secret::Secret;
+use crate::store::{Enqueued, Store};
+
+/// Largest intake body: about 20,000 ids.
+pub const MAX_BODY: usize = 1024 * 1024;
+/// How long `/readyz` waits for the database write lock.
+const READY_DB_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct HttpState {
+    pub store: Store,
+    pub poller: Arc<Poller>,
+    pub api_token: Option<Secret>,
+    pub started: tokio::time::Instant,
+}
+
+pub fn router(state: Arc<HttpState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/actions", axum::routing::post(enqueue))
+        .route("/v1/actions/{id}", get(action))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// Serves until `stop` fires.
+pub async fn serve(listener: TcpListener, state: Arc<HttpState>, stop: CancellationToken) {
+    let app = router(state);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+    {
+        tracing::error!(error = %e, "HTTP listener failed");
+    }
+}
+
+fn problem(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn healthz(State(s): State<Arc<HttpState>>) -> Response {
+    if s.poller.is_alive() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        let stalled = s.poller.since_progress().as_secs();
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("poll loop shows no progress for {stalled}s\n"),
+        )
+            .into_response()
+    }
+}
+
+async fn readyz(State(s): State<Arc<HttpState>>) -> Response {
+    let mut failures = Vec::new();
+    match tokio::time::timeout(READY_DB_TIMEOUT, s.store.check_writable()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => failures.push(format!("database not writable: {e}")),
+        Err(_) => failures.push("database write lock not available within 2s".to_string()),
+    }
+    if let Some(refusal) = s.poller.tokens().refusal() {
+        failures.push(format!("no access token: {refusal}"));
+    }
+    if !s.poller.is_alive() {
+        failures.push(format!(
+            "poll loop shows no progress for {}s",
+            s.poller.since_progress().as_secs()
+        ));
+    }
+    if failures.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n", failures.join("\n")),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
+    let counts = match s.store.counts().await {
+        Ok(c) => c,
+        Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let budget = s.poller.budget().remaining();
+    let snapshot = Snapshot {
+        by_tracking: counts.by_tracking,
+        by_status: counts.by_status,
+        budget_minute: budget.this_minute,
+        budget_hour: budget.this_hour,
+        paused_seconds_total: s.poller.budget().paused_total().as_secs_f64(),
+        paused_now: budget.paused_for.is_some(),
+        token_refreshes: s.poller.tokens().refreshes(),
+        token_failures: s.poller.tokens().failures(),
+        up_seconds: s.started.elapsed().as_secs_f64(),
+    };
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.poller.metrics().render(&snapshot),
+    )
+        .into_response()
+}
+
+/// Checks the bearer token of `/v1/*` requests in constant time; `Some` is the refusal.
+fn authorized(s: &HttpState, headers: &HeaderMap) -> Option<Response> {
+    let expected = s.api_token.as_ref()?;
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(presented.as_bytes(), expected.expose().as_bytes()) {
+        None
+    } else {
+        Some(problem(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (Authorization: Bearer <token from http.api_token_file>)",
+        ))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= usize::from(x ^ y);
+    }
+    diff == 0
+}
+
+async fn enqueue(State(s): State<Arc<HttpState>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(refusal) = authorized(&s, &headers) {
+        return refusal;
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Intake {
+        ids: Vec<serde_json::Value>,
+    }
+    let intake: Intake = match serde_json::from_slice(&body) {
+        Ok(i) => i,
+        Err(e) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                format!("body must be JSON like {{\"ids\": [\"<guid>\", ...]}}: {e}"),
+            );
+        }
+    };
+    if intake.ids.is_empty() {
+        return problem(StatusCode::BAD_REQUEST, "\"ids\" is empty");
+    }
+    // Same validation as the CLI: each id parsed on its own; valid ones are taken even when
+    // others are refused.
+    let mut valid = Vec::new();
+    let mut results: Vec<serde_json::Value> = Vec::with_capacity(intake.ids.len());
+    let mut slots = Vec::with_capacity(intake.ids.len());
+    for raw in &intake.ids {
+        let parsed = match raw {
+            serde_json::Value::String(text) => ActionId::parse(text).map_err(|e| e.to_string()),
+            other => Err(format!("{other} is not a string")),
+        };
+        match parsed {
+            Ok(id) => {
+                slots.push(Some(valid.len()));
+                valid.push(id);
+                results.push(serde_json::Value::Null);
+            }
+            Err(reason) => {
+                slots.push(None);
+                results.push(json!({"id": raw, "result": "refused", "reason": reason}));
+            }
+        }
+    }
+    let mut unique = valid.clone();
+    unique.sort();
+    unique.dedup();
+    let outcomes = match s.store.enqueue(&unique, SystemTime::now()).await {
+        Ok(o) => o,
+        Err(e) => {
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot enqueue: {e}"),
+            );
+        }
+    };
+    s.poller.wake();
+    let (mut added, mut known, mut refused) = (0, 0, 0);
+    // A duplicate within one request reports what happened to its first occurrence.
+    let mut reported = std::collections::HashSet::new();
+    for (slot, result) in slots.iter().zip(results.iter_mut()) {
+        let Some(i) = slot else {
+            refused += 1;
+            continue;
+        };
+        let id = &valid[*i];
+        let pos = unique.binary_search(id).unwrap_or(0);
+        *result = match &outcomes[pos] {
+            Enqueued::Added if reported.insert(id.clone()) => {
+                added += 1;
+                json!({"id": id.as_str(), "result": "added"})
+            }
+            Enqueued::Added => {
+                known += 1;
+                json!({"id": id.as_str(), "result": "known", "tracking": "active"})
+            }
+            Enqueued::Known(t) => {
+                known += 1;
+                json!({"id": id.as_str(), "result": "known", "tracking": t.as_str()})
+            }
+        };
+    }
+    let status = if refused == 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    (
+        status,
+        axum::Json(json!({"added": added, "known": known, "refused": refused, "results": results})),
+    )
+        .into_response()
+}
+
+async fn action(
+    State(s): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Response {
+    if let Some(refusal) = authorized(&s, &headers) {
+        return refusal;
+    }
+    let id = match ActionId::parse(&raw) {
+        Ok(id) => id,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let row = match s.store.action(&id).await {
+        Ok(Some(row)) => row,
+        Ok(None) => return problem(StatusCode::NOT_FOUND, format!("{id} is not tracked")),
+        Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let transitions = match s.store.transitions(&id).await {
+        Ok(t) => t,
+        Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    axum::Json(json!({"action": crate::cli::action_json(&row), "transitions": transitions}))
+        .into_response()
+}
+
+/// `mde-actiond healthcheck`: GET /readyz on the configured listener; true when ready.
+pub async fn probe(addr: std::net::SocketAddr, timeout: Duration) -> Result<(), String> {
+    // A wildcard listen address is reached through loopback.
+    let host = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".to_string(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => "[::1]".to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        std::net::IpAddr::V4(ip) => ip.to_string(),
+    };
+    let url = format!("http://{host}:{}/readyz", addr.port());
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .no_proxy()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let response = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {}", crate::mde::error_chain(&e)))?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("{url}: HTTP {}: {}", status.as_u16(), body.trim()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+        assert!(constant_time_eq(b"", b""));
+    }
+}

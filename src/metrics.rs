@@ -1,0 +1,320 @@
+//! Counters and histograms of the running daemon, rendered in the Prometheus text format.
+//!
+//! Hand-rolled: a dozen series do not justify a metrics framework, and atomics keep the hot
+//! path free of locks.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+/// Seconds-scale buckets for latencies of database writes and sweeps.
+const FAST_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+/// Buckets for the lag from MDE's change to our observation (seconds to hours).
+const LAG_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0,
+];
+
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = self.bounds.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(
+            d.as_micros().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, n) in self.bounds.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// Everything the poll loop counts. Shared by the loop, the HTTP listener and systemd status.
+#[derive(Debug)]
+pub struct Metrics {
+    pub sweeps: AtomicU64,
+    pub api_calls: AtomicU64,
+    pub transitions: AtomicU64,
+    pub finished: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub errors: AtomicU64,
+    calls_by_outcome: Mutex<BTreeMap<(&'static str, String), u64>>,
+    pub sweep_seconds: Histogram,
+    pub detection_lag: Histogram,
+    pub db_write_seconds: Histogram,
+    last_error: Mutex<Option<(String, SystemTime)>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            sweeps: AtomicU64::new(0),
+            api_calls: AtomicU64::new(0),
+            transitions: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            calls_by_outcome: Mutex::new(BTreeMap::new()),
+            sweep_seconds: Histogram::new(FAST_BUCKETS),
+            detection_lag: Histogram::new(LAG_BUCKETS),
+            db_write_seconds: Histogram::new(FAST_BUCKETS),
+            last_error: Mutex::new(None),
+        }
+    }
+}
+
+/// Values read at scrape time from elsewhere (database, budget, token cache).
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub by_tracking: Vec<(String, i64)>,
+    pub by_status: Vec<(String, i64)>,
+    pub budget_minute: u32,
+    pub budget_hour: u32,
+    pub paused_seconds_total: f64,
+    pub paused_now: bool,
+    pub token_refreshes: u64,
+    pub token_failures: u64,
+    pub up_seconds: f64,
+}
+
+impl Metrics {
+    pub fn count_call(&self, endpoint: &'static str, http_status: Option<u16>) {
+        let code = http_status.map_or_else(|| "none".to_string(), |c| c.to_string());
+        let mut map = self
+            .calls_by_outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *map.entry((endpoint, code)).or_default() += 1;
+    }
+
+    pub fn set_last_error(&self, message: &str) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((message.to_string(), SystemTime::now()));
+    }
+
+    pub fn last_error(&self) -> Option<(String, SystemTime)> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    pub fn render(&self, snap: &Snapshot) -> String {
+        let mut out = String::with_capacity(4096);
+        let gauge = |out: &mut String, name: &str, help: &str, value: String| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        };
+        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        };
+        let _ = writeln!(
+            out,
+            "# HELP mde_actiond_actions Tracked actions by tracking state.\n# TYPE mde_actiond_actions gauge"
+        );
+        for (t, n) in &snap.by_tracking {
+            let _ = writeln!(out, "mde_actiond_actions{{tracking=\"{}\"}} {n}", escape(t));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mde_actiond_actions_by_status Tracked actions by last MDE status.\n# TYPE mde_actiond_actions_by_status gauge"
+        );
+        for (s, n) in &snap.by_status {
+            let _ = writeln!(
+                out,
+                "mde_actiond_actions_by_status{{status=\"{}\"}} {n}",
+                escape(s)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mde_actiond_api_calls_total MDE API calls by endpoint and HTTP status (none: no answer).\n# TYPE mde_actiond_api_calls_total counter"
+        );
+        for ((endpoint, code), n) in self
+            .calls_by_outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "mde_actiond_api_calls_total{{endpoint=\"{endpoint}\",code=\"{code}\"}} {n}"
+            );
+        }
+        counter(
+            &mut out,
+            "mde_actiond_rate_limited_total",
+            "429 answers from MDE.",
+            Self::get(&self.rate_limited),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mde_actiond_rate_limit_paused_seconds_total Time all calls were held back by Retry-After.\n# TYPE mde_actiond_rate_limit_paused_seconds_total counter\nmde_actiond_rate_limit_paused_seconds_total {}",
+            snap.paused_seconds_total
+        );
+        gauge(
+            &mut out,
+            "mde_actiond_rate_limit_paused",
+            "1 while a Retry-After is in force.",
+            u8::from(snap.paused_now).to_string(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mde_actiond_api_budget_remaining API calls left in the current window.\n# TYPE mde_actiond_api_budget_remaining gauge\nmde_actiond_api_budget_remaining{{window=\"minute\"}} {}\nmde_actiond_api_budget_remaining{{window=\"hour\"}} {}",
+            snap.budget_minute, snap.budget_hour
+        );
+        counter(
+            &mut out,
+            "mde_actiond_token_refreshes_total",
+            "Access tokens obtained.",
+            snap.token_refreshes,
+        );
+        counter(
+            &mut out,
+            "mde_actiond_token_failures_total",
+            "Failed token requests.",
+            snap.token_failures,
+        );
+        counter(
+            &mut out,
+            "mde_actiond_transitions_total",
+            "Status transitions recorded.",
+            Self::get(&self.transitions),
+        );
+        counter(
+            &mut out,
+            "mde_actiond_finished_total",
+            "Actions whose tracking ended.",
+            Self::get(&self.finished),
+        );
+        counter(
+            &mut out,
+            "mde_actiond_poll_errors_total",
+            "Failed polls (each counts for its actions).",
+            Self::get(&self.errors),
+        );
+        counter(
+            &mut out,
+            "mde_actiond_sweeps_total",
+            "Sweeps that polled something.",
+            Self::get(&self.sweeps),
+        );
+        self.sweep_seconds.render(
+            &mut out,
+            "mde_actiond_sweep_duration_seconds",
+            "Time to poll and record one sweep.",
+        );
+        self.detection_lag.render(
+            &mut out,
+            "mde_actiond_detection_lag_seconds",
+            "From MDE's lastUpdateDateTimeUtc to our observation of the change.",
+        );
+        self.db_write_seconds.render(
+            &mut out,
+            "mde_actiond_db_write_seconds",
+            "Time to commit one batch of poll results.",
+        );
+        gauge(
+            &mut out,
+            "mde_actiond_up_seconds",
+            "Seconds since the daemon started.",
+            format!("{:.0}", snap.up_seconds),
+        );
+        out
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.count_call("list", Some(200));
+        m.count_call("list", Some(200));
+        m.count_call("get", None);
+        m.detection_lag.observe(Duration::from_secs(3));
+        m.detection_lag.observe(Duration::from_secs(7200));
+        let text = m.render(&Snapshot {
+            by_tracking: vec![("active".into(), 3)],
+            by_status: vec![("Pen\"ding".into(), 3)],
+            budget_minute: 97,
+            budget_hour: 1497,
+            ..Snapshot::default()
+        });
+        assert!(text.contains("mde_actiond_api_calls_total{endpoint=\"list\",code=\"200\"} 2"));
+        assert!(text.contains("mde_actiond_api_calls_total{endpoint=\"get\",code=\"none\"} 1"));
+        assert!(text.contains("mde_actiond_actions{tracking=\"active\"} 3"));
+        assert!(text.contains("status=\"Pen\\\"ding\""));
+        assert!(text.contains("mde_actiond_detection_lag_seconds_bucket{le=\"5\"} 1"));
+        assert!(text.contains("mde_actiond_detection_lag_seconds_bucket{le=\"+Inf\"} 2"));
+        assert!(text.contains("mde_actiond_detection_lag_seconds_count 2"));
+        assert!(text.contains("mde_actiond_api_budget_remaining{window=\"minute\"} 97"));
+        // Every sample line belongs to a declared family.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let family = name
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count");
+            assert!(
+                text.contains(&format!("# TYPE {family} "))
+                    || text.contains(&format!("# TYPE {name} ")),
+                "{line}"
+            );
+        }
+    }
+}
