@@ -98,7 +98,7 @@ pub enum Command {
     Wait(WaitArgs),
     /// Validate the configuration and print it as the daemon sees it (secrets redacted).
     CheckConfig,
-    /// Probe the running daemon's /readyz (needs [http] listen); exit 0 when ready, 1 if not.
+    /// Probe the running daemon's /readyz (or /healthz with --live); exit 0 when ok, 1 if not.
     #[command(
         after_help = "For container images without curl:\n  HEALTHCHECK CMD [\"/mde-actiond\", \"healthcheck\"]\n  mde-actiond healthcheck --url http://127.0.0.1:9187"
     )]
@@ -109,6 +109,9 @@ pub enum Command {
         /// Give up after this long.
         #[arg(long, default_value = "3s", value_parser = parse_duration)]
         timeout: Duration,
+        /// Probe liveness (/healthz: the process and its loop) instead of readiness (/readyz).
+        #[arg(long)]
+        live: bool,
     },
     /// Run the daemon against the built-in simulated tenant and show it working.
     #[command(after_help = "Example:\n  cargo run --release -- demo --actions 40")]
@@ -193,8 +196,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match &cli.command {
         Command::Demo(args) => return crate::demo::run(&cli, args).await,
         Command::CheckConfig => return check_config(&cli),
-        Command::Healthcheck { url, timeout } => {
-            return healthcheck(&cli, url.as_deref(), *timeout).await;
+        Command::Healthcheck { url, timeout, live } => {
+            let path = if *live { "/healthz" } else { "/readyz" };
+            return healthcheck(&cli, url.as_deref(), *timeout, path).await;
         }
         _ => {}
     }
@@ -234,6 +238,7 @@ async fn healthcheck(
     cli: &Cli,
     url: Option<&str>,
     timeout: Duration,
+    path: &str,
 ) -> Result<ExitCode, CliError> {
     let addr = match url {
         Some(u) => {
@@ -267,13 +272,13 @@ async fn healthcheck(
             }
         }
     };
-    match crate::http::probe(addr, timeout).await {
+    match crate::http::probe(addr, path, timeout).await {
         Ok(()) => {
-            println!("ready");
+            println!("ok: {path}");
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("not ready: {e}");
+            eprintln!("not ok: {e}");
             Ok(ExitCode::from(1))
         }
     }

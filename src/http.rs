@@ -273,8 +273,12 @@ async fn action(
         .into_response()
 }
 
-/// `mde-actiond healthcheck`: GET /readyz on the configured listener; true when ready.
-pub async fn probe(addr: std::net::SocketAddr, timeout: Duration) -> Result<(), String> {
+/// `mde-actiond healthcheck`: GET `path` on the configured listener; Ok on a 2xx.
+pub async fn probe(
+    addr: std::net::SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(), String> {
     // A wildcard listen address is reached through loopback.
     let host = match addr.ip() {
         std::net::IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".to_string(),
@@ -282,7 +286,7 @@ pub async fn probe(addr: std::net::SocketAddr, timeout: Duration) -> Result<(), 
         std::net::IpAddr::V6(ip) => format!("[{ip}]"),
         std::net::IpAddr::V4(ip) => ip.to_string(),
     };
-    let url = format!("http://{host}:{}/readyz", addr.port());
+    let url = format!("http://{host}:{}{path}", addr.port());
     let client = reqwest::Client::builder()
         .timeout(timeout)
         .no_proxy()

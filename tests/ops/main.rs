@@ -548,6 +548,13 @@ async fn healthcheck_subcommand_probes_readiness() {
         .await
         .unwrap();
     assert!(by_url.status.success());
+    let live = bin()
+        .env("MDE_ACTIOND_HTTP__LISTEN", &listen)
+        .args(["healthcheck", "--live"])
+        .output()
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&live.stdout).contains("/healthz"));
     signal(&daemon, Signal::SIGTERM);
     assert_eq!(daemon.wait().await.unwrap().code(), Some(0));
     let _ = stderr.await;
@@ -558,7 +565,7 @@ async fn healthcheck_subcommand_probes_readiness() {
         .await
         .unwrap();
     assert_eq!(down.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&down.stderr).contains("not ready"));
+    assert!(String::from_utf8_lossy(&down.stderr).contains("not ok"));
     let unset = bin().arg("healthcheck").output().await.unwrap();
     assert_eq!(unset.status.code(), Some(2));
 }
