@@ -13,6 +13,7 @@ use crate::config::{ConfigError, Settings};
 use crate::daemon::{Daemon, DaemonError};
 use crate::domain::{ActionId, Tracking, parse_duration};
 use crate::logging::LogFormat;
+use crate::report::{Format, Report};
 use crate::store::{ActionRow, Enqueued, OpenMode, Store};
 
 /// Exit status for configuration errors (sysexits EX_CONFIG); systemd units can refuse to
@@ -74,8 +75,11 @@ pub enum Command {
     )]
     Status {
         id: String,
-        /// JSON instead of text.
-        #[arg(long)]
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+        /// Same as --format json.
+        #[arg(long, conflicts_with = "format")]
         json: bool,
     },
     /// List tracked actions, newest first.
@@ -87,9 +91,53 @@ pub enum Command {
         /// At most this many rows.
         #[arg(long, default_value_t = 1000)]
         limit: u32,
-        /// JSON instead of a table.
-        #[arg(long)]
+        /// Output format (the table fits the terminal's width).
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+        /// Same as --format json.
+        #[arg(long, conflicts_with = "format")]
         json: bool,
+    },
+    /// Summarize for a lead: counts by tracking, status and type, time to terminal, oldest
+    /// active actions, API calls spent.
+    #[command(
+        after_help = "Examples:\n  mde-actiond report\n  mde-actiond report --since 7d --format json\n  mde-actiond report --since 2026-11-01T00:00:00Z --format csv > november.csv"
+    )]
+    Report {
+        /// Only actions enqueued (and calls sent) since then: a time or a duration back (7d).
+        #[arg(long, value_parser = crate::report::parse_since)]
+        since: Option<SystemTime>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Delete finished actions (and their transitions) older than retention.keep_finished.
+    #[command(
+        after_help = "Examples:\n  mde-actiond prune --dry-run\n  mde-actiond prune --keep 30d\n\nA running daemon prunes hourly by itself when retention.keep_finished is set."
+    )]
+    Prune {
+        /// Only say what would go.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep actions finished within this long (default: retention.keep_finished).
+        #[arg(long, value_parser = parse_duration)]
+        keep: Option<Duration>,
+    },
+    /// Stream actions or transitions for SIEM ingestion, in constant memory.
+    #[command(
+        after_help = "Examples:\n  mde-actiond export --what transitions --since 1d > transitions.jsonl\n  mde-actiond export --format csv > actions.csv\n\nEach transition line carries its action's type, device and requestor, so it stands alone."
+    )]
+    Export {
+        /// What to export.
+        #[arg(long, value_enum, default_value = "actions")]
+        what: ExportWhat,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+        /// Only rows since then (enqueued, or observed for transitions): a time or a duration back.
+        #[arg(long, value_parser = crate::report::parse_since)]
+        since: Option<SystemTime>,
+        /// Print rows written and peak memory to stderr at the end.
+        #[arg(long)]
+        stats: bool,
     },
     /// Block until the given actions end (for scripts and playbooks).
     #[command(
@@ -141,6 +189,22 @@ pub struct WaitArgs {
     /// How often to look at the database.
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     pub interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportWhat {
+    Actions,
+    Transitions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    Jsonl,
+    Csv,
+}
+
+fn pick(format: Format, json: bool) -> Format {
+    if json { Format::Json } else { format }
 }
 
 fn parse_tracking(s: &str) -> Result<Tracking, String> {
@@ -208,12 +272,23 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Run => run_daemon(&settings).await,
         Command::Enqueue(args) => enqueue(&db, &args).await,
-        Command::Status { id, json } => status(&db, &id, json).await,
+        Command::Status { id, format, json } => status(&db, &id, pick(format, json)).await,
         Command::List {
             tracking,
             limit,
+            format,
             json,
-        } => list(&db, tracking, limit, json).await,
+        } => list(&db, tracking, limit, pick(format, json)).await,
+        Command::Report { since, format } => report(&db, since, format).await,
+        Command::Prune { dry_run, keep } => {
+            prune(&db, keep.or(settings.retention.keep_finished), dry_run).await
+        }
+        Command::Export {
+            what,
+            format,
+            since,
+            stats,
+        } => export(&db, what, format, since, stats).await,
         Command::Wait(args) => wait(&db, &args).await,
         Command::CheckConfig | Command::Demo(_) | Command::Healthcheck { .. } => {
             unreachable!("handled above")
@@ -420,7 +495,7 @@ fn parse_id_arg(raw: &str) -> Result<ActionId, CliError> {
     ActionId::parse(raw).map_err(|e| CliError::Usage(e.to_string()))
 }
 
-async fn status(db: &Path, raw: &str, json: bool) -> Result<ExitCode, CliError> {
+async fn status(db: &Path, raw: &str, format: Format) -> Result<ExitCode, CliError> {
     let id = parse_id_arg(raw)?;
     let store = Store::open(db, OpenMode::ReadOnly).await?;
     let Some(row) = store.action(&id).await? else {
@@ -431,7 +506,15 @@ async fn status(db: &Path, raw: &str, json: bool) -> Result<ExitCode, CliError> 
     };
     let transitions = store.transitions(&id).await?;
     let mut out = std::io::stdout().lock();
-    if json {
+    if format == Format::Csv {
+        let _ = out.write_all(
+            crate::report::csv_line(&crate::report::ACTION_COLUMNS.map(String::from)).as_bytes(),
+        );
+        let _ =
+            out.write_all(crate::report::csv_line(&crate::report::action_fields(&row)).as_bytes());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if format == Format::Json {
         let doc = serde_json::json!({
             "action": action_json(&row),
             "transitions": transitions,
@@ -500,44 +583,199 @@ async fn list(
     db: &Path,
     tracking: Option<Tracking>,
     limit: u32,
-    json: bool,
+    format: Format,
 ) -> Result<ExitCode, CliError> {
     let store = Store::open(db, OpenMode::ReadOnly).await?;
     let rows = store.list(tracking, limit).await?;
     let mut out = std::io::stdout().lock();
-    if json {
-        let docs: Vec<serde_json::Value> = rows
-            .iter()
-            .map(|r| {
-                let mut v = serde_json::to_value(r).unwrap_or_default();
-                if let Some(o) = v.as_object_mut() {
-                    o.remove("last_response");
-                }
-                v
-            })
-            .collect();
-        let _ = writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&docs).unwrap_or_default()
+    match format {
+        Format::Json => {
+            let docs: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|r| {
+                    let mut v = serde_json::to_value(r).unwrap_or_default();
+                    if let Some(o) = v.as_object_mut() {
+                        o.remove("last_response");
+                    }
+                    v
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&docs).unwrap_or_default()
+            );
+        }
+        Format::Csv => {
+            let columns = &crate::report::ACTION_COLUMNS[..crate::report::ACTION_COLUMNS.len() - 1];
+            let _ = out.write_all(
+                crate::report::csv_line(&columns.iter().map(|c| c.to_string()).collect::<Vec<_>>())
+                    .as_bytes(),
+            );
+            for r in &rows {
+                let mut fields = crate::report::action_fields(r);
+                fields.pop(); // last_response: too large for a listing
+                let _ = out.write_all(crate::report::csv_line(&fields).as_bytes());
+            }
+        }
+        Format::Table => {
+            let table = crate::report::action_table(&rows);
+            let _ = out.write_all(table.render(crate::report::terminal_width()).as_bytes());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn report(
+    db: &Path,
+    since: Option<SystemTime>,
+    format: Format,
+) -> Result<ExitCode, CliError> {
+    let store = Store::open(db, OpenMode::ReadOnly).await?;
+    let report = Report::build(&store, since).await?;
+    let mut out = std::io::stdout().lock();
+    report
+        .write(format, &mut out)
+        .context("cannot write the report")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn prune(db: &Path, keep: Option<Duration>, dry_run: bool) -> Result<ExitCode, CliError> {
+    let Some(keep) = keep else {
+        return Err(CliError::Usage(
+            "nothing to prune by: set retention.keep_finished or pass --keep (e.g. --keep 90d)"
+                .into(),
+        ));
+    };
+    let cutoff = SystemTime::now() - keep;
+    let cutoff_text = crate::domain::format_time(cutoff);
+    if dry_run {
+        let store = Store::open(db, OpenMode::ReadOnly).await?;
+        let (actions, transitions) = store.prunable(cutoff).await?;
+        println!(
+            "would delete {actions} actions finished before {cutoff_text} and their {transitions} transitions"
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let _ = writeln!(
-        out,
-        "{:<36}  {:<9}  {:<10}  {:<28}  {:>5}  {:<24}",
-        "ACTION", "TRACKING", "STATUS", "TYPE", "POLLS", "ENQUEUED"
+    let store = Store::open(db, OpenMode::ReadWrite).await?;
+    let (_, transitions) = store.prunable(cutoff).await?;
+    let deleted =
+        crate::housekeeping::prune_finished(&store, cutoff, &CancellationToken::new()).await?;
+    store.close().await;
+    println!(
+        "deleted {deleted} actions finished before {cutoff_text} and their {transitions} transitions"
     );
-    for r in &rows {
-        let _ = writeln!(
-            out,
-            "{:<36}  {:<9}  {:<10}  {:<28}  {:>5}  {:<24}",
-            r.action_id,
-            r.tracking,
-            r.status.as_deref().unwrap_or("-"),
-            r.action_type.as_deref().unwrap_or("-"),
-            r.poll_count,
-            r.enqueued_at
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn export(
+    db: &Path,
+    what: ExportWhat,
+    format: ExportFormat,
+    since: Option<SystemTime>,
+    stats: bool,
+) -> Result<ExitCode, CliError> {
+    use futures_util::TryStreamExt;
+    let store = Store::open(db, OpenMode::ReadOnly).await?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    let mut rows = 0u64;
+    let write_err = |e: std::io::Error| CliError::Other(anyhow::anyhow!("cannot write: {e}"));
+    match what {
+        ExportWhat::Actions => {
+            if format == ExportFormat::Csv {
+                out.write_all(
+                    crate::report::csv_line(&crate::report::ACTION_COLUMNS.map(String::from))
+                        .as_bytes(),
+                )
+                .map_err(write_err)?;
+            }
+            let mut stream = store.export_actions(since);
+            while let Some(row) = stream
+                .try_next()
+                .await
+                .map_err(crate::store::StoreError::from)?
+            {
+                match format {
+                    ExportFormat::Jsonl => {
+                        serde_json::to_writer(&mut out, &action_json(&row))
+                            .map_err(|e| write_err(e.into()))?;
+                        out.write_all(b"\n").map_err(write_err)?;
+                    }
+                    ExportFormat::Csv => out
+                        .write_all(
+                            crate::report::csv_line(&crate::report::action_fields(&row)).as_bytes(),
+                        )
+                        .map_err(write_err)?,
+                }
+                rows += 1;
+            }
+        }
+        ExportWhat::Transitions => {
+            const COLUMNS: [&str; 15] = [
+                "id",
+                "action_id",
+                "from_status",
+                "to_status",
+                "observed_at",
+                "mde_updated_at",
+                "action_type",
+                "machine_id",
+                "computer_dns_name",
+                "requestor",
+                "requestor_comment",
+                "external_id",
+                "mde_created_at",
+                "tracking",
+                "current_status",
+            ];
+            if format == ExportFormat::Csv {
+                out.write_all(crate::report::csv_line(&COLUMNS.map(String::from)).as_bytes())
+                    .map_err(write_err)?;
+            }
+            let mut stream = store.export_transitions(since);
+            while let Some(t) = stream
+                .try_next()
+                .await
+                .map_err(crate::store::StoreError::from)?
+            {
+                match format {
+                    ExportFormat::Jsonl => {
+                        serde_json::to_writer(&mut out, &t).map_err(|e| write_err(e.into()))?;
+                        out.write_all(b"\n").map_err(write_err)?;
+                    }
+                    ExportFormat::Csv => {
+                        let o = |v: &Option<String>| v.clone().unwrap_or_default();
+                        let fields = vec![
+                            t.id.to_string(),
+                            t.action_id.clone(),
+                            o(&t.from_status),
+                            t.to_status.clone(),
+                            t.observed_at.clone(),
+                            o(&t.mde_updated_at),
+                            o(&t.action_type),
+                            o(&t.machine_id),
+                            o(&t.computer_dns_name),
+                            o(&t.requestor),
+                            o(&t.requestor_comment),
+                            o(&t.external_id),
+                            o(&t.mde_created_at),
+                            t.tracking.clone(),
+                            o(&t.current_status),
+                        ];
+                        out.write_all(crate::report::csv_line(&fields).as_bytes())
+                            .map_err(write_err)?;
+                    }
+                }
+                rows += 1;
+            }
+        }
+    }
+    out.flush().map_err(write_err)?;
+    if stats {
+        eprintln!(
+            "exported {rows} rows; peak RSS {} KiB",
+            crate::report::peak_rss_kib().map_or("unknown".into(), |k| k.to_string())
         );
     }
     Ok(ExitCode::SUCCESS)

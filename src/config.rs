@@ -52,6 +52,36 @@ pub struct Settings {
     pub poll: PollSettings,
     pub rate_limit: RateLimitSettings,
     pub http: HttpSettings,
+    pub retention: RetentionSettings,
+    pub report: ReportSettings,
+}
+
+/// Pruning of finished actions; off unless `keep_finished` is set.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSettings {
+    /// Delete actions (and their transitions) this long after they finished.
+    #[serde(
+        with = "optional_duration_text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub keep_finished: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportSettings {
+    /// Active actions older than this appear in the `stuck_actions` view.
+    #[serde(with = "duration_text")]
+    pub stuck_after: Duration,
+}
+
+impl Default for ReportSettings {
+    fn default() -> Self {
+        Self {
+            stuck_after: Duration::from_secs(86_400),
+        }
+    }
 }
 
 /// The optional HTTP listener: health, readiness, metrics and intake for sidecars.
@@ -78,12 +108,16 @@ impl HttpSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseSettings {
     pub path: PathBuf,
+    /// How often the WAL is checkpointed (and truncated when no reader holds it).
+    #[serde(with = "duration_text")]
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
             path: PathBuf::from("mde-actiond.db"),
+            checkpoint_interval: Duration::from_secs(60),
         }
     }
 }
@@ -249,6 +283,22 @@ impl Settings {
 
         if self.database.path.as_os_str().is_empty() {
             bad("database.path", "must not be empty".into());
+        }
+        if self.database.checkpoint_interval < Duration::from_millis(100) {
+            bad(
+                "database.checkpoint_interval",
+                "must be at least 100ms".into(),
+            );
+        }
+        if self
+            .retention
+            .keep_finished
+            .is_some_and(|k| k < Duration::from_secs(60))
+        {
+            bad(
+                "retention.keep_finished",
+                "must be at least 1m (or unset to keep everything)".into(),
+            );
         }
         if let Err(e) = check_http_url(&self.api.base_url) {
             bad("api.base_url", e);
@@ -423,6 +473,26 @@ fn is_tenant_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
         && !s.starts_with('.')
         && !s.contains("..")
+}
+
+/// An optional duration as text; absent means off.
+mod optional_duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration_text::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrap(#[serde(with = "super::duration_text")] Duration);
+        Option::<Wrap>::deserialize(d).map(|o| o.map(|w| w.0))
+    }
 }
 
 /// Durations in config are text (`250ms`, `10s`, `5m`, `7d`).

@@ -12,6 +12,7 @@ use crate::auth::{ClientSecretSource, SecretSource, TokenProvider};
 use crate::budget::RateBudget;
 use crate::config::{ConfigError, Settings};
 use crate::domain::Tracking;
+use crate::housekeeping::Housekeeping;
 use crate::http::HttpState;
 use crate::mde::{MdeClient, http_client};
 use crate::notify::Notifier;
@@ -80,6 +81,7 @@ impl InstanceLock {
 pub struct Daemon {
     poller: Arc<Poller>,
     store: Store,
+    housekeeping: Option<Housekeeping>,
     shutdown_grace: Duration,
     http: Option<(TcpListener, Option<Secret>)>,
     notifier: Notifier,
@@ -97,6 +99,9 @@ impl Daemon {
         let db = &settings.database.path;
         let lock = InstanceLock::acquire(db)?;
         let store = Store::open(db, OpenMode::ReadWrite).await?;
+        store
+            .sync_report_settings(settings.report.stuck_after)
+            .await?;
 
         let budget = Arc::new(RateBudget::new(
             settings.rate_limit.per_minute,
@@ -164,8 +169,14 @@ impl Daemon {
             settings.poll.clone(),
             settings.api.timeout,
         ));
+        let housekeeping = Housekeeping {
+            store: store.clone(),
+            checkpoint_interval: settings.database.checkpoint_interval,
+            keep_finished: settings.retention.keep_finished,
+        };
         Ok(Self {
             poller,
+            housekeeping: Some(housekeeping),
             store,
             shutdown_grace: settings.poll.shutdown_grace,
             http: listener,
@@ -198,6 +209,10 @@ impl Daemon {
             "mde-actiond polling"
         );
         let mut handle = tokio::spawn(self.poller.clone().run(stop.clone()));
+        let upkeep = self
+            .housekeeping
+            .take()
+            .map(|h| tokio::spawn(h.run(stop.clone())));
         let mut http_task = None;
         if let Some((listener, token)) = self.http.take() {
             if let Ok(addr) = listener.local_addr() {
@@ -250,6 +265,10 @@ impl Daemon {
             warn!(
                 "calls still in flight after the grace period were abandoned; their actions stay due"
             );
+        }
+        if let Some(task) = upkeep {
+            // It stops between short transactions; never block shutdown on it for long.
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
         if let Some(task) = http_task {
             // Graceful shutdown of the listener began with `stop`; open requests get a moment.

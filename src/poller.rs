@@ -31,9 +31,6 @@ const INTAKE_CHECK: Duration = Duration::from_secs(1);
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// Pause after a database error before the next sweep.
 const STORE_RETRY: Duration = Duration::from_secs(2);
-/// The call log is kept this long (the budget needs one hour of it).
-const API_CALL_RETENTION: Duration = Duration::from_secs(7 * 86_400);
-const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(3600);
 const STALL_MARGIN: Duration = Duration::from_secs(15);
 
 pub struct Poller {
@@ -153,13 +150,8 @@ impl Poller {
     /// Runs sweeps until `cancel` fires. Calls in flight then finish and are written; no new
     /// call starts.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
-        let mut last_housekeeping: Option<tokio::time::Instant> = None;
         while !cancel.is_cancelled() {
             self.beat();
-            if last_housekeeping.is_none_or(|t| t.elapsed() >= HOUSEKEEPING_EVERY) {
-                self.housekeeping().await;
-                last_housekeeping = Some(tokio::time::Instant::now());
-            }
             let pause = match self.clone().sweep(&cancel).await {
                 Ok(Some(idle)) => idle,
                 Ok(None) => continue,
@@ -515,14 +507,5 @@ impl Poller {
         }
         let delay = next_delay(a.poll_count, &self.policy, fastrand::f64());
         NextStep::PollAt((now + delay).min(deadline))
-    }
-
-    async fn housekeeping(&self) {
-        let cutoff = SystemTime::now() - API_CALL_RETENTION;
-        match self.store.prune_api_calls(cutoff).await {
-            Ok(0) => {}
-            Ok(n) => debug!(rows = n, "pruned the API call log"),
-            Err(e) => warn!(error = %e, "cannot prune the API call log"),
-        }
     }
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
 use sqlx::{FromRow, Row};
 use tracing::instrument;
@@ -22,7 +23,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// How long a statement waits for another process's lock before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bounds the WAL file after checkpoints, so a long reader cannot leave a huge file behind.
-const JOURNAL_SIZE_LIMIT: &str = "67108864";
+const JOURNAL_SIZE_LIMIT: &str = "4194304";
 const READERS: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +179,34 @@ pub struct TransitionRow {
     pub mde_updated_at: Option<String>,
 }
 
+/// Counts for `report`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReportCounts {
+    pub by_tracking: Vec<(String, i64)>,
+    pub by_status: Vec<(String, i64)>,
+    pub by_type: Vec<(String, i64)>,
+}
+
+/// A transition with the context of its action, so an exported line stands alone.
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct TransitionExport {
+    pub id: i64,
+    pub action_id: String,
+    pub from_status: Option<String>,
+    pub to_status: String,
+    pub observed_at: String,
+    pub mde_updated_at: Option<String>,
+    pub action_type: Option<String>,
+    pub machine_id: Option<String>,
+    pub computer_dns_name: Option<String>,
+    pub requestor: Option<String>,
+    pub requestor_comment: Option<String>,
+    pub external_id: Option<String>,
+    pub mde_created_at: Option<String>,
+    pub tracking: String,
+    pub current_status: Option<String>,
+}
+
 /// Counts of actions by tracking state and by (last) status.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct Counts {
@@ -232,6 +261,9 @@ fn connect_options(path: &Path, mode: OpenMode) -> SqliteConnectOptions {
             .journal_mode(SqliteJournalMode::Wal)
             // An acknowledged enqueue or transition must survive power loss.
             .synchronous(SqliteSynchronous::Full)
+            // Takes effect when the file is created: lets retention return space without a
+            // full VACUUM.
+            .auto_vacuum(SqliteAutoVacuum::Incremental)
             .pragma("journal_size_limit", JOURNAL_SIZE_LIMIT),
         OpenMode::ReadOnly => options.read_only(true),
     }
@@ -590,6 +622,186 @@ impl Store {
             by_tracking,
             by_status,
         })
+    }
+
+    /// Counts by tracking state, status and type of the actions enqueued since `since`.
+    pub async fn report_counts(&self, since: Option<SystemTime>) -> Result<ReportCounts> {
+        let since = since.map(format_time);
+        let group = |column: &'static str| {
+            sqlx::query_as::<_, (String, i64)>(sqlx::AssertSqlSafe(format!(
+                "SELECT coalesce({column}, '(none)'), count(*) FROM actions
+                 WHERE ?1 IS NULL OR enqueued_at >= ?1 GROUP BY 1 ORDER BY 2 DESC, 1"
+            )))
+            .bind(since.clone())
+            .fetch_all(&self.reader)
+        };
+        Ok(ReportCounts {
+            by_tracking: group("tracking").await?,
+            by_status: group("status").await?,
+            by_type: group("action_type").await?,
+        })
+    }
+
+    /// The oldest active actions, oldest first.
+    pub async fn oldest_active(&self, limit: u32) -> Result<Vec<ActionRow>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM actions WHERE tracking = 'active'
+             ORDER BY coalesce(mde_created_at, enqueued_at), action_id LIMIT ?1",
+        )
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
+    /// Seconds from creation to terminal status of finished actions enqueued since `since`,
+    /// ascending.
+    pub async fn times_to_terminal(&self, since: Option<SystemTime>) -> Result<Vec<f64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT seconds_to_terminal FROM action_summary
+             WHERE seconds_to_terminal IS NOT NULL AND (?1 IS NULL OR enqueued_at >= ?1)
+             ORDER BY 1",
+        )
+        .bind(since.map(format_time))
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
+    /// API calls sent since `since`, by endpoint and outcome.
+    pub async fn api_call_summary(
+        &self,
+        since: Option<SystemTime>,
+    ) -> Result<Vec<(String, String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT endpoint, coalesce(outcome, 'no answer'), count(*) FROM api_calls
+             WHERE ?1 IS NULL OR sent_at >= ?1 GROUP BY 1, 2 ORDER BY 1, 3 DESC",
+        )
+        .bind(since.map(format_time))
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
+    /// Actions enqueued since `since`, oldest first, as a stream: constant memory for any
+    /// number of rows.
+    pub fn export_actions(
+        &self,
+        since: Option<SystemTime>,
+    ) -> futures_util::stream::BoxStream<'_, std::result::Result<ActionRow, sqlx::Error>> {
+        sqlx::query_as(
+            "SELECT * FROM actions WHERE ?1 IS NULL OR enqueued_at >= ?1
+             ORDER BY enqueued_at, action_id",
+        )
+        .bind(since.map(format_time))
+        .fetch(&self.reader)
+    }
+
+    /// Transitions observed since `since`, in order, each with its action's context.
+    pub fn export_transitions(
+        &self,
+        since: Option<SystemTime>,
+    ) -> futures_util::stream::BoxStream<'_, std::result::Result<TransitionExport, sqlx::Error>>
+    {
+        sqlx::query_as(
+            "SELECT t.id, t.action_id, t.from_status, t.to_status, t.observed_at,
+                    t.mde_updated_at, a.action_type, a.machine_id, a.computer_dns_name,
+                    a.requestor, a.requestor_comment, a.external_id, a.mde_created_at,
+                    a.tracking, a.status AS current_status
+             FROM transitions t JOIN actions a ON a.action_id = t.action_id
+             WHERE ?1 IS NULL OR t.observed_at >= ?1
+             ORDER BY t.id",
+        )
+        .bind(since.map(format_time))
+        .fetch(&self.reader)
+    }
+
+    /// Writes settings that the reporting views read (see `report_settings`).
+    pub async fn sync_report_settings(&self, stuck_after: Duration) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO report_settings (name, value) VALUES ('stuck_after_seconds', ?1)
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .bind(stuck_after.as_secs().to_string())
+        .execute(self.writer())
+        .await?;
+        Ok(())
+    }
+
+    /// Finished actions (and, by cascade, their transitions) that retention would delete.
+    pub async fn prunable(&self, finished_before: SystemTime) -> Result<(i64, i64)> {
+        let cutoff = format_time(finished_before);
+        let actions: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM actions WHERE finished_at IS NOT NULL AND finished_at < ?1",
+        )
+        .bind(&cutoff)
+        .fetch_one(&self.reader)
+        .await?;
+        let transitions: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM transitions WHERE action_id IN
+               (SELECT action_id FROM actions WHERE finished_at IS NOT NULL AND finished_at < ?1)",
+        )
+        .bind(&cutoff)
+        .fetch_one(&self.reader)
+        .await?;
+        Ok((actions, transitions))
+    }
+
+    /// Deletes up to `batch` finished actions older than the cutoff, with their transitions;
+    /// small batches keep each write lock short.
+    pub async fn prune_finished(&self, finished_before: SystemTime, batch: u32) -> Result<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM actions WHERE action_id IN
+               (SELECT action_id FROM actions
+                WHERE finished_at IS NOT NULL AND finished_at < ?1 LIMIT ?2)",
+        )
+        .bind(format_time(finished_before))
+        .bind(batch)
+        .execute(self.writer())
+        .await?
+        .rows_affected())
+    }
+
+    /// Pages on the free list (reclaimable by `incremental_vacuum`).
+    pub async fn free_pages(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("PRAGMA freelist_count")
+            .fetch_one(self.writer())
+            .await?)
+    }
+
+    /// Returns up to `pages` free pages to the file system (files created with
+    /// auto_vacuum = INCREMENTAL; a no-op otherwise).
+    pub async fn incremental_vacuum(&self, pages: u32) -> Result<()> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "PRAGMA incremental_vacuum({pages})"
+        )))
+        .execute(self.writer())
+        .await?;
+        Ok(())
+    }
+
+    /// A checkpoint that never waits for readers; when it caught up with the whole WAL, the
+    /// file is truncated too, so a reader that held it open leaves nothing large behind.
+    pub async fn checkpoint_quietly(&self) -> Result<bool> {
+        let (busy, log, done): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(self.writer())
+            .await?;
+        if busy != 0 || log != done || log == 0 {
+            return Ok(false);
+        }
+        // TRUNCATE waits for readers through the busy handler; keep that wait short.
+        let mut conn = self.writer().acquire().await?;
+        sqlx::query("PRAGMA busy_timeout = 200")
+            .execute(&mut *conn)
+            .await?;
+        let truncated: std::result::Result<(i64, i64, i64), sqlx::Error> =
+            sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+                .fetch_one(&mut *conn)
+                .await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "PRAGMA busy_timeout = {}",
+            BUSY_TIMEOUT.as_millis()
+        )))
+        .execute(&mut *conn)
+        .await?;
+        Ok(matches!(truncated, Ok((0, _, _))))
     }
 
     /// Takes and releases the write lock: proves the file is writable and not locked out.

@@ -162,7 +162,7 @@ impl Lifecycle {
     }
 }
 
-const ACTION_TYPES: [&str; 8] = [
+pub const ACTION_TYPES: [&str; 8] = [
     "Isolate",
     "Unisolate",
     "RunAntiVirusScan",
@@ -180,7 +180,24 @@ struct SimAction {
     created: Instant,
     created_wall: SystemTime,
     action_type: &'static str,
-    machine_id: String,
+    device: usize,
+}
+
+/// The simulated tenant's devices: actions land on a small fleet, so one device sees
+/// several actions (isolate, later release) as in real incidents.
+const DEVICES: usize = 24;
+
+fn machine_id(device: usize) -> String {
+    // 40 hex digits, like MDE's machine ids, stable per device.
+    let seed = (device as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..40)
+        .map(|_| char::from_digit(rng.u32(0..16), 16).unwrap_or('0'))
+        .collect()
+}
+
+fn dns_name(device: usize) -> String {
+    format!("ws-{device:04}.contoso.local")
 }
 
 impl SimAction {
@@ -194,8 +211,8 @@ impl SimAction {
             "requestor": "soc-automation@contoso.com",
             "requestorComment": format!("Automated response to alert {}", 3200 + self.index),
             "status": status.as_str(),
-            "machineId": self.machine_id,
-            "computerDnsName": format!("ws-{:04}.contoso.local", self.index),
+            "machineId": machine_id(self.device),
+            "computerDnsName": dns_name(self.device),
             "creationDateTimeUtc": mde_time(self.created_wall),
             "cancellationRequestor": null,
             "cancellationComment": null,
@@ -315,15 +332,29 @@ impl Simulator {
         self.state.lock()
     }
 
-    /// Creates an action with the given life, starting now.
+    /// Creates an action with the given life, starting now, of a random type on one of the
+    /// tenant's devices.
     pub fn create_action(&self, lifecycle: Lifecycle) -> ActionId {
+        let (action_type, device) = {
+            let mut s = self.lock();
+            (
+                ACTION_TYPES[s.rng.usize(0..ACTION_TYPES.len())],
+                s.rng.usize(0..DEVICES),
+            )
+        };
+        self.create_action_on(lifecycle, action_type, device)
+    }
+
+    /// Creates an action of `action_type` on device number `device` (0 to 23).
+    pub fn create_action_on(
+        &self,
+        lifecycle: Lifecycle,
+        action_type: &'static str,
+        device: usize,
+    ) -> ActionId {
         let mut s = self.lock();
         let id = ActionId::random(&mut s.rng);
         let index = s.actions.len();
-        let machine_id: String = (0..40)
-            .map(|_| char::from_digit(s.rng.u32(0..16), 16).unwrap_or('0'))
-            .collect();
-        let action_type = ACTION_TYPES[s.rng.usize(0..ACTION_TYPES.len())];
         s.actions.insert(
             id.clone(),
             SimAction {
@@ -333,10 +364,21 @@ impl Simulator {
                 created: Instant::now(),
                 created_wall: SystemTime::now(),
                 action_type,
-                machine_id,
+                device: device % DEVICES,
             },
         );
         id
+    }
+
+    /// The type, machine id and DNS name of a simulated action.
+    pub fn describe(&self, id: &ActionId) -> Option<(String, String, String)> {
+        let s = self.lock();
+        let a = s.actions.get(id)?;
+        Some((
+            a.action_type.to_string(),
+            machine_id(a.device),
+            dns_name(a.device),
+        ))
     }
 
     /// Creates `n` actions with random lifecycles scaled to `scale`.

@@ -127,6 +127,99 @@ async fn schema_matches_the_documented_contract() {
             );
         }
     }
+    // The views and their columns (a view's columns are part of the contract too).
+    let views: &[(&str, &[&str])] = &[
+        (
+            "action_summary",
+            &[
+                "action_id",
+                "action_type",
+                "machine_id",
+                "computer_dns_name",
+                "requestor",
+                "tracking",
+                "status",
+                "mde_created_at",
+                "enqueued_at",
+                "finished_at",
+                "in_progress_at",
+                "terminal_at",
+                "seconds_to_in_progress",
+                "seconds_to_terminal",
+                "poll_count",
+                "error_count",
+            ],
+        ),
+        (
+            "device_containment",
+            &[
+                "machine_id",
+                "computer_dns_name",
+                "isolated",
+                "isolation_action_id",
+                "isolation_changed_at",
+                "code_execution_restricted",
+                "restriction_action_id",
+                "restriction_changed_at",
+            ],
+        ),
+        (
+            "daily_stats",
+            &[
+                "day",
+                "action_type",
+                "actions",
+                "finished",
+                "succeeded",
+                "success_rate",
+                "p50_seconds_to_terminal",
+                "p95_seconds_to_terminal",
+            ],
+        ),
+        (
+            "stuck_actions",
+            &[
+                "action_id",
+                "action_type",
+                "computer_dns_name",
+                "status",
+                "mde_created_at",
+                "enqueued_at",
+                "last_polled_at",
+                "poll_count",
+                "error_count",
+                "last_error",
+                "age_seconds",
+            ],
+        ),
+        ("schema_info", &["name", "value"]),
+        ("report_settings", &["name", "value"]),
+    ];
+    for (view, columns) in views {
+        let names: Vec<String> =
+            sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA table_info({view})")))
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<String, _>("name"))
+                .collect();
+        for c in *columns {
+            assert!(
+                names.iter().any(|n| n == c),
+                "{view}.{c} missing (has {names:?})"
+            );
+        }
+    }
+    let major: String = sqlx::query_scalar("SELECT value FROM schema_info WHERE name = 'major'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        major, "1",
+        "a breaking change needs a new major version and a migration note"
+    );
+
     // The transitions table refers to actions.
     let fks = sqlx::query("PRAGMA foreign_key_list(transitions)")
         .fetch_all(&pool)
