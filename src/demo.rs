@@ -175,15 +175,34 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<ExitCode, CliError> {
         poller.tokens().refreshes(),
         stats.expired_token_calls
     );
+    // Check the recorded history against the simulator's script, as the tests do.
+    let mut exact = 0;
+    let mut checked = 0;
+    for id in &ids {
+        if sim.truth(id).is_none() {
+            continue;
+        }
+        checked += 1;
+        let log = reader.transitions(id).await?;
+        let finished = reader
+            .action(id)
+            .await?
+            .is_some_and(|r| r.tracking == Tracking::Done.as_str());
+        match sim.verify_transitions(id, &log, finished) {
+            Ok(()) => exact += 1,
+            Err(e) => println!("  mismatch: {e}"),
+        }
+    }
+    println!("  history:     {exact} of {checked} transition logs match the simulator's truth");
     reader.close().await;
     let shown = db.display();
     println!("\nThe database is yours to query, for example:");
     println!(
         "  sqlite3 -readonly -header -column {shown} \\\n    \"SELECT status, count(*) AS actions, round(avg(poll_count), 1) AS avg_polls FROM actions GROUP BY status\""
     );
-    println!(
-        "  sqlite3 -readonly {shown} \"SELECT action_id, from_status, to_status, observed_at FROM transitions ORDER BY id LIMIT 10\""
-    );
+    println!("  sqlite3 -readonly -header -column {shown} \"SELECT * FROM device_containment\"");
+    println!("  sqlite3 -readonly -header -column {shown} \"SELECT * FROM daily_stats\"");
+    println!("  cargo run --release -- --db {shown} report");
     Ok(ExitCode::SUCCESS)
 }
 

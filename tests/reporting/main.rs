@@ -687,3 +687,47 @@ async fn a_long_reader_neither_blocks_nor_is_blocked() {
     daemon.shutdown().await;
     env.assert_all_true(&many).await;
 }
+
+/// With retention.keep_finished set, the running daemon prunes by itself (at start, then
+/// hourly), leaving recent and active actions alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_applies_retention_by_itself() {
+    let env = TestEnv::new(SimConfig::default()).await;
+    let old = env
+        .sim
+        .create_random_actions(20, Duration::from_millis(300));
+    let daemon = env.start_daemon().await;
+    daemon.enqueue(&old).await;
+    wait_finished(&daemon.store, &old, LIMIT).await;
+    daemon.shutdown().await;
+    // Age them: finished a year ago.
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", env.db().display()))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE actions SET finished_at = '2025-11-01T00:00:00.000Z'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+
+    let recent = env.sim.create_random_actions(5, Duration::from_millis(300));
+    let mut settings = env.settings.clone();
+    settings.retention.keep_finished = Some(Duration::from_secs(30 * 86_400));
+    let daemon = RunningDaemon::start(&settings).await.unwrap();
+    daemon.enqueue(&recent).await;
+    wait_finished(&daemon.store, &recent, LIMIT).await;
+    let store = daemon.store.clone();
+    eventually(LIMIT, "old actions pruned", || async {
+        store.action(&old[0]).await.unwrap().is_none()
+    })
+    .await;
+    daemon.shutdown().await;
+    let reader = env.reader().await;
+    for id in &old {
+        assert!(reader.action(id).await.unwrap().is_none(), "{id} kept");
+        assert!(reader.transitions(id).await.unwrap().is_empty());
+    }
+    for id in &recent {
+        assert_eq!(row(&reader, id).await.tracking, "done");
+    }
+}
