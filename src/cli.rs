@@ -146,6 +146,11 @@ pub enum Command {
     Wait(WaitArgs),
     /// Validate the configuration and print it as the daemon sees it (secrets redacted).
     CheckConfig,
+    /// Check a deployment end to end: configuration, credential, token, roles, one API call.
+    #[command(
+        after_help = "Example:\n  mde-actiond --config /etc/mde-actiond/mde-actiond.toml doctor\n\nExit status 0 only when everything `run` needs works."
+    )]
+    Doctor,
     /// Probe the running daemon's /readyz (or /healthz with --live); exit 0 when ok, 1 if not.
     #[command(
         after_help = "For container images without curl:\n  HEALTHCHECK CMD [\"/mde-actiond\", \"healthcheck\"]\n  mde-actiond healthcheck --url http://127.0.0.1:9187"
@@ -260,6 +265,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match &cli.command {
         Command::Demo(args) => return crate::demo::run(&cli, args).await,
         Command::CheckConfig => return check_config(&cli),
+        Command::Doctor => {
+            let settings = load_settings(&cli)?;
+            return Ok(crate::doctor::run(&settings).await);
+        }
         Command::Healthcheck { url, timeout, live } => {
             let path = if *live { "/healthz" } else { "/readyz" };
             return healthcheck(&cli, url.as_deref(), *timeout, path).await;
@@ -290,7 +299,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             stats,
         } => export(&db, what, format, since, stats).await,
         Command::Wait(args) => wait(&db, &args).await,
-        Command::CheckConfig | Command::Demo(_) | Command::Healthcheck { .. } => {
+        Command::CheckConfig | Command::Demo(_) | Command::Healthcheck { .. } | Command::Doctor => {
             unreachable!("handled above")
         }
     }

@@ -13,9 +13,6 @@ use crate::schedule::PollPolicy;
 use crate::secret::Secret;
 
 pub const ENV_PREFIX: &str = "MDE_ACTIOND";
-pub const DEFAULT_BASE_URL: &str = "https://api.securitycenter.microsoft.com";
-pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
-pub const DEFAULT_SCOPE: &str = "https://api.securitycenter.microsoft.com/.default";
 /// Each id costs about 45 bytes of URL in an `id in (...)` filter; this keeps a list URL near
 /// 7 KB, under the 8 KB that front ends commonly refuse.
 pub const MAX_BATCH_SIZE: u32 = 150;
@@ -122,10 +119,43 @@ impl Default for DatabaseSettings {
     }
 }
 
+/// The Microsoft cloud the tenant lives in; sets the API host, the authority and the scope
+/// together. An explicit `api.base_url`, `auth.authority` or `auth.scope` overrides it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cloud {
+    #[default]
+    Commercial,
+    Gcc,
+    GccHigh,
+    Dod,
+}
+
+impl Cloud {
+    pub fn api_base_url(self) -> &'static str {
+        match self {
+            Cloud::Commercial => "https://api.securitycenter.microsoft.com",
+            Cloud::Gcc => "https://api-gcc.securitycenter.microsoft.us",
+            Cloud::GccHigh | Cloud::Dod => "https://api-gov.securitycenter.microsoft.us",
+        }
+    }
+
+    pub fn authority(self) -> &'static str {
+        match self {
+            Cloud::Commercial | Cloud::Gcc => "https://login.microsoftonline.com",
+            Cloud::GccHigh | Cloud::Dod => "https://login.microsoftonline.us",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiSettings {
-    pub base_url: String,
+    pub cloud: Cloud,
+    /// Overrides the cloud's API host (e.g. a regional host such as
+    /// https://eu.api.security.microsoft.com).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
     /// Whole-request timeout for one API call.
     #[serde(with = "duration_text")]
     pub timeout: Duration,
@@ -136,17 +166,52 @@ pub struct ApiSettings {
 impl Default for ApiSettings {
     fn default() -> Self {
         Self {
-            base_url: DEFAULT_BASE_URL.to_string(),
+            cloud: Cloud::Commercial,
+            base_url: None,
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// How the daemon proves who it is to the identity platform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMethod {
+    ClientSecret,
+    Certificate,
+    WorkloadIdentity,
+    ManagedIdentity,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::ClientSecret => "client_secret",
+            AuthMethod::Certificate => "certificate",
+            AuthMethod::WorkloadIdentity => "workload_identity",
+            AuthMethod::ManagedIdentity => "managed_identity",
+        }
+    }
+}
+
+/// JWS algorithm of a certificate's client assertion.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum SigningAlgorithm {
+    #[default]
+    PS256,
+    RS256,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
-    pub authority: String,
+    /// Inferred from the keys that are set when unambiguous.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<AuthMethod>,
+    /// Overrides the cloud's identity platform (or AZURE_AUTHORITY_HOST).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
     pub tenant_id: Option<String>,
     pub client_id: Option<String>,
     pub client_secret: Option<Secret>,
@@ -154,22 +219,27 @@ pub struct AuthSettings {
     /// Name of a systemd credential (`LoadCredential=NAME:...`) holding the secret, read from
     /// `$CREDENTIALS_DIRECTORY/NAME`.
     pub client_secret_credential: Option<String>,
-    pub scope: String,
+    /// PEM certificate of the app registration (may also hold the private key).
+    pub certificate_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8 or PKCS#1 RSA); defaults to `certificate_file`.
+    pub private_key_file: Option<PathBuf>,
+    pub signing_algorithm: SigningAlgorithm,
+    /// Kubernetes workload identity: the projected service account token (defaults to
+    /// AZURE_FEDERATED_TOKEN_FILE); read at every token request, as it rotates.
+    pub federated_token_file: Option<PathBuf>,
+    /// Managed identity endpoint: IMDS by default, IDENTITY_ENDPOINT on App Service and
+    /// Container Apps.
+    pub managed_identity_endpoint: Option<String>,
+    /// A user-assigned managed identity's client id (system-assigned when unset).
+    pub managed_identity_client_id: Option<String>,
+    /// The X-IDENTITY-HEADER value for the App Service form (defaults to IDENTITY_HEADER).
+    pub managed_identity_header: Option<Secret>,
+    /// Overrides `https://<api host>/.default`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
 
-impl Default for AuthSettings {
-    fn default() -> Self {
-        Self {
-            authority: DEFAULT_AUTHORITY.to_string(),
-            tenant_id: None,
-            client_id: None,
-            client_secret: None,
-            client_secret_file: None,
-            client_secret_credential: None,
-            scope: DEFAULT_SCOPE.to_string(),
-        }
-    }
-}
+pub const IMDS_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -238,6 +308,102 @@ impl Default for RateLimitSettings {
 }
 
 impl Settings {
+    /// The API root: `api.base_url`, or the cloud's.
+    pub fn api_base_url(&self) -> String {
+        self.api
+            .base_url
+            .clone()
+            .unwrap_or_else(|| self.api.cloud.api_base_url().to_string())
+    }
+
+    /// The identity platform: `auth.authority`, or the cloud's.
+    pub fn authority(&self) -> String {
+        self.auth
+            .authority
+            .clone()
+            .unwrap_or_else(|| self.api.cloud.authority().to_string())
+    }
+
+    /// The token scope: `auth.scope`, or `https://<cloud's API host>/.default`.
+    pub fn scope(&self) -> String {
+        self.auth
+            .scope
+            .clone()
+            .unwrap_or_else(|| format!("{}/.default", self.api.cloud.api_base_url()))
+    }
+
+    /// `auth.method`, or the one method whose keys are set.
+    pub fn auth_method(&self) -> Result<AuthMethod, Problem> {
+        if let Some(m) = self.auth.method {
+            return Ok(m);
+        }
+        let a = &self.auth;
+        let mut found = Vec::new();
+        if a.client_secret.is_some()
+            || a.client_secret_file.is_some()
+            || a.client_secret_credential.is_some()
+        {
+            found.push(AuthMethod::ClientSecret);
+        }
+        if a.certificate_file.is_some() || a.private_key_file.is_some() {
+            found.push(AuthMethod::Certificate);
+        }
+        if a.federated_token_file.is_some() {
+            found.push(AuthMethod::WorkloadIdentity);
+        }
+        if a.managed_identity_endpoint.is_some() || a.managed_identity_client_id.is_some() {
+            found.push(AuthMethod::ManagedIdentity);
+        }
+        match found.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(Problem {
+                key: "auth.method",
+                message: "no credentials configured: set auth.client_secret_file (or client_secret, client_secret_credential), auth.certificate_file, auth.federated_token_file, or auth.method = \"managed_identity\"".into(),
+            }),
+            many => Err(Problem {
+                key: "auth.method",
+                message: format!(
+                    "keys of several methods are set ({}); choose one with auth.method",
+                    many.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            }),
+        }
+    }
+
+    /// Fills unset keys from the variables Azure injects (AKS workload identity, App Service
+    /// and Container Apps managed identity).
+    fn apply_azure_environment(&mut self, env: &HashMap<String, String>) {
+        let get = |k: &str| {
+            env.get(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let a = &mut self.auth;
+        if a.tenant_id.is_none() {
+            a.tenant_id = get("AZURE_TENANT_ID");
+        }
+        if a.client_id.is_none() {
+            a.client_id = get("AZURE_CLIENT_ID");
+        }
+        let explicit_other = a.client_secret.is_some()
+            || a.client_secret_file.is_some()
+            || a.client_secret_credential.is_some()
+            || a.certificate_file.is_some()
+            || matches!(a.method, Some(m) if m != AuthMethod::WorkloadIdentity);
+        if a.federated_token_file.is_none() && !explicit_other {
+            a.federated_token_file = get("AZURE_FEDERATED_TOKEN_FILE").map(PathBuf::from);
+        }
+        if a.authority.is_none() && a.federated_token_file.is_some() {
+            a.authority = get("AZURE_AUTHORITY_HOST");
+        }
+        if a.managed_identity_endpoint.is_none() && a.method == Some(AuthMethod::ManagedIdentity) {
+            a.managed_identity_endpoint = get("IDENTITY_ENDPOINT");
+        }
+        if a.managed_identity_header.is_none() {
+            a.managed_identity_header = get("IDENTITY_HEADER").map(Secret::new);
+        }
+    }
+
     /// Loads defaults, then `file` (if any), then the environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         Self::load_from(file, std::env::vars())
@@ -259,9 +425,11 @@ impl Settings {
         // Only `SECTION__KEY` variables are settings; `MDE_ACTIOND_CONFIG` and friends belong to
         // the command line and must not trip the unknown-key check.
         let prefix = format!("{ENV_PREFIX}_");
-        let vars: HashMap<String, String> = env
-            .into_iter()
+        let all: HashMap<String, String> = env.into_iter().collect();
+        let vars: HashMap<String, String> = all
+            .iter()
             .filter(|(k, _)| k.starts_with(&prefix) && k.contains("__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
@@ -269,10 +437,11 @@ impl Settings {
                 .separator("__")
                 .source(Some(vars.into_iter().collect())),
         );
-        let settings: Settings = builder
+        let mut settings: Settings = builder
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::Load(describe_load_error(e)))?;
+        settings.apply_azure_environment(&all);
         Ok(settings)
     }
 
@@ -300,11 +469,16 @@ impl Settings {
                 "must be at least 1m (or unset to keep everything)".into(),
             );
         }
-        if let Err(e) = check_http_url(&self.api.base_url) {
+        if let Err(e) = check_http_url(&self.api_base_url()) {
             bad("api.base_url", e);
         }
-        if let Err(e) = check_http_url(&self.auth.authority) {
+        if let Err(e) = check_http_url(&self.authority()) {
             bad("auth.authority", e);
+        }
+        if let Some(ep) = &self.auth.managed_identity_endpoint
+            && let Err(e) = check_http_url(ep)
+        {
+            bad("auth.managed_identity_endpoint", e);
         }
         if self.api.timeout.is_zero() {
             bad("api.timeout", "must be more than zero".into());
@@ -312,7 +486,7 @@ impl Settings {
         if self.api.connect_timeout.is_zero() {
             bad("api.connect_timeout", "must be more than zero".into());
         }
-        if self.auth.scope.trim().is_empty() {
+        if self.scope().trim().is_empty() {
             bad("auth.scope", "must not be empty".into());
         }
         let p = &self.poll;
@@ -372,47 +546,79 @@ impl Settings {
     pub fn credential_problems(&self) -> Vec<Problem> {
         let mut out = Vec::new();
         let a = &self.auth;
-        match a.tenant_id.as_deref().map(str::trim) {
-            None | Some("") => out.push(Problem {
-                key: "auth.tenant_id",
-                message: "is required (the directory/tenant id of the app registration)".into(),
-            }),
-            Some(t) if !is_tenant_id(t) => out.push(Problem {
-                key: "auth.tenant_id",
-                message: format!(
-                    "'{t}' is not a tenant id (a GUID or a domain such as contoso.onmicrosoft.com)"
-                ),
-            }),
-            Some(_) => {}
+        let inferred = self.auth_method();
+        if let Err(p) = &inferred {
+            out.push(p.clone());
         }
-        if a.client_id.as_deref().is_none_or(|c| c.trim().is_empty()) {
-            out.push(Problem {
-                key: "auth.client_id",
-                message: "is required (the application/client id)".into(),
-            });
+        let need = |out: &mut Vec<Problem>, key: &'static str, present: bool, what: &str| {
+            if !present {
+                out.push(Problem {
+                    key,
+                    message: format!("is required ({what})"),
+                });
+            }
+        };
+        // Every method but managed identity names the tenant and the app.
+        if inferred != Ok(AuthMethod::ManagedIdentity) {
+            match a.tenant_id.as_deref().map(str::trim) {
+                None | Some("") => need(&mut out, "auth.tenant_id", false, "the directory (tenant) id; AZURE_TENANT_ID also works"),
+                Some(t) if !is_tenant_id(t) => out.push(Problem {
+                    key: "auth.tenant_id",
+                    message: format!(
+                        "'{t}' is not a tenant id (a GUID or a domain such as contoso.onmicrosoft.com)"
+                    ),
+                }),
+                Some(_) => {}
+            }
+            need(
+                &mut out,
+                "auth.client_id",
+                a.client_id.as_deref().is_some_and(|c| !c.trim().is_empty()),
+                "the application (client) id; AZURE_CLIENT_ID also works",
+            );
         }
-        let inline = a.client_secret.as_ref().is_some_and(|s| !s.is_empty());
-        let sources = usize::from(inline)
-            + usize::from(a.client_secret_file.is_some())
-            + usize::from(a.client_secret_credential.is_some());
-        if sources == 0 {
-            out.push(Problem {
-                key: "auth.client_secret",
-                message: "set one of auth.client_secret, auth.client_secret_file or auth.client_secret_credential".into(),
-            });
-        } else if sources > 1 {
-            out.push(Problem {
-                key: "auth.client_secret",
-                message: "set only one of auth.client_secret, auth.client_secret_file and auth.client_secret_credential".into(),
-            });
-        }
-        if let Some(name) = &a.client_secret_credential
-            && (name.is_empty() || name.contains('/') || name == "." || name == "..")
-        {
-            out.push(Problem {
-                key: "auth.client_secret_credential",
-                message: format!("'{name}' is not a credential name (a plain file name as in LoadCredential=NAME:...)"),
-            });
+        let Ok(method) = inferred else {
+            return out;
+        };
+        match method {
+            AuthMethod::ClientSecret => {
+                let inline = a.client_secret.as_ref().is_some_and(|s| !s.is_empty());
+                let sources = usize::from(inline)
+                    + usize::from(a.client_secret_file.is_some())
+                    + usize::from(a.client_secret_credential.is_some());
+                if sources == 0 {
+                    out.push(Problem {
+                        key: "auth.client_secret",
+                        message: "set one of auth.client_secret, auth.client_secret_file or auth.client_secret_credential".into(),
+                    });
+                } else if sources > 1 {
+                    out.push(Problem {
+                        key: "auth.client_secret",
+                        message: "set only one of auth.client_secret, auth.client_secret_file and auth.client_secret_credential".into(),
+                    });
+                }
+                if let Some(name) = &a.client_secret_credential
+                    && (name.is_empty() || name.contains('/') || name == "." || name == "..")
+                {
+                    out.push(Problem {
+                        key: "auth.client_secret_credential",
+                        message: format!("'{name}' is not a credential name (a plain file name as in LoadCredential=NAME:...)"),
+                    });
+                }
+            }
+            AuthMethod::Certificate => need(
+                &mut out,
+                "auth.certificate_file",
+                a.certificate_file.is_some(),
+                "the app's PEM certificate; its key in the same file or auth.private_key_file",
+            ),
+            AuthMethod::WorkloadIdentity => need(
+                &mut out,
+                "auth.federated_token_file",
+                a.federated_token_file.is_some(),
+                "the projected service account token; AZURE_FEDERATED_TOKEN_FILE also works",
+            ),
+            AuthMethod::ManagedIdentity => {}
         }
         out
     }
@@ -546,7 +752,10 @@ mod tests {
         let err = s.validate_for_run().unwrap_err().to_string();
         assert!(err.contains("auth.tenant_id"), "{err}");
         assert!(err.contains("auth.client_id"), "{err}");
-        assert!(err.contains("auth.client_secret"), "{err}");
+        assert!(
+            err.contains("auth.method") && err.contains("client_secret_file"),
+            "{err}"
+        );
         assert_eq!(s.rate_limit.per_minute, 100);
         assert_eq!(s.rate_limit.per_hour, 1500);
         assert_eq!(s.poll.give_up_after, Duration::from_secs(7 * 86400));
@@ -607,7 +816,7 @@ mod tests {
         s.poll.batch_size = 0;
         s.poll.multiplier = 0.5;
         s.poll.max_interval = Duration::from_millis(20);
-        s.api.base_url = "ftp://example".into();
+        s.api.base_url = Some("ftp://example".into());
         s.rate_limit.per_minute = 0;
         let keys: Vec<_> = s.problems().iter().map(|p| p.key).collect();
         assert_eq!(
@@ -650,8 +859,9 @@ mod tests {
         assert_eq!(s.api.timeout, defaults.api.timeout);
         assert_eq!(s.rate_limit.per_minute, defaults.rate_limit.per_minute);
         assert_eq!(s.rate_limit.per_hour, defaults.rate_limit.per_hour);
-        assert_eq!(s.auth.scope, defaults.auth.scope);
-        assert_eq!(s.api.base_url, defaults.api.base_url);
+        assert_eq!(s.scope(), defaults.scope());
+        assert_eq!(s.api_base_url(), defaults.api_base_url());
+        assert_eq!(s.authority(), defaults.authority());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::auth::{ClientSecretSource, SecretSource, TokenProvider};
+use crate::auth::TokenProvider;
 use crate::budget::RateBudget;
 use crate::config::{ConfigError, Settings};
 use crate::domain::Tracking;
@@ -140,27 +140,10 @@ impl Daemon {
         };
 
         let http = http_client(settings.api.timeout, settings.api.connect_timeout)?;
-        let auth = &settings.auth;
-        let secret = match (
-            &auth.client_secret,
-            &auth.client_secret_file,
-            &auth.client_secret_credential,
-        ) {
-            (Some(s), _, _) if !s.is_empty() => SecretSource::Inline(s.clone()),
-            (_, Some(path), _) => SecretSource::File(path.clone()),
-            (_, _, Some(name)) => SecretSource::File(credential_path(name)?),
-            _ => unreachable!("validate_for_run checked the secret"),
-        };
-        let source = ClientSecretSource::new(
-            http.clone(),
-            &auth.authority,
-            auth.tenant_id.as_deref().unwrap_or_default().trim(),
-            auth.client_id.as_deref().unwrap_or_default().trim(),
-            secret,
-            &auth.scope,
-        );
-        let tokens = Arc::new(TokenProvider::new(Box::new(source)));
-        let client = MdeClient::new(http, &settings.api.base_url);
+        let source = crate::auth::build_source(settings, http.clone())
+            .map_err(|p| DaemonError::Config(ConfigError::Invalid(vec![p])))?;
+        let tokens = Arc::new(TokenProvider::new(source));
+        let client = MdeClient::new(http, &settings.api_base_url());
         let poller = Arc::new(Poller::new(
             store.clone(),
             client,
@@ -350,19 +333,6 @@ pub async fn status_line(store: &Store, poller: &Poller) -> String {
         parts.push(format!("last error {}s ago: {error}", ago.as_secs()));
     }
     parts.join(" · ")
-}
-
-/// `$CREDENTIALS_DIRECTORY/NAME`, as systemd's LoadCredential= provides it.
-fn credential_path(name: &str) -> Result<PathBuf, DaemonError> {
-    let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
-        DaemonError::Config(ConfigError::Invalid(vec![crate::config::Problem {
-            key: "auth.client_secret_credential",
-            message: format!(
-                "is '{name}' but $CREDENTIALS_DIRECTORY is not set; add LoadCredential={name}:/path/to/secret to the unit"
-            ),
-        }]))
-    })?;
-    Ok(PathBuf::from(dir).join(name))
 }
 
 fn read_secret_file(path: &Path, key: &'static str) -> Result<Secret, DaemonError> {

@@ -206,6 +206,12 @@ impl MdeClient {
         parse_list(&body, ids)
     }
 
+    /// The cheapest call there is (`$top=1`), for `doctor`.
+    pub async fn probe(&self, token: &Secret) -> Result<(), MdeError> {
+        let url = format!("{}/api/machineactions?$top=1", self.base_url);
+        self.send(token, &url, false).await.map(|_| ())
+    }
+
     pub fn list_url(&self, ids: &[ActionId]) -> String {
         let quoted: Vec<String> = ids.iter().map(|id| format!("'{id}'")).collect();
         format!(

@@ -7,6 +7,7 @@
 //! an expired token.
 
 mod http;
+mod identity;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::{ActionId, ActionStatus, format_time};
 use http::{Reply, Request, form_decode};
+use identity::{check_client_credential, issue_token, seed_token, token_forbidden};
 
 pub const SIM_TENANT: &str = "00000000-0000-4000-8000-00000000beef";
 pub const SIM_CLIENT_ID: &str = "00000000-0000-4000-8000-0000000c11e7";
@@ -84,7 +86,40 @@ pub struct SimConfig {
     /// not counted as an early retry.
     pub early_retry_grace: Duration,
     pub seed: u64,
+    /// The certificate registered on the app, for client assertions.
+    pub certificate: Option<SimCertificate>,
+    /// Accept client assertions equal to the current federated token (workload identity).
+    pub federated: bool,
+    /// Serve the managed identity endpoints (IMDS at /metadata/identity/oauth2/token, App
+    /// Service at /msi/token).
+    pub managed_identity: Option<SimManagedIdentity>,
+    /// `roles` in issued tokens.
+    pub token_roles: Vec<String>,
+    /// `aud` in issued tokens; the API answers 403 unless it is `SIM_API_AUDIENCE`.
+    pub token_audience: String,
 }
+
+/// The app registration's certificate: the public key that verifies assertions and the DER
+/// certificate whose SHA-256 thumbprint they must name.
+#[derive(Debug, Clone)]
+pub struct SimCertificate {
+    /// PKCS#1 RSAPublicKey DER.
+    pub public_key: Vec<u8>,
+    pub certificate_der: Vec<u8>,
+    /// The identity platform refuses assertions of an expired certificate.
+    pub expired: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimManagedIdentity {
+    /// A user-assigned identity's client id; requests naming another one fail.
+    pub user_assigned_client_id: Option<String>,
+    /// The App Service X-IDENTITY-HEADER value.
+    pub identity_header: String,
+}
+
+/// The audience the simulated API accepts.
+pub const SIM_API_AUDIENCE: &str = "https://api.securitycenter.microsoft.com";
 
 impl Default for SimConfig {
     fn default() -> Self {
@@ -99,6 +134,11 @@ impl Default for SimConfig {
             reject_list_filter: false,
             early_retry_grace: Duration::from_millis(100),
             seed: 42,
+            certificate: None,
+            federated: false,
+            managed_identity: None,
+            token_roles: vec!["Machine.Read.All".into()],
+            token_audience: SIM_API_AUDIENCE.into(),
         }
     }
 }
@@ -263,6 +303,8 @@ pub struct SimStats {
     pub early_retries: u64,
     pub expired_token_calls: u64,
     pub unknown_token_calls: u64,
+    /// Calls refused with 403 (wrong audience, no Machine.Read.All role).
+    pub forbidden_calls: u64,
     pub faults_injected: u64,
     pub faults_by_kind: HashMap<String, u64>,
     pub not_found_answers: u64,
@@ -276,6 +318,8 @@ struct State {
     actions: HashMap<ActionId, SimAction>,
     tokens: HashMap<String, Instant>,
     issued: Vec<String>,
+    federated_token: String,
+    seen_assertion_ids: std::collections::HashSet<String>,
     window: VecDeque<Instant>,
     /// A 429 was written at `.0`; calls before `.1` earn another.
     retry_window: Option<(Instant, Instant)>,
@@ -298,6 +342,7 @@ impl Simulator {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let rng = fastrand::Rng::with_seed(config.seed);
+        let config_seed = config.seed;
         let tenant = Arc::new(Tenant {
             state: Mutex::new(State {
                 config,
@@ -305,6 +350,8 @@ impl Simulator {
                 actions: HashMap::new(),
                 tokens: HashMap::new(),
                 issued: Vec::new(),
+                federated_token: format!("federated.{:016x}", seed_token(config_seed)),
+                seen_assertion_ids: std::collections::HashSet::new(),
                 window: VecDeque::new(),
                 retry_window: None,
                 stats: SimStats::default(),
@@ -493,6 +540,19 @@ impl Simulator {
         self.lock().stats.clone()
     }
 
+    /// The federated token the tenant currently trusts (what the kubelet would project).
+    pub fn federated_token(&self) -> String {
+        self.lock().federated_token.clone()
+    }
+
+    /// Rotates the federated token: the old one stops working.
+    pub fn rotate_federated_token(&self) -> String {
+        let mut s = self.lock();
+        let next = format!("federated.{:016x}", s.rng.u64(..));
+        s.federated_token = next.clone();
+        next
+    }
+
     /// Every access token handed out so far (tests look for leaks of them).
     pub fn issued_tokens(&self) -> Vec<String> {
         self.lock().issued.clone()
@@ -536,6 +596,11 @@ impl http::Handler for Tenant {
     async fn handle(&self, req: Request) -> Reply {
         if req.method == "POST" && req.path.ends_with("/oauth2/v2.0/token") {
             return self.token(&req).await;
+        }
+        if req.method == "GET"
+            && (req.path == "/metadata/identity/oauth2/token" || req.path == "/msi/token")
+        {
+            return self.managed_identity(&req);
         }
         if req.path == "/api/machineactions" || req.path.starts_with("/api/machineactions/") {
             if req.method != "GET" {
@@ -623,14 +688,8 @@ impl Tenant {
                     field("client_id")
                 ),
             ))
-        } else if field("client_secret") != SIM_CLIENT_SECRET {
-            Some(aad_error(
-                401,
-                "invalid_client",
-                &format!(
-                    "AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{SIM_CLIENT_ID}'."
-                ),
-            ))
+        } else if let Some(r) = check_client_credential(&mut s, &form, &tenant, req) {
+            Some(r)
         } else if field("scope") != SIM_SCOPE {
             Some(aad_error(
                 400,
@@ -647,11 +706,7 @@ impl Tenant {
             s.stats.token_refusals += 1;
             return r;
         }
-        let lifetime = s.config.token_lifetime;
-        let token = format!("sim.{:016x}{:016x}", s.rng.u64(..), s.rng.u64(..));
-        s.tokens.insert(token.clone(), Instant::now() + lifetime);
-        s.issued.push(token.clone());
-        s.stats.tokens_issued += 1;
+        let (token, lifetime) = issue_token(&mut s, SIM_CLIENT_ID);
         Reply::json(
             200,
             json!({
@@ -662,6 +717,67 @@ impl Tenant {
             })
             .to_string(),
         )
+    }
+
+    /// IMDS (`Metadata: true`) and App Service (`X-IDENTITY-HEADER`) managed identity.
+    fn managed_identity(&self, req: &Request) -> Reply {
+        let query: HashMap<String, String> = form_decode(&req.query).into_iter().collect();
+        let mut s = self.lock();
+        s.stats.token_requests += 1;
+        let Some(mi) = s.config.managed_identity.clone() else {
+            return aad_error(400, "invalid_request", "Identity not found");
+        };
+        let app_service = req.path == "/msi/token";
+        if app_service {
+            if req.header("x-identity-header") != Some(mi.identity_header.as_str()) {
+                s.stats.token_refusals += 1;
+                return aad_error(401, "unauthorized", "X-IDENTITY-HEADER missing or wrong");
+            }
+        } else if req.header("metadata") != Some("true") {
+            s.stats.token_refusals += 1;
+            return aad_error(
+                400,
+                "invalid_request",
+                "Required metadata header not specified",
+            );
+        }
+        let expected_version = if app_service {
+            "2019-08-01"
+        } else {
+            "2018-02-01"
+        };
+        let resource = query.get("resource").map(String::as_str).unwrap_or("");
+        let client_id = query.get("client_id").cloned();
+        let refusal = if query.get("api-version").map(String::as_str) != Some(expected_version) {
+            Some("api-version missing or unsupported")
+        } else if resource != SIM_API_AUDIENCE {
+            Some("resource is not a known application")
+        } else if client_id != mi.user_assigned_client_id {
+            Some("Identity not found")
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            s.stats.token_refusals += 1;
+            return aad_error(400, "invalid_request", r);
+        }
+        let (token, lifetime) =
+            issue_token(&mut s, client_id.as_deref().unwrap_or("system-assigned"));
+        let expires_on = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            + lifetime.as_secs().max(1);
+        let mut body = json!({
+            "access_token": token,
+            "expires_on": expires_on.to_string(),
+            "resource": resource,
+            "token_type": "Bearer",
+        });
+        if !app_service {
+            body["expires_in"] = json!(lifetime.as_secs().max(1).to_string());
+        }
+        Reply::json(200, body.to_string())
     }
 
     async fn api(&self, req: &Request) -> Reply {
@@ -723,6 +839,10 @@ impl Tenant {
                 );
             }
             Some(_) => {}
+        }
+        if let Some(why) = token_forbidden(token) {
+            s.stats.forbidden_calls += 1;
+            return (odata_error(403, "Forbidden", &why), None);
         }
 
         if let Some(limit) = s.config.rate_limit.clone() {
@@ -825,6 +945,12 @@ impl Tenant {
                 let query: HashMap<String, String> = form_decode(&req.query).into_iter().collect();
                 let filter = query.get("$filter").map(String::as_str).unwrap_or("");
                 let ids = match parse_id_filter(filter) {
+                    // No filter: every action (the newest first, as the service pages them).
+                    _ if filter.trim().is_empty() => {
+                        let mut all: Vec<&SimAction> = s.actions.values().collect();
+                        all.sort_by_key(|a| std::cmp::Reverse(a.index));
+                        all.into_iter().map(|a| a.id.clone()).collect()
+                    }
                     Some(ids) if !s.config.reject_list_filter => ids,
                     _ => {
                         return (
@@ -914,13 +1040,13 @@ fn parse_id_filter(filter: &str) -> Option<Vec<ActionId>> {
 pub fn settings_for(sim: &Simulator, db: &std::path::Path) -> crate::config::Settings {
     let mut s = crate::config::Settings::default();
     s.database.path = db.to_path_buf();
-    s.api.base_url = sim.base_url();
+    s.api.base_url = Some(sim.base_url());
     s.api.timeout = Duration::from_secs(5);
-    s.auth.authority = sim.authority();
+    s.auth.authority = Some(sim.authority());
     s.auth.tenant_id = Some(SIM_TENANT.to_string());
     s.auth.client_id = Some(SIM_CLIENT_ID.to_string());
     s.auth.client_secret = Some(crate::secret::Secret::new(SIM_CLIENT_SECRET));
-    s.auth.scope = SIM_SCOPE.to_string();
+    s.auth.scope = Some(SIM_SCOPE.to_string());
     s.poll.initial_interval = Duration::from_millis(300);
     s.poll.multiplier = 1.5;
     s.poll.max_interval = Duration::from_secs(2);

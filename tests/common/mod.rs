@@ -177,9 +177,9 @@ pub fn daemon_env(env: &TestEnv) -> Vec<(String, String)> {
             "MDE_ACTIOND_DATABASE__PATH",
             s.database.path.display().to_string(),
         ),
-        ("MDE_ACTIOND_API__BASE_URL", s.api.base_url.clone()),
+        ("MDE_ACTIOND_API__BASE_URL", s.api_base_url()),
         ("MDE_ACTIOND_API__TIMEOUT", d(s.api.timeout)),
-        ("MDE_ACTIOND_AUTH__AUTHORITY", s.auth.authority.clone()),
+        ("MDE_ACTIOND_AUTH__AUTHORITY", s.authority()),
         (
             "MDE_ACTIOND_AUTH__TENANT_ID",
             s.auth.tenant_id.clone().unwrap(),
@@ -192,7 +192,7 @@ pub fn daemon_env(env: &TestEnv) -> Vec<(String, String)> {
             "MDE_ACTIOND_AUTH__CLIENT_SECRET",
             s.auth.client_secret.as_ref().unwrap().expose().to_string(),
         ),
-        ("MDE_ACTIOND_AUTH__SCOPE", s.auth.scope.clone()),
+        ("MDE_ACTIOND_AUTH__SCOPE", s.scope()),
         (
             "MDE_ACTIOND_POLL__INITIAL_INTERVAL",
             d(s.poll.initial_interval),
@@ -212,4 +212,50 @@ pub fn daemon_env(env: &TestEnv) -> Vec<(String, String)> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect()
+}
+
+/// A test app certificate: PEM files for the daemon, the public half for the simulator.
+pub struct TestCertificate {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub sim: mde_actiond::sim::SimCertificate,
+}
+
+/// Generates an RSA key and a self-signed certificate (expired on request) in `dir`; the key
+/// file is private (0600), as the daemon requires.
+pub fn test_certificate(dir: &std::path::Path, expired: bool) -> TestCertificate {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::signature::KeyPair;
+    use std::os::unix::fs::PermissionsExt;
+    let key = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+    let pkcs8 = key.as_der().unwrap();
+    let public_key = key.public_key().as_ref().to_vec();
+    let signer = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(
+        &rustls_pki_types::PrivatePkcs8KeyDer::from(pkcs8.as_ref()),
+        &rcgen::PKCS_RSA_SHA256,
+    )
+    .unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["mde-actiond-test".to_string()]).unwrap();
+    if expired {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    } else {
+        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2040, 1, 1);
+    }
+    let cert = params.self_signed(&signer).unwrap();
+    let cert_file = dir.join(if expired { "expired.pem" } else { "app.pem" });
+    let key_file = dir.join(if expired { "expired.key" } else { "app.key" });
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, signer.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    TestCertificate {
+        cert_file,
+        key_file,
+        sim: mde_actiond::sim::SimCertificate {
+            public_key,
+            certificate_der: cert.der().to_vec(),
+            expired: false,
+        },
+    }
 }

@@ -4,6 +4,12 @@
 //!
 //! Nothing here logs or formats a secret or a token: they live in `Secret`.
 
+pub mod certificate;
+pub mod files;
+pub mod jwt;
+pub mod managed;
+pub mod workload;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -79,22 +85,9 @@ impl SecretSource {
     async fn read(&self) -> Result<Secret, AuthError> {
         match self {
             SecretSource::Inline(s) => Ok(s.clone()),
-            SecretSource::File(path) => {
-                let text = tokio::fs::read_to_string(path).await.map_err(|e| {
-                    AuthError::Local(format!(
-                        "cannot read auth.client_secret_file {}: {e}",
-                        path.display()
-                    ))
-                })?;
-                let secret = text.trim_end_matches(['\r', '\n']);
-                if secret.is_empty() {
-                    return Err(AuthError::Local(format!(
-                        "auth.client_secret_file {} is empty",
-                        path.display()
-                    )));
-                }
-                Ok(Secret::new(secret))
-            }
+            SecretSource::File(path) => files::read_private(path, "auth.client_secret_file")
+                .map(Secret::new)
+                .map_err(AuthError::Local),
         }
     }
 }
@@ -106,25 +99,6 @@ pub struct ClientSecretSource {
     client_id: String,
     secret: SecretSource,
     scope: String,
-}
-
-impl ClientSecretSource {
-    pub fn new(
-        http: reqwest::Client,
-        authority: &str,
-        tenant_id: &str,
-        client_id: &str,
-        secret: SecretSource,
-        scope: &str,
-    ) -> Self {
-        Self {
-            http,
-            token_url: token_url(authority, tenant_id),
-            client_id: client_id.to_string(),
-            secret,
-            scope: scope.to_string(),
-        }
-    }
 }
 
 pub fn token_url(authority: &str, tenant_id: &str) -> String {
@@ -145,20 +119,126 @@ impl TokenSource for ClientSecretSource {
                 ("client_secret", secret.expose()),
                 ("scope", self.scope.as_str()),
             ];
-            let response = self
-                .http
-                .post(&self.token_url)
-                .form(&form)
-                .send()
-                .await
-                .map_err(|e| AuthError::Transient(crate::mde::error_chain(&e)))?;
-            let status = response.status();
-            let body = response.text().await.map_err(|e| {
-                AuthError::Transient(format!("answer cut off: {}", crate::mde::error_chain(&e)))
-            })?;
-            parse_token_answer(status.as_u16(), &body)
+            post_token_form(&self.http, &self.token_url, &form).await
         })
     }
+}
+
+/// POSTs a token request form and reads the answer.
+pub async fn post_token_form(
+    http: &reqwest::Client,
+    url: &str,
+    form: &[(&str, &str)],
+) -> Result<AccessToken, AuthError> {
+    let response = http
+        .post(url)
+        .form(form)
+        .send()
+        .await
+        .map_err(|e| AuthError::Transient(crate::mde::error_chain(&e)))?;
+    let status = response.status();
+    let body = response.text().await.map_err(|e| {
+        AuthError::Transient(format!("answer cut off: {}", crate::mde::error_chain(&e)))
+    })?;
+    parse_token_answer(status.as_u16(), &body)
+}
+
+/// Builds the token source the settings ask for. Fails with the key to fix when a file or
+/// variable it needs is missing.
+pub fn build_source(
+    settings: &crate::config::Settings,
+    http: reqwest::Client,
+) -> Result<Box<dyn TokenSource>, crate::config::Problem> {
+    use crate::config::{AuthMethod, Problem};
+    let a = &settings.auth;
+    let method = settings.auth_method()?;
+    let tenant = a
+        .tenant_id
+        .as_deref()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let client_id = a
+        .client_id
+        .as_deref()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let token_url = token_url(&settings.authority(), &tenant);
+    let scope = settings.scope();
+    Ok(match method {
+        AuthMethod::ClientSecret => {
+            let secret = match (
+                &a.client_secret,
+                &a.client_secret_file,
+                &a.client_secret_credential,
+            ) {
+                (Some(s), _, _) if !s.is_empty() => SecretSource::Inline(s.clone()),
+                (_, Some(path), _) => SecretSource::File(path.clone()),
+                (_, _, Some(name)) => {
+                    let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| Problem {
+                        key: "auth.client_secret_credential",
+                        message: format!(
+                            "is '{name}' but $CREDENTIALS_DIRECTORY is not set; add LoadCredential={name}:/path/to/secret to the unit"
+                        ),
+                    })?;
+                    SecretSource::File(PathBuf::from(dir).join(name))
+                }
+                _ => {
+                    return Err(Problem {
+                        key: "auth.client_secret",
+                        message: "no client secret configured".into(),
+                    });
+                }
+            };
+            Box::new(ClientSecretSource {
+                http,
+                token_url,
+                client_id,
+                secret,
+                scope,
+            })
+        }
+        AuthMethod::Certificate => Box::new(certificate::CertificateSource {
+            http,
+            token_url,
+            client_id,
+            scope,
+            certificate_file: a.certificate_file.clone().ok_or_else(|| Problem {
+                key: "auth.certificate_file",
+                message: "is required for the certificate method".into(),
+            })?,
+            private_key_file: a.private_key_file.clone(),
+            algorithm: a.signing_algorithm,
+        }),
+        AuthMethod::WorkloadIdentity => Box::new(workload::WorkloadIdentitySource {
+            http,
+            token_url,
+            client_id,
+            scope,
+            token_file: a.federated_token_file.clone().ok_or_else(|| Problem {
+                key: "auth.federated_token_file",
+                message: "is required for workload identity (AZURE_FEDERATED_TOKEN_FILE)".into(),
+            })?,
+        }),
+        AuthMethod::ManagedIdentity => {
+            let endpoint = a
+                .managed_identity_endpoint
+                .clone()
+                .unwrap_or_else(|| crate::config::IMDS_ENDPOINT.to_string());
+            Box::new(managed::ManagedIdentitySource {
+                http,
+                // The App Service form is the one with an identity header.
+                identity_header: a
+                    .managed_identity_header
+                    .clone()
+                    .filter(|_| a.managed_identity_endpoint.is_some()),
+                endpoint,
+                resource: managed::resource_of(&scope),
+                client_id: a.managed_identity_client_id.clone(),
+            })
+        }
+    })
 }
 
 #[derive(Deserialize)]
@@ -172,7 +252,11 @@ fn parse_token_answer(status: u16, body: &str) -> Result<AccessToken, AuthError>
     #[derive(Deserialize)]
     struct Granted {
         access_token: String,
-        expires_in: Lifetime,
+        #[serde(default)]
+        expires_in: Option<Lifetime>,
+        /// Managed identity answers carry the expiry as epoch seconds (sometimes only that).
+        #[serde(default)]
+        expires_on: Option<Lifetime>,
         #[serde(default)]
         token_type: Option<String>,
     }
@@ -194,13 +278,29 @@ fn parse_token_answer(status: u16, body: &str) -> Result<AccessToken, AuthError>
         {
             return Err(AuthError::Transient(format!("unexpected token_type '{t}'")));
         }
-        let secs = match granted.expires_in {
-            Lifetime::Number(n) => n,
-            // The v1 endpoint sends it as a string.
+        let number = |l: Lifetime, what: &str| match l {
+            Lifetime::Number(n) => Ok(n),
+            // The v1 endpoint and managed identity send numbers as strings.
             Lifetime::Text(s) => s
                 .trim()
-                .parse()
-                .map_err(|_| AuthError::Transient(format!("unreadable expires_in '{s}'")))?,
+                .parse::<u64>()
+                .map_err(|_| AuthError::Transient(format!("unreadable {what} '{s}'"))),
+        };
+        let secs = match (granted.expires_in, granted.expires_on) {
+            (Some(l), _) => number(l, "expires_in")?,
+            (None, Some(on)) => {
+                let at = number(on, "expires_on")?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs();
+                at.saturating_sub(now)
+            }
+            (None, None) => {
+                return Err(AuthError::Transient(
+                    "token answer has neither expires_in nor expires_on".into(),
+                ));
+            }
         };
         if granted.access_token.is_empty() {
             return Err(AuthError::Transient("empty access_token".into()));
