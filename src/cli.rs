@@ -309,7 +309,13 @@ fn check_config(cli: &Cli) -> Result<ExitCode, CliError> {
     let settings = load_settings(cli)?;
     let mut problems = settings.problems();
     problems.extend(settings.credential_problems());
-    print!("{}", settings.to_toml());
+    // Show what the daemon will use, cloud presets and inferred method filled in.
+    let mut shown = settings.clone();
+    shown.api.base_url = Some(settings.api_base_url());
+    shown.auth.authority = Some(settings.authority());
+    shown.auth.scope = Some(settings.scope());
+    shown.auth.method = settings.auth_method().ok();
+    print!("{}", shown.to_toml());
     if problems.is_empty() {
         eprintln!("configuration is valid");
         Ok(ExitCode::SUCCESS)
@@ -721,26 +727,12 @@ async fn export(
             }
         }
         ExportWhat::Transitions => {
-            const COLUMNS: [&str; 15] = [
-                "id",
-                "action_id",
-                "from_status",
-                "to_status",
-                "observed_at",
-                "mde_updated_at",
-                "action_type",
-                "machine_id",
-                "computer_dns_name",
-                "requestor",
-                "requestor_comment",
-                "external_id",
-                "mde_created_at",
-                "tracking",
-                "current_status",
-            ];
             if format == ExportFormat::Csv {
-                out.write_all(crate::report::csv_line(&COLUMNS.map(String::from)).as_bytes())
-                    .map_err(write_err)?;
+                out.write_all(
+                    crate::report::csv_line(&crate::report::TRANSITION_COLUMNS.map(String::from))
+                        .as_bytes(),
+                )
+                .map_err(write_err)?;
             }
             let mut stream = store.export_transitions(since);
             while let Some(t) = stream
@@ -754,24 +746,7 @@ async fn export(
                         out.write_all(b"\n").map_err(write_err)?;
                     }
                     ExportFormat::Csv => {
-                        let o = |v: &Option<String>| v.clone().unwrap_or_default();
-                        let fields = vec![
-                            t.id.to_string(),
-                            t.action_id.clone(),
-                            o(&t.from_status),
-                            t.to_status.clone(),
-                            t.observed_at.clone(),
-                            o(&t.mde_updated_at),
-                            o(&t.action_type),
-                            o(&t.machine_id),
-                            o(&t.computer_dns_name),
-                            o(&t.requestor),
-                            o(&t.requestor_comment),
-                            o(&t.external_id),
-                            o(&t.mde_created_at),
-                            t.tracking.clone(),
-                            o(&t.current_status),
-                        ];
+                        let fields = crate::report::transition_fields(&t);
                         out.write_all(crate::report::csv_line(&fields).as_bytes())
                             .map_err(write_err)?;
                     }

@@ -336,17 +336,12 @@ pub async fn status_line(store: &Store, poller: &Poller) -> String {
 }
 
 fn read_secret_file(path: &Path, key: &'static str) -> Result<Secret, DaemonError> {
-    let invalid = |message: String| {
-        DaemonError::Config(ConfigError::Invalid(vec![crate::config::Problem {
-            key,
-            message,
-        }]))
-    };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
-    let value = text.trim();
-    if value.is_empty() {
-        return Err(invalid(format!("{} is empty", path.display())));
-    }
-    Ok(Secret::new(value))
+    crate::auth::files::read_private(path, key)
+        .map(Secret::new)
+        .map_err(|message| {
+            DaemonError::Config(ConfigError::Invalid(vec![crate::config::Problem {
+                key,
+                message,
+            }]))
+        })
 }

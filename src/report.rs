@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::domain::{format_time, parse_duration, parse_time};
-use crate::store::{ActionRow, ReportCounts, Store};
+use crate::store::{ActionRow, ReportCounts, Store, TransitionExport};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -179,6 +179,44 @@ pub fn action_fields(r: &ActionRow) -> Vec<String> {
         opt(&r.last_error_at),
         opt(&r.finished_at),
         opt(&r.last_response),
+    ]
+}
+
+pub const TRANSITION_COLUMNS: [&str; 15] = [
+    "id",
+    "action_id",
+    "from_status",
+    "to_status",
+    "observed_at",
+    "mde_updated_at",
+    "action_type",
+    "machine_id",
+    "computer_dns_name",
+    "requestor",
+    "requestor_comment",
+    "external_id",
+    "mde_created_at",
+    "tracking",
+    "current_status",
+];
+
+pub fn transition_fields(t: &TransitionExport) -> Vec<String> {
+    vec![
+        t.id.to_string(),
+        t.action_id.clone(),
+        opt(&t.from_status),
+        t.to_status.clone(),
+        t.observed_at.clone(),
+        opt(&t.mde_updated_at),
+        opt(&t.action_type),
+        opt(&t.machine_id),
+        opt(&t.computer_dns_name),
+        opt(&t.requestor),
+        opt(&t.requestor_comment),
+        opt(&t.external_id),
+        opt(&t.mde_created_at),
+        t.tracking.clone(),
+        opt(&t.current_status),
     ]
 }
 

@@ -12,9 +12,7 @@ use std::time::Duration;
 use common::*;
 use mde_actiond::config::{AuthMethod, Settings, SigningAlgorithm};
 use mde_actiond::sim::{SimConfig, SimManagedIdentity};
-use tokio::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mde-actiond");
 const LIMIT: Duration = Duration::from_secs(60);
 
 /// Settings with no credential at all: each test adds one method's keys.
@@ -236,12 +234,7 @@ async fn doctor(env: &TestEnv, settings: &Settings) -> (Option<i32>, String) {
     // The rendered config redacts secrets, so pass the one secret through the environment.
     let secret = s.auth.client_secret.take();
     std::fs::write(&config, toml::to_string(&s).unwrap()).unwrap();
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("MDE_ACTIOND_") || k.starts_with("AZURE_") || k.starts_with("IDENTITY_") {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = bin();
     if let Some(secret) = secret {
         cmd.env("MDE_ACTIOND_AUTH__CLIENT_SECRET", secret.expose());
     }

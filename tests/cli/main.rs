@@ -10,24 +10,10 @@ use std::time::Duration;
 use common::*;
 use mde_actiond::domain::{ActionId, ActionStatus};
 use mde_actiond::sim::{Lifecycle, SimConfig};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-use tokio::process::{Child, Command};
+use nix::sys::signal::Signal;
+use tokio::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mde-actiond");
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// The binary with a clean environment: no stray MDE_ACTIOND_* or RUST_LOG from the caller.
-fn bin() -> Command {
-    let mut c = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("MDE_ACTIOND_") || k == "RUST_LOG" {
-            c.env_remove(k);
-        }
-    }
-    c.kill_on_drop(true);
-    c
-}
 
 async fn output(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null())
@@ -38,22 +24,6 @@ async fn output(cmd: &mut Command) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn spawn_daemon(env: &TestEnv, extra: &[(&str, &str)]) -> Child {
-    let mut c = bin();
-    c.envs(daemon_env(env))
-        .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
-        .arg("run")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    c.spawn().expect("daemon spawns")
-}
-
-fn signal(child: &Child, sig: Signal) {
-    let pid = child.id().expect("still running") as i32;
-    kill(Pid::from_raw(pid), sig).expect("signal sent");
 }
 
 #[tokio::test]
@@ -286,7 +256,7 @@ async fn run_serves_wait_and_stops_cleanly_on_sigterm() {
         Duration::from_secs(600),
         ActionStatus::Succeeded,
     ));
-    let mut daemon = spawn_daemon(&env, &[]);
+    let mut daemon = spawn_daemon(&env, &[], &[]);
     let db = env.db();
 
     let out = wait_cmd(&db, &["--enqueue", "--timeout", "30s", ok.as_str()]).await;
@@ -372,7 +342,7 @@ async fn kill_9_mid_run_loses_nothing_and_a_restart_finishes_the_job() {
 
     let reader = env.reader().await;
     for round in 0..3 {
-        let mut daemon = spawn_daemon(&env, &[]);
+        let mut daemon = spawn_daemon(&env, &[], &[]);
         let target = 20 * (round + 1);
         eventually(LIMIT, "transitions recorded", || async {
             let n: i64 = count_transitions(&reader).await;
@@ -383,7 +353,7 @@ async fn kill_9_mid_run_loses_nothing_and_a_restart_finishes_the_job() {
         let status = daemon.wait().await.unwrap();
         assert_eq!(status.code(), None, "killed by a signal");
     }
-    let mut daemon = spawn_daemon(&env, &[]);
+    let mut daemon = spawn_daemon(&env, &[], &[]);
     wait_finished(&reader, &ids, LIMIT).await;
     signal(&daemon, Signal::SIGTERM);
     assert_eq!(daemon.wait().await.unwrap().code(), Some(0));
@@ -412,7 +382,7 @@ async fn secrets_and_tokens_never_reach_the_output() {
     })
     .await;
     let ids = env.sim.create_random_actions(10, Duration::from_secs(2));
-    let mut daemon = spawn_daemon(&env, &[("RUST_LOG", "trace")]);
+    let mut daemon = spawn_daemon(&env, &[("RUST_LOG", "trace".to_string())], &[]);
     // Drain the pipes while it runs: trace output fills a pipe buffer in moments.
     let stdout = tokio::spawn(read_all(daemon.stdout.take().unwrap()));
     let stderr = tokio::spawn(read_all(daemon.stderr.take().unwrap()));
@@ -447,13 +417,6 @@ async fn secrets_and_tokens_never_reach_the_output() {
     let dump = String::from_utf8_lossy(&dump);
     assert!(!dump.contains(mde_actiond::sim::SIM_CLIENT_SECRET));
     assert!(!tokens.iter().any(|t| dump.contains(t.as_str())));
-}
-
-async fn read_all(mut r: impl tokio::io::AsyncRead + Unpin) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut s = String::new();
-    let _ = r.read_to_string(&mut s).await;
-    s
 }
 
 #[tokio::test]

@@ -259,3 +259,55 @@ pub fn test_certificate(dir: &std::path::Path, expired: bool) -> TestCertificate
         },
     }
 }
+
+/// The built binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_mde-actiond");
+
+/// The binary with a clean environment: none of the caller's MDE_ACTIOND_*, RUST_LOG,
+/// systemd or Azure variables leak in.
+pub fn bin() -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(BIN);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("MDE_ACTIOND_")
+            || k.starts_with("AZURE_")
+            || k.starts_with("IDENTITY_")
+            || k.starts_with("WATCHDOG_")
+            || k == "RUST_LOG"
+            || k == "NOTIFY_SOCKET"
+            || k == "CREDENTIALS_DIRECTORY"
+        {
+            c.env_remove(k);
+        }
+    }
+    c.kill_on_drop(true).stdin(std::process::Stdio::null());
+    c
+}
+
+/// `run` against `env`'s simulator, with extra variables and global arguments; stdout and
+/// stderr are piped.
+pub fn spawn_daemon(
+    env: &TestEnv,
+    extra: &[(&str, String)],
+    args: &[&str],
+) -> tokio::process::Child {
+    let mut c = bin();
+    c.envs(daemon_env(env))
+        .envs(extra.iter().map(|(k, v)| (k.to_string(), v.clone())))
+        .args(args)
+        .arg("run")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    c.spawn().expect("daemon spawns")
+}
+
+pub fn signal(child: &tokio::process::Child, sig: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("still running") as i32);
+    nix::sys::signal::kill(pid, sig).expect("signal sent");
+}
+
+pub async fn read_all(mut r: impl tokio::io::AsyncRead + Unpin) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut s = String::new();
+    let _ = r.read_to_string(&mut s).await;
+    s
+}

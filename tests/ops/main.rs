@@ -12,49 +12,10 @@ use common::*;
 use mde_actiond::domain::{ActionId, ActionStatus};
 use mde_actiond::secret::Secret;
 use mde_actiond::sim::{Fault, Lifecycle, SimConfig};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-use tokio::process::{Child, Command};
+use nix::sys::signal::Signal;
+use tokio::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mde-actiond");
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn bin() -> Command {
-    let mut c = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("MDE_ACTIOND_")
-            || k == "RUST_LOG"
-            || k == "NOTIFY_SOCKET"
-            || k.starts_with("WATCHDOG_")
-        {
-            c.env_remove(k);
-        }
-    }
-    c.kill_on_drop(true).stdin(Stdio::null());
-    c
-}
-
-fn spawn_daemon(env: &TestEnv, extra: &[(&str, String)], args: &[&str]) -> Child {
-    let mut c = bin();
-    c.envs(daemon_env(env))
-        .envs(extra.iter().map(|(k, v)| (k.to_string(), v.clone())))
-        .args(args)
-        .arg("run")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    c.spawn().expect("daemon spawns")
-}
-
-fn signal(child: &Child, sig: Signal) {
-    kill(Pid::from_raw(child.id().expect("running") as i32), sig).expect("signal sent");
-}
-
-async fn read_all(mut r: impl tokio::io::AsyncRead + Unpin) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut s = String::new();
-    let _ = r.read_to_string(&mut s).await;
-    s
-}
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
@@ -65,6 +26,8 @@ async fn http_listener_serves_health_metrics_and_intake() {
     let env = TestEnv::new(SimConfig::default()).await;
     let token_file = env.dir.path().join("api-token");
     std::fs::write(&token_file, "let-me-in\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let mut settings = env.settings.clone();
     settings.http.listen = Some("127.0.0.1:0".into());
     settings.http.api_token_file = Some(token_file);

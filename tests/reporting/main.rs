@@ -14,19 +14,7 @@ use mde_actiond::sim::{Lifecycle, SimConfig};
 use sqlx::Row;
 use tokio::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mde-actiond");
 const LIMIT: Duration = Duration::from_secs(90);
-
-fn bin() -> Command {
-    let mut c = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("MDE_ACTIOND_") || k == "RUST_LOG" {
-            c.env_remove(k);
-        }
-    }
-    c.kill_on_drop(true).stdin(Stdio::null());
-    c
-}
 
 async fn ro_pool(db: &std::path::Path) -> sqlx::SqlitePool {
     sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", db.display()))
