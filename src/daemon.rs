@@ -103,9 +103,10 @@ impl Daemon {
             .sync_report_settings(settings.report.stuck_after)
             .await?;
 
-        let budget = Arc::new(RateBudget::new(
+        let budget = Arc::new(RateBudget::with_time_scale(
             settings.rate_limit.per_minute,
             settings.rate_limit.per_hour,
+            settings.rate_limit.time_scale,
         ));
         let now = SystemTime::now();
         let past = store

@@ -73,6 +73,10 @@ pub struct SimRateLimit {
 pub struct SimConfig {
     pub token_lifetime: Duration,
     pub rate_limit: Option<SimRateLimit>,
+    /// A second, longer window (the service's 1,500 calls per hour beside 100 per minute).
+    pub long_rate_limit: Option<SimRateLimit>,
+    /// Retry-After with fractions of a second (time-scaled benchmarks only).
+    pub fractional_retry_after: bool,
     /// Probability that an API call meets a fault, drawn from `faults`.
     pub fault_rate: f64,
     pub faults: Vec<Fault>,
@@ -126,6 +130,8 @@ impl Default for SimConfig {
         Self {
             token_lifetime: Duration::from_secs(3599),
             rate_limit: None,
+            long_rate_limit: None,
+            fractional_retry_after: false,
             fault_rate: 0.0,
             faults: Fault::ALL.to_vec(),
             token_fault_rate: 0.0,
@@ -321,6 +327,7 @@ struct State {
     federated_token: String,
     seen_assertion_ids: std::collections::HashSet<String>,
     window: VecDeque<Instant>,
+    long_window: VecDeque<Instant>,
     /// A 429 was written at `.0`; calls before `.1` earn another.
     retry_window: Option<(Instant, Instant)>,
     stats: SimStats,
@@ -353,6 +360,7 @@ impl Simulator {
                 federated_token: format!("federated.{:016x}", seed_token(config_seed)),
                 seen_assertion_ids: std::collections::HashSet::new(),
                 window: VecDeque::new(),
+                long_window: VecDeque::new(),
                 retry_window: None,
                 stats: SimStats::default(),
             }),
@@ -810,7 +818,7 @@ impl Tenant {
                     s.stats.early_retries += 1;
                 }
                 s.stats.rate_limited += 1;
-                return (too_many(until - now), None);
+                return (self.too_many(&s.config, until - now), None);
             }
             s.retry_window = None;
         }
@@ -845,21 +853,34 @@ impl Tenant {
             return (odata_error(403, "Forbidden", &why), None);
         }
 
-        if let Some(limit) = s.config.rate_limit.clone() {
-            while s
-                .window
+        // A call counts against both windows; either one full earns a 429.
+        let mut until: Option<Instant> = None;
+        for (limit, window) in [
+            (s.config.rate_limit.clone(), &mut s.window),
+            (s.config.long_rate_limit.clone(), &mut s.long_window),
+        ] {
+            let Some(limit) = limit else { continue };
+            while window
                 .front()
                 .is_some_and(|t| now.duration_since(*t) >= limit.window)
             {
-                s.window.pop_front();
+                window.pop_front();
             }
-            if s.window.len() >= limit.calls as usize {
-                let until = s.window[0] + limit.window;
-                s.retry_window = Some((now, until));
-                s.stats.rate_limited += 1;
-                return (too_many(until - now), None);
+            if window.len() >= limit.calls as usize {
+                let free = window[window.len() - limit.calls as usize] + limit.window;
+                until = until.max(Some(free));
             }
+        }
+        if let Some(until) = until {
+            s.retry_window = Some((now, until));
+            s.stats.rate_limited += 1;
+            return (self.too_many(&s.config, until - now), None);
+        }
+        if s.config.rate_limit.is_some() {
             s.window.push_back(now);
+        }
+        if s.config.long_rate_limit.is_some() {
+            s.long_window.push_back(now);
         }
 
         let fault = if s.config.fault_rate > 0.0
@@ -907,7 +928,7 @@ impl Tenant {
                 let wait = s.config.fault_retry_after;
                 s.retry_window = Some((now, now + wait));
                 s.stats.rate_limited += 1;
-                return (too_many(wait), None);
+                return (self.too_many(&s.config, wait), None);
             }
             Some(Fault::Slow) => delay = Some(s.config.slow_delay),
             _ => {}
@@ -1000,15 +1021,22 @@ impl Tenant {
     }
 }
 
-fn too_many(wait: Duration) -> Reply {
-    // Whole seconds, rounded up, as the service sends.
-    let secs = wait.as_millis().div_ceil(1000).max(1);
-    odata_error(
-        429,
-        "TooManyRequests",
-        "Rate limit is exceeded. Try again later.",
-    )
-    .with_header("retry-after", secs.to_string())
+impl Tenant {
+    fn too_many(&self, config: &SimConfig, wait: Duration) -> Reply {
+        // Whole seconds, rounded up, as the service sends; fractions only for time-scaled
+        // benchmarks, where a whole second would be minutes of simulated time.
+        let value = if config.fractional_retry_after {
+            format!("{:.3}", wait.as_secs_f64())
+        } else {
+            wait.as_millis().div_ceil(1000).max(1).to_string()
+        };
+        odata_error(
+            429,
+            "TooManyRequests",
+            "Rate limit is exceeded. Try again later.",
+        )
+        .with_header("retry-after", value)
+    }
 }
 
 /// Reads `id in ('a','b')` or `id eq 'a' or id eq 'b'`; anything else is refused.
