@@ -23,6 +23,9 @@ struct Args {
     time_scale: f64,
     strategies: Vec<String>,
     seed: u64,
+    /// Overrides of poll.ride_along and poll.max_interval, in simulated seconds.
+    ride_along: Option<f64>,
+    max_interval: Option<f64>,
 }
 
 fn parse_args() -> Args {
@@ -39,6 +42,8 @@ fn parse_args() -> Args {
         .map(String::from)
         .to_vec(),
         seed: 7,
+        ride_along: None,
+        max_interval: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -48,9 +53,15 @@ fn parse_args() -> Args {
             "--time-scale" => args.time_scale = value().parse().expect("--time-scale F"),
             "--strategies" => args.strategies = value().split(',').map(String::from).collect(),
             "--seed" => args.seed = value().parse().expect("--seed N"),
+            "--ride-along" => {
+                args.ride_along = Some(value().parse().expect("--ride-along SECONDS"))
+            }
+            "--max-interval" => {
+                args.max_interval = Some(value().parse().expect("--max-interval SECONDS"))
+            }
             "--help" | "-h" => {
                 println!(
-                    "bench [--actions N] [--time-scale F] [--strategies a,b] [--seed N]\n\
+                    "bench [--actions N] [--time-scale F] [--strategies a,b] [--seed N] [--ride-along SECONDS] [--max-interval SECONDS]\n\
                      strategies: mde-actiond, elastic-60s, sentinel-30s, xsoar-10s, splunk-5s"
                 );
                 std::process::exit(0);
@@ -162,8 +173,8 @@ async fn run_ours(args: &Args) -> Outcome {
     // The defaults, in simulated time.
     let d = mde_actiond::config::PollSettings::default();
     s.poll.initial_interval = scaled(d.initial_interval.as_secs_f64());
-    s.poll.max_interval = scaled(d.max_interval.as_secs_f64());
-    s.poll.ride_along = scaled(d.ride_along.as_secs_f64());
+    s.poll.max_interval = scaled(args.max_interval.unwrap_or(d.max_interval.as_secs_f64()));
+    s.poll.ride_along = scaled(args.ride_along.unwrap_or(d.ride_along.as_secs_f64()));
     s.api.timeout = Duration::from_secs(10);
     s.rate_limit.time_scale = 1.0 / args.time_scale;
     s.database.checkpoint_interval = Duration::from_secs(1);

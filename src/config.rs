@@ -274,7 +274,7 @@ impl Default for PollSettings {
             give_up_after: Duration::from_secs(7 * 86_400),
             batch_size: 100,
             concurrency: 4,
-            ride_along: Duration::from_secs(30),
+            ride_along: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(5),
         }
     }
