@@ -335,7 +335,7 @@ struct State {
 
 pub struct Simulator {
     addr: SocketAddr,
-    state: Arc<Tenant>,
+    tenant: Arc<Tenant>,
     stop: CancellationToken,
 }
 
@@ -367,11 +367,7 @@ impl Simulator {
         });
         let stop = CancellationToken::new();
         tokio::spawn(http::serve(listener, tenant.clone(), stop.clone()));
-        Ok(Self {
-            addr,
-            state: tenant,
-            stop,
-        })
+        Ok(Self { addr, tenant, stop })
     }
 
     pub fn base_url(&self) -> String {
@@ -384,7 +380,7 @@ impl Simulator {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock()
+        self.tenant.lock()
     }
 
     /// Creates an action with the given life, starting now, of a random type on one of the

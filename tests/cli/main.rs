@@ -8,7 +8,7 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use common::*;
-use mde_actiond::domain::{ActionId, ActionStatus};
+use mde_actiond::domain::ActionStatus;
 use mde_actiond::sim::{Lifecycle, SimConfig};
 use nix::sys::signal::Signal;
 use tokio::process::Command;
@@ -330,15 +330,7 @@ async fn kill_9_mid_run_loses_nothing_and_a_restart_finishes_the_job() {
     })
     .await;
     let ids = env.sim.create_random_actions(60, Duration::from_secs(4));
-    let out = output(
-        bin()
-            .arg("--db")
-            .arg(env.db())
-            .arg("enqueue")
-            .args(ids.iter().map(ActionId::as_str)),
-    )
-    .await;
-    assert_eq!(out.status.code(), Some(0));
+    enqueue_with_cli(&env.db(), &ids).await;
 
     let reader = env.reader().await;
     for round in 0..3 {
@@ -387,15 +379,7 @@ async fn secrets_and_tokens_never_reach_the_output() {
     let stdout = tokio::spawn(read_all(daemon.stdout.take().unwrap()));
     let stderr = tokio::spawn(read_all(daemon.stderr.take().unwrap()));
     let db = env.db();
-    let out = output(
-        bin()
-            .arg("--db")
-            .arg(&db)
-            .arg("enqueue")
-            .args(ids.iter().map(ActionId::as_str)),
-    )
-    .await;
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    enqueue_with_cli(&db, &ids).await;
     let reader = env.reader().await;
     wait_finished(&reader, &ids, LIMIT).await;
     signal(&daemon, Signal::SIGTERM);

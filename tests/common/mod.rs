@@ -311,3 +311,21 @@ pub async fn read_all(mut r: impl tokio::io::AsyncRead + Unpin) -> String {
     let _ = r.read_to_string(&mut s).await;
     s
 }
+
+/// `mde-actiond --db DB enqueue IDS...` through the binary, as a playbook would; panics with
+/// its stderr unless it succeeds.
+pub async fn enqueue_with_cli(db: &std::path::Path, ids: &[ActionId]) {
+    let out = bin()
+        .arg("--db")
+        .arg(db)
+        .arg("enqueue")
+        .args(ids.iter().map(ActionId::as_str))
+        .output()
+        .await
+        .expect("binary runs");
+    assert!(
+        out.status.success(),
+        "enqueue failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

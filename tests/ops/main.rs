@@ -277,15 +277,7 @@ async fn speaks_the_systemd_notify_protocol() {
     let env = TestEnv::new(SimConfig::default()).await;
     let systemd = FakeSystemd::new(env.dir.path());
     let ids = env.sim.create_random_actions(5, Duration::from_secs(30));
-    let out = bin()
-        .arg("--db")
-        .arg(env.db())
-        .arg("enqueue")
-        .args(ids.iter().map(ActionId::as_str))
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success());
+    enqueue_with_cli(&env.db(), &ids).await;
     let mut daemon = spawn_daemon(
         &env,
         &[
@@ -348,15 +340,7 @@ async fn sigterm_with_calls_in_flight_exits_cleanly_and_a_second_signal_exits_at
     })
     .await;
     let ids = env.sim.create_random_actions(40, Duration::from_secs(30));
-    let out = bin()
-        .arg("--db")
-        .arg(env.db())
-        .arg("enqueue")
-        .args(ids.iter().map(ActionId::as_str))
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success());
+    enqueue_with_cli(&env.db(), &ids).await;
     let extra = [
         ("MDE_ACTIOND_POLL__BATCH_SIZE", "1".to_string()),
         ("MDE_ACTIOND_POLL__CONCURRENCY", "8".to_string()),
@@ -440,15 +424,7 @@ async fn logs_are_json_lines_or_plain_text_without_colour() {
         let ids = env.sim.create_random_actions(3, Duration::from_secs(1));
         let mut daemon = spawn_daemon(&env, &[], &["--log-format", format]);
         let stderr = tokio::spawn(read_all(daemon.stderr.take().unwrap()));
-        let out = bin()
-            .arg("--db")
-            .arg(env.db())
-            .arg("enqueue")
-            .args(ids.iter().map(ActionId::as_str))
-            .output()
-            .await
-            .unwrap();
-        assert!(out.status.success());
+        enqueue_with_cli(&env.db(), &ids).await;
         let reader = env.reader().await;
         wait_finished(&reader, &ids, LIMIT).await;
         reader.close().await;

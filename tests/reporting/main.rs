@@ -592,27 +592,38 @@ async fn a_long_reader_neither_blocks_nor_is_blocked() {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let mut stdin = reader.stdin.take().unwrap();
     let mut lines = tokio::io::BufReader::new(reader.stdout.take().unwrap()).lines();
-    stdin
-        .write_all(b"BEGIN;\nSELECT count(*) FROM transitions;\n")
-        .await
-        .unwrap();
-    let before: i64 = lines
-        .next_line()
-        .await
-        .unwrap()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    // Sends SQL to the shell and reads the one number it prints back.
+    async fn ask(
+        stdin: &mut tokio::process::ChildStdin,
+        lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+        sql: &[u8],
+    ) -> i64 {
+        stdin.write_all(sql).await.unwrap();
+        lines
+            .next_line()
+            .await
+            .unwrap()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+    let before = ask(
+        &mut stdin,
+        &mut lines,
+        b"BEGIN;
+SELECT count(*) FROM transitions;
+",
+    )
+    .await;
 
     let many = env
         .sim
         .create_random_actions(2000, Duration::from_millis(800));
     daemon.enqueue(&many).await;
     let wal = env.db().with_extension("db-wal");
-    let mut peak = 0;
     wait_finished(&daemon.store, &many, LIMIT).await;
-    peak = peak.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+    let peak = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
     let written = daemon
         .poller
         .stats()
@@ -621,31 +632,22 @@ async fn a_long_reader_neither_blocks_nor_is_blocked() {
     assert!(written >= 2000, "only {written} transitions");
 
     // Same snapshot inside the transaction: no error, no torn read.
-    stdin
-        .write_all(b"SELECT count(*) FROM transitions;\n")
-        .await
-        .unwrap();
-    let during: i64 = lines
-        .next_line()
-        .await
-        .unwrap()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let during = ask(
+        &mut stdin,
+        &mut lines,
+        b"SELECT count(*) FROM transitions;
+",
+    )
+    .await;
     assert_eq!(during, before);
-    stdin
-        .write_all(b"COMMIT;\nSELECT count(*) FROM transitions;\n")
-        .await
-        .unwrap();
-    let after: i64 = lines
-        .next_line()
-        .await
-        .unwrap()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let after = ask(
+        &mut stdin,
+        &mut lines,
+        b"COMMIT;
+SELECT count(*) FROM transitions;
+",
+    )
+    .await;
     assert!(after >= before + 2000, "{before} -> {after}");
     stdin.write_all(b".quit\n").await.unwrap();
     drop(stdin);
