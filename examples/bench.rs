@@ -18,14 +18,25 @@ use mde_actiond::mde::{MdeClient, http_client};
 use mde_actiond::sim::{Lifecycle, SimConfig, SimRateLimit, Simulator, settings_for};
 use tokio_util::sync::CancellationToken;
 
+/// Playbook runs in flight at once for the per-action pollers.
+const PEER_WORKERS: usize = 64;
+
 struct Args {
     actions: usize,
     time_scale: f64,
     strategies: Vec<String>,
     seed: u64,
-    /// Overrides of poll.ride_along and poll.max_interval, in simulated seconds.
+    /// Overrides of poll.ride_along, poll.max_interval and poll.sweep_interval, in
+    /// simulated seconds.
     ride_along: Option<f64>,
     max_interval: Option<f64>,
+    sweep_interval: Option<f64>,
+    no_sweep: bool,
+    /// Actions of other tools in the tenant, as a share of the tracked ones.
+    untracked: f64,
+    /// Wall-clock cap per peer run, in seconds (per-action pollers at 100,000 actions never
+    /// finish); a capped run shows how many actions it finished.
+    peer_limit: f64,
 }
 
 fn parse_args() -> Args {
@@ -44,6 +55,10 @@ fn parse_args() -> Args {
         seed: 7,
         ride_along: None,
         max_interval: None,
+        sweep_interval: None,
+        no_sweep: false,
+        untracked: 0.1,
+        peer_limit: 1800.0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -59,9 +74,16 @@ fn parse_args() -> Args {
             "--max-interval" => {
                 args.max_interval = Some(value().parse().expect("--max-interval SECONDS"))
             }
+            "--sweep-interval" => {
+                args.sweep_interval = Some(value().parse().expect("--sweep-interval SECONDS"))
+            }
+            "--no-sweep" => args.no_sweep = true,
+            "--untracked" => args.untracked = value().parse().expect("--untracked SHARE"),
+            "--peer-limit" => args.peer_limit = value().parse().expect("--peer-limit SECONDS"),
             "--help" | "-h" => {
                 println!(
-                    "bench [--actions N] [--time-scale F] [--strategies a,b] [--seed N] [--ride-along SECONDS] [--max-interval SECONDS]\n\
+                    "bench [--actions N] [--time-scale F] [--strategies a,b] [--seed N] [--untracked SHARE]\n\
+                     \x20     [--ride-along S] [--max-interval S] [--sweep-interval S] [--no-sweep] [--peer-limit WALL_SECONDS]\n\
                      strategies: mde-actiond, elastic-60s, sentinel-30s, xsoar-10s, splunk-5s"
                 );
                 std::process::exit(0);
@@ -127,6 +149,11 @@ async fn tenant(args: &Args) -> (Simulator, Vec<ActionId>) {
     let ids = (0..args.actions)
         .map(|_| sim.create_action(lifecycle(&mut rng, args.time_scale)))
         .collect();
+    // Other tools' actions: listed by a sweep, never tracked.
+    let mut other = fastrand::Rng::with_seed(args.seed ^ 0x5eed);
+    for _ in 0..(args.actions as f64 * args.untracked).round() as usize {
+        sim.create_action(lifecycle(&mut other, args.time_scale));
+    }
     (sim, ids)
 }
 
@@ -171,11 +198,20 @@ async fn run_ours(args: &Args) -> Outcome {
     let mut s = settings_for(&sim, &db);
     let scaled = |secs: f64| Duration::from_secs_f64(secs / args.time_scale);
     // The defaults, in simulated time.
-    let d = mde_actiond::config::PollSettings::default();
-    s.poll.initial_interval = scaled(d.initial_interval.as_secs_f64());
-    s.poll.max_interval = scaled(args.max_interval.unwrap_or(d.max_interval.as_secs_f64()));
-    s.poll.ride_along = scaled(args.ride_along.unwrap_or(d.ride_along.as_secs_f64()));
-    s.api.timeout = Duration::from_secs(10);
+    let d = mde_actiond::config::Settings::default();
+    let p = &d.poll;
+    s.poll.initial_interval = scaled(p.initial_interval.as_secs_f64());
+    s.poll.max_interval = scaled(args.max_interval.unwrap_or(p.max_interval.as_secs_f64()));
+    s.poll.ride_along = scaled(args.ride_along.unwrap_or(p.ride_along.as_secs_f64()));
+    s.poll.sweep_interval = scaled(
+        args.sweep_interval
+            .unwrap_or(p.sweep_interval.as_secs_f64()),
+    );
+    if args.no_sweep {
+        s.poll.sweep = mde_actiond::config::SweepMode::Off;
+    }
+    s.api.timeout = Duration::from_secs(30);
+    s.rate_limit = d.rate_limit.clone();
     s.rate_limit.time_scale = 1.0 / args.time_scale;
     s.database.checkpoint_interval = Duration::from_secs(1);
     let cpu0 = cpu_seconds();
@@ -278,13 +314,19 @@ async fn run_peer(args: &Args, name: &str, interval_secs: f64, batched: bool) ->
                 }
             }
         } else {
+            use futures_util::StreamExt;
             let calls = pending.iter().map(|id| {
                 let client = client.clone();
                 let token = token.clone();
                 let id = id.clone();
                 async move { (id.clone(), client.get_action(&token, &id).await) }
             });
-            for (id, result) in futures_util::future::join_all(calls).await {
+            // A SOAR engine runs its playbooks on a worker pool, not all at once.
+            let results: Vec<_> = futures_util::stream::iter(calls)
+                .buffer_unordered(PEER_WORKERS)
+                .collect()
+                .await;
+            for (id, result) in results {
                 // Errors and 429s alike: try again at the next tick, as playbooks do.
                 if let Ok(a) = result {
                     observed.push((id, a.status.as_str().to_string()));
@@ -305,7 +347,7 @@ async fn run_peer(args: &Args, name: &str, interval_secs: f64, batched: bool) ->
                 .get(id)
                 .is_some_and(|s| ActionStatus::parse(s).is_terminal())
         });
-        if started.elapsed() > Duration::from_secs(1800) {
+        if started.elapsed() > Duration::from_secs_f64(args.peer_limit) {
             break;
         }
     }

@@ -91,6 +91,18 @@ impl RateBudget {
         inner.sent.make_contiguous().sort();
     }
 
+    /// The shortest spacing at which `calls` calls can repeat forever within both windows,
+    /// using `share` (0 to 1] of the budget: what a recurring round of calls must not beat.
+    pub fn sustainable_interval(&self, calls: u32, share: f64) -> Duration {
+        let per_call = (self.minute / self.per_minute as u32).max(self.hour / self.per_hour as u32);
+        let share = if share.is_finite() && share > 0.0 {
+            share.min(1.0)
+        } else {
+            1.0
+        };
+        per_call.mul_f64(f64::from(calls) / share)
+    }
+
     /// Waits for a slot and takes it. Returns `Cancelled` if `cancel` fires first.
     pub async fn acquire(&self, cancel: &CancellationToken) -> Result<(), Cancelled> {
         loop {
@@ -199,6 +211,30 @@ fn minute_count(sent: &VecDeque<Instant>, now: Instant, minute: Duration) -> usi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sustainable_interval_follows_the_tighter_window() {
+        // 100/min allows a call every 0.6 s, 1,500/h one every 2.4 s: the hour decides.
+        let budget = RateBudget::new(100, 1500);
+        assert_eq!(
+            budget.sustainable_interval(1, 1.0),
+            Duration::from_millis(2400)
+        );
+        assert_eq!(
+            budget.sustainable_interval(10, 0.8),
+            Duration::from_secs(30)
+        );
+        let minute_bound = RateBudget::new(10, 100_000);
+        assert_eq!(
+            minute_bound.sustainable_interval(2, 1.0),
+            Duration::from_secs(12)
+        );
+        let scaled = RateBudget::with_time_scale(100, 1500, 0.01);
+        assert_eq!(
+            scaled.sustainable_interval(1, 1.0),
+            Duration::from_millis(24)
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn never_exceeds_the_minute_window() {

@@ -261,7 +261,26 @@ pub struct PollSettings {
     /// How long a stopping daemon waits for calls in flight.
     #[serde(with = "duration_text")]
     pub shutdown_grace: Duration,
+    /// Whether to check every tracked action at once with a paged listing of the tenant when
+    /// that is cheaper than asking by id (`auto`), or never (`off`).
+    pub sweep: SweepMode,
+    /// The shortest time between two sweeps, when the budget allows: every tracked action is
+    /// checked this often for a handful of calls, whatever their number.
+    #[serde(with = "duration_text")]
+    pub sweep_interval: Duration,
+    /// Actions per page of a sweep (`$top`; the service allows up to 10,000).
+    pub sweep_page_size: u32,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SweepMode {
+    Auto,
+    Off,
+}
+
+/// The largest `$top` the service accepts.
+pub const MAX_PAGE_SIZE: u32 = 10_000;
 
 impl Default for PollSettings {
     fn default() -> Self {
@@ -276,6 +295,9 @@ impl Default for PollSettings {
             concurrency: 4,
             ride_along: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(5),
+            sweep: SweepMode::Auto,
+            sweep_interval: Duration::from_secs(30),
+            sweep_page_size: MAX_PAGE_SIZE,
         }
     }
 }
@@ -527,6 +549,18 @@ impl Settings {
                     p.batch_size
                 ),
             );
+        }
+        if p.sweep_page_size == 0 || p.sweep_page_size > MAX_PAGE_SIZE {
+            bad(
+                "poll.sweep_page_size",
+                format!(
+                    "must be between 1 and {MAX_PAGE_SIZE}, not {}",
+                    p.sweep_page_size
+                ),
+            );
+        }
+        if p.sweep_interval.is_zero() {
+            bad("poll.sweep_interval", "must be more than zero".into());
         }
         if p.concurrency == 0 || p.concurrency > 64 {
             bad(

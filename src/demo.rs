@@ -65,6 +65,9 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<ExitCode, CliError> {
     settings.poll.initial_interval = Duration::from_secs(1);
     settings.poll.max_interval = Duration::from_secs(5);
     settings.poll.ride_along = Duration::from_secs(3);
+    // The service's budget, which the simulated tenant enforces per minute.
+    settings.rate_limit.per_minute = 100;
+    settings.rate_limit.per_hour = 1500;
 
     let mut ids = sim.create_random_actions(args.actions, args.scale);
     let mut rng = fastrand::Rng::new();

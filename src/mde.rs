@@ -206,6 +206,31 @@ impl MdeClient {
         parse_list(&body, ids)
     }
 
+    /// One page of a tenant-wide listing: `GET /api/machineactions?$filter=...&$top=&$skip=`.
+    pub async fn list_page(
+        &self,
+        token: &Secret,
+        filter: &str,
+        top: u32,
+        skip: u64,
+    ) -> Result<ListPage, MdeError> {
+        let url = self.page_url(filter, top, skip);
+        let body = self.send(token, &url, false).await?;
+        parse_page(&body)
+    }
+
+    pub fn page_url(&self, filter: &str, top: u32, skip: u64) -> String {
+        let mut url = format!(
+            "{}/api/machineactions?$filter={}&$top={top}",
+            self.base_url,
+            encode_query_value(filter)
+        );
+        if skip > 0 {
+            url.push_str(&format!("&$skip={skip}"));
+        }
+        url
+    }
+
     /// The cheapest call there is (`$top=1`), for `doctor`.
     pub async fn probe(&self, token: &Secret) -> Result<(), MdeError> {
         let url = format!("{}/api/machineactions?$top=1", self.base_url);
@@ -243,6 +268,107 @@ impl MdeClient {
         })?;
         classify(status, retry_after, body, single)
     }
+}
+
+/// The statuses of an action that has not finished.
+pub const UNFINISHED: [&str; 2] = ["Pending", "InProgress"];
+
+/// The `$filter` forms a sweep can list the tenant with. Only `status eq` and
+/// `creationDateTimeUtc ge` are documented, so each form is tried at run time and dropped for
+/// good (until restart) on a 400.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SweepFilter {
+    /// `creationDateTimeUtc ge T`: every action created since the oldest one tracked, in any
+    /// status, so finished ones are seen without another call.
+    CreatedSince,
+    /// `status in ('Pending','InProgress')`: every unfinished action of the tenant; a tracked
+    /// action missing from it has finished and needs one targeted fetch.
+    StatusIn,
+    /// The same with `eq` terms joined by `or`.
+    StatusEqOr,
+}
+
+impl SweepFilter {
+    pub const ALL: [SweepFilter; 3] = [
+        SweepFilter::CreatedSince,
+        SweepFilter::StatusIn,
+        SweepFilter::StatusEqOr,
+    ];
+
+    /// The filter text; `since` is the creation time to list from (only `CreatedSince`).
+    pub fn text(self, since: &str) -> String {
+        match self {
+            SweepFilter::CreatedSince => format!("creationDateTimeUtc ge {since}"),
+            SweepFilter::StatusIn => {
+                let quoted: Vec<String> = UNFINISHED.iter().map(|s| format!("'{s}'")).collect();
+                format!("status in ({})", quoted.join(","))
+            }
+            SweepFilter::StatusEqOr => UNFINISHED
+                .iter()
+                .map(|s| format!("status eq '{s}'"))
+                .collect::<Vec<_>>()
+                .join(" or "),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SweepFilter::CreatedSince => "created_since",
+            SweepFilter::StatusIn => "status_in",
+            SweepFilter::StatusEqOr => "status_eq_or",
+        }
+    }
+
+    /// Whether the listing holds finished actions too (so nothing missing from it finished).
+    pub fn lists_finished(self) -> bool {
+        self == SweepFilter::CreatedSince
+    }
+}
+
+/// One page of a listing, in the service's order.
+#[derive(Debug, Default)]
+pub struct ListPage {
+    pub actions: Vec<FetchedAction>,
+    /// Entries on the page, readable or not: fewer than `$top` means the last page.
+    pub entries: usize,
+    pub unreadable: Vec<String>,
+}
+
+/// Percent-encodes a query value (RFC 3986 unreserved characters stay as they are).
+fn encode_query_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() * 2);
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn parse_page(body: &str) -> Result<ListPage, MdeError> {
+    #[derive(Deserialize)]
+    struct Page<'a> {
+        #[serde(borrow)]
+        value: Vec<&'a RawValue>,
+    }
+    let page: Page = serde_json::from_str(body).map_err(|e| MdeError::Transient {
+        status: Some(200),
+        message: format!("unreadable list answer ({} bytes): {e}", body.len()),
+    })?;
+    let mut out = ListPage {
+        entries: page.value.len(),
+        actions: Vec::with_capacity(page.value.len()),
+        unreadable: Vec::new(),
+    };
+    for raw in page.value {
+        match FetchedAction::from_json(raw.get()) {
+            Ok(a) => out.actions.push(a),
+            Err(e) => out.unreadable.push(e),
+        }
+    }
+    Ok(out)
 }
 
 fn parse_list(body: &str, ids: &[ActionId]) -> Result<ListAnswer, MdeError> {

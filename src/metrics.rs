@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-/// Seconds-scale buckets for latencies of database writes and sweeps.
+/// Seconds-scale buckets for latencies of database writes, passes and sweeps.
 const FAST_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
@@ -69,7 +69,17 @@ impl Histogram {
 /// Everything the poll loop counts. Shared by the loop, the HTTP listener and systemd status.
 #[derive(Debug)]
 pub struct Metrics {
-    pub sweeps: AtomicU64,
+    /// Passes over due actions that polled something.
+    pub passes: AtomicU64,
+    /// Actions checked (one answer about one tracked action, by id or in a sweep).
+    pub checks: AtomicU64,
+    sweeps_by_filter: Mutex<BTreeMap<&'static str, u64>>,
+    pub sweep_pages: AtomicU64,
+    /// Milliseconds; 0 when not measured yet.
+    check_interval_ms: AtomicU64,
+    /// Milliseconds; 0 while sweeps are not in use.
+    sweep_interval_ms: AtomicU64,
+    pub pass_seconds: Histogram,
     pub api_calls: AtomicU64,
     pub transitions: AtomicU64,
     pub finished: AtomicU64,
@@ -85,7 +95,13 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self {
-            sweeps: AtomicU64::new(0),
+            passes: AtomicU64::new(0),
+            checks: AtomicU64::new(0),
+            sweeps_by_filter: Mutex::new(BTreeMap::new()),
+            sweep_pages: AtomicU64::new(0),
+            check_interval_ms: AtomicU64::new(0),
+            sweep_interval_ms: AtomicU64::new(0),
+            pass_seconds: Histogram::new(FAST_BUCKETS),
             api_calls: AtomicU64::new(0),
             transitions: AtomicU64::new(0),
             finished: AtomicU64::new(0),
@@ -122,6 +138,46 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         *map.entry((endpoint, code)).or_default() += 1;
+    }
+
+    pub fn observe_sweep(&self, filter: &'static str, pages: u32, took: Duration) {
+        *self
+            .sweeps_by_filter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(filter)
+            .or_default() += 1;
+        self.sweep_pages
+            .fetch_add(u64::from(pages), Ordering::Relaxed);
+        self.sweep_seconds.observe(took);
+    }
+
+    pub fn sweeps(&self) -> u64 {
+        self.sweeps_by_filter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .sum()
+    }
+
+    /// How long, on average, between two checks of one tracked action (last minute).
+    pub fn set_check_interval(&self, d: Duration) {
+        self.check_interval_ms
+            .store(d.as_millis().max(1) as u64, Ordering::Relaxed);
+    }
+
+    pub fn check_interval(&self) -> Option<Duration> {
+        match self.check_interval_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    pub fn set_sweep_interval(&self, d: Option<Duration>) {
+        self.sweep_interval_ms.store(
+            d.map_or(0, |d| d.as_millis().max(1) as u64),
+            Ordering::Relaxed,
+        );
     }
 
     pub fn set_last_error(&self, message: &str) {
@@ -241,14 +297,56 @@ impl Metrics {
         );
         counter(
             &mut out,
-            "mde_actiond_sweeps_total",
-            "Sweeps that polled something.",
-            Self::get(&self.sweeps),
+            "mde_actiond_passes_total",
+            "Passes over due actions that polled something.",
+            Self::get(&self.passes),
+        );
+        self.pass_seconds.render(
+            &mut out,
+            "mde_actiond_pass_duration_seconds",
+            "Time to poll and record one pass over due actions.",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mde_actiond_sweeps_total Tenant-wide listings, by filter form.\n# TYPE mde_actiond_sweeps_total counter"
+        );
+        for (filter, n) in self
+            .sweeps_by_filter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(out, "mde_actiond_sweeps_total{{filter=\"{filter}\"}} {n}");
+        }
+        counter(
+            &mut out,
+            "mde_actiond_sweep_pages_total",
+            "Pages (API calls) of sweeps.",
+            Self::get(&self.sweep_pages),
         );
         self.sweep_seconds.render(
             &mut out,
             "mde_actiond_sweep_duration_seconds",
-            "Time to poll and record one sweep.",
+            "Time to list and record one sweep.",
+        );
+        counter(
+            &mut out,
+            "mde_actiond_checks_total",
+            "Answers about one tracked action (by id or in a sweep).",
+            Self::get(&self.checks),
+        );
+        let secs = |ms: &AtomicU64| format!("{:.3}", ms.load(Ordering::Relaxed) as f64 / 1000.0);
+        gauge(
+            &mut out,
+            "mde_actiond_check_interval_seconds",
+            "Effective time between two checks of one tracked action over the last minute (0: not measured yet).",
+            secs(&self.check_interval_ms),
+        );
+        gauge(
+            &mut out,
+            "mde_actiond_sweep_interval_seconds",
+            "Planned time between sweeps: poll.sweep_interval or longer when the budget is short (0: no sweeps).",
+            secs(&self.sweep_interval_ms),
         );
         self.detection_lag.render(
             &mut out,

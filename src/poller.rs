@@ -1,10 +1,19 @@
-//! The worker loop: find due actions, ask MDE about them in batches, write what it said.
+//! The worker loop: find due actions, ask MDE about them, write what it said.
 //!
-//! One sweep at a time: a sweep claims what is due, splits it into list calls of up to
-//! `batch_size` ids (at most `concurrency` at once), and writes each call's findings in one
-//! transaction before the next sweep starts, so no action is ever polled twice at once and no
-//! per-action state lives in memory beyond the batch in hand. No database connection is held
-//! across an HTTP request.
+//! Two ways to check actions, one step at a time so no action is ever checked twice at once:
+//!
+//! - A *pass* claims the due actions, splits them into list calls of up to `batch_size` ids
+//!   (at most `concurrency` at once) and writes each call's findings in one transaction.
+//! - A *sweep* lists the whole tenant in pages (`$filter` on creation time or on the
+//!   unfinished statuses) and checks every tracked action on each page, one transaction per
+//!   page. It costs the same for ten actions or a hundred thousand, so once more actions are
+//!   tracked than its pages' worth of list calls by id, sweeps check everything every
+//!   `sweep_interval` (or as often as the budget allows) and passes are left with young
+//!   actions, which change soon, and with what a sweep did not list.
+//!
+//! No per-action state lives in memory beyond the page or batch in hand (a sweep keeps the ids
+//! it saw, to find the ones it did not). No database connection is held across an HTTP
+//! request.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,11 +28,13 @@ use tracing::{debug, error, info, warn};
 
 use crate::auth::{AuthError, TokenProvider};
 use crate::budget::RateBudget;
-use crate::config::PollSettings;
+use crate::config::{PollSettings, SweepMode};
 use crate::domain::{ActionId, Tracking};
-use crate::mde::{FetchedAction, MdeClient, MdeError};
+use crate::mde::{FetchedAction, MdeClient, MdeError, SweepFilter};
 use crate::schedule::{PollPolicy, next_delay};
-use crate::store::{DueAction, Endpoint, NextStep, PollResult, PollWrite, Store, StoreError};
+use crate::store::{
+    DueAction, Endpoint, NextStep, PollResult, PollWrite, Store, StoreError, SweepRecord,
+};
 
 /// Longest idle sleep: ids enqueued by another process are noticed within this.
 const INTAKE_CHECK: Duration = Duration::from_secs(1);
@@ -32,6 +43,40 @@ const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// Pause after a database error before the next sweep.
 const STORE_RETRY: Duration = Duration::from_secs(2);
 const STALL_MARGIN: Duration = Duration::from_secs(15);
+/// Share of the sustainable API rate sweeps may use; the rest is for fetches by id.
+const SWEEP_SHARE: f64 = 0.8;
+/// Window over which the effective check interval is measured.
+const CHECK_WINDOW: Duration = Duration::from_secs(60);
+
+/// What the loop knows about sweeping this tenant.
+#[derive(Debug, Default)]
+struct SweepState {
+    /// Filter forms the service refused with a 400 (until restart).
+    rejected: Vec<SweepFilter>,
+    /// Calls the last `CreatedSince` sweep cost, and the creation time it listed from.
+    window_cost: Option<(String, u32)>,
+    /// Calls the last status sweep cost, fetches of what it did not list included.
+    unfinished_cost: Option<u32>,
+    last_started: Option<tokio::time::Instant>,
+}
+
+/// The sweep the loop would run now.
+#[derive(Debug, Clone)]
+struct SweepPlan {
+    filter: SweepFilter,
+    since: Option<String>,
+    /// Calls it is expected to cost.
+    cost: u32,
+    /// Time between sweeps: `sweep_interval`, or longer when the budget cannot pay for it.
+    interval: Duration,
+}
+
+/// Checks counted for the effective check interval.
+#[derive(Debug)]
+struct CheckWindow {
+    started: tokio::time::Instant,
+    checks: u64,
+}
 
 pub struct Poller {
     store: Store,
@@ -47,6 +92,11 @@ pub struct Poller {
     heartbeat: AtomicU64,
     started: tokio::time::Instant,
     stall_limit: Duration,
+    sweep: std::sync::Mutex<SweepState>,
+    /// The shortest delay a pass may schedule (ms): what the budget can pay for checking
+    /// every action by id; 0 while sweeps do the checking.
+    floor_ms: AtomicU64,
+    check_window: std::sync::Mutex<CheckWindow>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +144,12 @@ impl Poller {
             // Between two signs of progress the loop waits at most for one HTTP call and one
             // database write (busy timeout); budget waits beat every second.
             stall_limit: api_timeout + crate::store::BUSY_TIMEOUT + STALL_MARGIN,
+            sweep: std::sync::Mutex::new(SweepState::default()),
+            floor_ms: AtomicU64::new(0),
+            check_window: std::sync::Mutex::new(CheckWindow {
+                started: tokio::time::Instant::now(),
+                checks: 0,
+            }),
         }
     }
 
@@ -152,7 +208,7 @@ impl Poller {
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         while !cancel.is_cancelled() {
             self.beat();
-            let pause = match self.clone().sweep(&cancel).await {
+            let pause = match self.clone().step(&cancel).await {
                 Ok(Some(idle)) => idle,
                 Ok(None) => continue,
                 Err(Halt::Cancelled) => break,
@@ -189,8 +245,284 @@ impl Poller {
         }
     }
 
-    /// One sweep. `Ok(Some(d))`: nothing was due, sleep up to `d`; `Ok(None)`: work was done.
-    async fn sweep(self: Arc<Self>, cancel: &CancellationToken) -> Result<Option<Duration>, Halt> {
+    fn sweep_state(&self) -> std::sync::MutexGuard<'_, SweepState> {
+        self.sweep.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One step: a sweep when one is due (or cheaper than the pass it would replace), else a
+    /// pass. `Ok(Some(d))`: nothing was due, sleep up to `d`; `Ok(None)`: work was done.
+    async fn step(self: Arc<Self>, cancel: &CancellationToken) -> Result<Option<Duration>, Halt> {
+        let active = self.store.active_count().await.map_err(Halt::Store)?;
+        self.measure_checks(active);
+        if active == 0 {
+            self.floor_ms.store(0, Ordering::Relaxed);
+            return Ok(Some(INTAKE_CHECK));
+        }
+        let batch = u64::from(self.effective_batch());
+        let Some(plan) = self.sweep_plan(active, batch).await? else {
+            // Checking every action by id costs active/batch calls a round; when the budget
+            // cannot pay for a round every max_interval, every action waits longer alike.
+            let round = u32::try_from(active.div_ceil(batch)).unwrap_or(u32::MAX);
+            let floor = self.budget.sustainable_interval(round, 1.0);
+            self.floor_ms
+                .store(floor.as_millis() as u64, Ordering::Relaxed);
+            self.metrics.set_sweep_interval(None);
+            return self.pass(cancel, None).await;
+        };
+        self.floor_ms.store(0, Ordering::Relaxed);
+        self.metrics.set_sweep_interval(Some(plan.interval));
+        let since_last = self.sweep_state().last_started.map(|t| t.elapsed());
+        let time_up = since_last.is_none_or(|e| e >= plan.interval);
+        // Due actions worth more list calls by id than the sweep costs: sweep now instead.
+        let crowd = u64::from(plan.cost) * batch;
+        let crowded = !time_up
+            && u64::from(
+                self.store
+                    .count_due(SystemTime::now(), u32::try_from(crowd).unwrap_or(u32::MAX))
+                    .await
+                    .map_err(Halt::Store)?,
+            ) >= crowd;
+        if time_up || crowded {
+            self.sweep_tenant(&plan, cancel).await?;
+            return Ok(None);
+        }
+        let until_sweep = plan.interval.saturating_sub(since_last.unwrap_or_default());
+        let idle = self.pass(cancel, Some(plan.interval)).await?;
+        Ok(idle.map(|d| d.min(until_sweep).max(Duration::from_millis(1))))
+    }
+
+    /// The sweep to run, or `None` when passes by id are as cheap (few actions tracked) or
+    /// the service accepts no sweep filter.
+    async fn sweep_plan(&self, active: u64, batch: u64) -> Result<Option<SweepPlan>, Halt> {
+        if self.settings.sweep == SweepMode::Off {
+            return Ok(None);
+        }
+        let (window_allowed, status_form) = {
+            let st = self.sweep_state();
+            (
+                !st.rejected.contains(&SweepFilter::CreatedSince),
+                [SweepFilter::StatusIn, SweepFilter::StatusEqOr]
+                    .into_iter()
+                    .find(|f| !st.rejected.contains(f)),
+            )
+        };
+        let since = if window_allowed {
+            self.store
+                .oldest_active_created()
+                .await
+                .map_err(Halt::Store)?
+        } else {
+            None
+        };
+        let chosen = {
+            let st = self.sweep_state();
+            let window_cost = match (&st.window_cost, &since) {
+                (Some((from, cost)), Some(since)) if from == since => Some(*cost),
+                _ => None,
+            };
+            choose_filter(
+                since.is_some(),
+                window_cost,
+                status_form,
+                st.unfinished_cost,
+            )
+        };
+        let Some((filter, cost)) = chosen else {
+            return Ok(None);
+        };
+        // A sweep must be cheaper than asking for every action by id.
+        if active.div_ceil(batch) <= u64::from(cost) {
+            return Ok(None);
+        }
+        let interval = self
+            .settings
+            .sweep_interval
+            .max(self.budget.sustainable_interval(cost, SWEEP_SHARE));
+        Ok(Some(SweepPlan {
+            filter,
+            since: since.filter(|_| filter == SweepFilter::CreatedSince),
+            cost,
+            interval,
+        }))
+    }
+
+    /// Lists the tenant page by page and checks every tracked action listed; makes the
+    /// tracked actions it did not list due for a fetch by id.
+    async fn sweep_tenant(&self, plan: &SweepPlan, cancel: &CancellationToken) -> Result<(), Halt> {
+        let started_at = SystemTime::now();
+        let started = tokio::time::Instant::now();
+        self.sweep_state().last_started = Some(started);
+        let sweep_id = self
+            .store
+            .start_sweep(plan.filter.as_str(), started_at)
+            .await
+            .map_err(Halt::Store)?;
+        let mut record = SweepRecord {
+            outcome: "failed",
+            ..SweepRecord::default()
+        };
+        let mut seen = std::collections::HashSet::new();
+        let result = self
+            .list_tenant(plan, sweep_id, &mut record, &mut seen, cancel)
+            .await;
+        if matches!(result, Ok(true)) {
+            match self
+                .store
+                .make_unseen_due(&seen, started_at, SystemTime::now())
+                .await
+            {
+                Ok(missing) => {
+                    record.missing = missing;
+                    record.outcome = "complete";
+                }
+                Err(e) => warn!(error = %e, "cannot mark the actions the sweep did not list"),
+            }
+            let fetches = if plan.filter.lists_finished() {
+                0
+            } else {
+                u32::try_from(record.missing.div_ceil(u64::from(self.effective_batch())))
+                    .unwrap_or(u32::MAX)
+            };
+            let cost = record.pages.max(1) + fetches;
+            let mut st = self.sweep_state();
+            match &plan.since {
+                Some(since) => st.window_cost = Some((since.clone(), cost)),
+                None => st.unfinished_cost = Some(cost),
+            }
+        }
+        if let Ok(false) = result {
+            record.outcome = "rejected";
+            // Try the next form at once.
+            self.sweep_state().last_started = None;
+        }
+        if let Err(Halt::Cancelled) = result {
+            record.outcome = "stopped";
+        }
+        seen.clear();
+        if let Err(e) = self
+            .store
+            .finish_sweep(sweep_id, &record, SystemTime::now())
+            .await
+        {
+            warn!(error = %e, "cannot record the end of a sweep");
+        }
+        self.metrics
+            .observe_sweep(plan.filter.as_str(), record.pages, started.elapsed());
+        debug!(
+            filter = plan.filter.as_str(),
+            pages = record.pages,
+            listed = record.listed,
+            checked = record.checked,
+            changed = record.changed,
+            missing = record.missing,
+            outcome = record.outcome,
+            "sweep"
+        );
+        result.map(|_| ())
+    }
+
+    /// The pages of one sweep. `Ok(true)`: listed to the end; `Ok(false)`: the service
+    /// refused the filter (it is not tried again) or a call failed (logged; passes go on).
+    async fn list_tenant(
+        &self,
+        plan: &SweepPlan,
+        sweep_id: i64,
+        record: &mut SweepRecord,
+        seen: &mut std::collections::HashSet<ActionId>,
+        cancel: &CancellationToken,
+    ) -> Result<bool, Halt> {
+        let filter = plan.filter.text(plan.since.as_deref().unwrap_or_default());
+        let top = self.settings.sweep_page_size.max(1);
+        let mut skip = 0u64;
+        loop {
+            let page = self
+                .call(Endpoint::List, 0, Some(sweep_id), cancel, |token| {
+                    let filter = filter.clone();
+                    async move { self.client.list_page(&token, &filter, top, skip).await }
+                })
+                .await;
+            let page = match page {
+                Ok(page) => page,
+                Err(CallError::Api(MdeError::FilterRejected(detail))) => {
+                    warn!(
+                        filter = plan.filter.as_str(),
+                        detail, "MDE refused this sweep filter; trying the next form"
+                    );
+                    self.sweep_state().rejected.push(plan.filter);
+                    return Ok(false);
+                }
+                Err(e) => {
+                    self.halt_or_error(e)?;
+                    return Ok(false);
+                }
+            };
+            self.beat();
+            record.pages += 1;
+            record.listed += page.entries as u64;
+            for problem in &page.unreadable {
+                warn!(problem, "skipped an unreadable action in a sweep page");
+            }
+            let ids: Vec<ActionId> = page.actions.iter().map(|a| a.id.clone()).collect();
+            let tracked = self.store.active_among(&ids).await.map_err(Halt::Store)?;
+            let mut found: std::collections::HashMap<ActionId, FetchedAction> = page
+                .actions
+                .into_iter()
+                .map(|a| (a.id.clone(), a))
+                .collect();
+            // Rows are written only when something changed or the action would come due
+            // before the next sweep; the rest stay as they are.
+            let horizon = SystemTime::now() + plan.interval;
+            let mut writes = Vec::new();
+            for a in tracked {
+                // A page shifted by new actions can list one twice.
+                if !seen.insert(a.id.clone()) {
+                    continue;
+                }
+                let Some(f) = found.remove(&a.id) else {
+                    continue;
+                };
+                record.checked += 1;
+                let changed = a.status.as_deref() != Some(f.status.as_str());
+                record.changed += u64::from(changed);
+                if changed || a.next_poll_at <= horizon {
+                    writes.push(self.observed(&a, f, Some(plan.interval)));
+                }
+            }
+            self.metrics
+                .checks
+                .fetch_add(record.checked, Ordering::Relaxed);
+            self.write(&writes).await?;
+            if page.entries < top as usize {
+                return Ok(true);
+            }
+            skip += u64::from(top);
+        }
+    }
+
+    /// Adds this step's checks to the window and, once a window is full, publishes the
+    /// effective check interval: active actions times the window over the checks made.
+    fn measure_checks(&self, active: u64) {
+        let checks = self.metrics.checks.load(Ordering::Relaxed);
+        let mut w = self.check_window.lock().unwrap_or_else(|e| e.into_inner());
+        let elapsed = w.started.elapsed();
+        if elapsed < CHECK_WINDOW {
+            return;
+        }
+        let made = checks.saturating_sub(w.checks);
+        if active > 0 && made > 0 {
+            self.metrics
+                .set_check_interval(elapsed.mul_f64(active as f64 / made as f64));
+        }
+        w.started = tokio::time::Instant::now();
+        w.checks = checks;
+    }
+
+    /// One pass over the due actions. `covered`: the sweep interval while sweeps run.
+    async fn pass(
+        self: Arc<Self>,
+        cancel: &CancellationToken,
+        covered: Option<Duration>,
+    ) -> Result<Option<Duration>, Halt> {
         let now = SystemTime::now();
         let batch = self.effective_batch() as usize;
         let limit = batch * self.settings.concurrency.max(1) as usize;
@@ -207,8 +539,8 @@ impl Poller {
                 .unwrap_or(INTAKE_CHECK);
             return Ok(Some(until_first.min(INTAKE_CHECK)));
         }
-        self.metrics.sweeps.fetch_add(1, Ordering::Relaxed);
-        let sweep_started = tokio::time::Instant::now();
+        self.metrics.passes.fetch_add(1, Ordering::Relaxed);
+        let pass_started = tokio::time::Instant::now();
         // Only as many calls as the due actions need; nearly-due ones fill the last call.
         let calls = due.div_ceil(batch);
         let mut chunks: Vec<Vec<DueAction>> = Vec::with_capacity(calls);
@@ -224,7 +556,7 @@ impl Poller {
         for chunk in chunks {
             let this = self.clone();
             let cancel = cancel.clone();
-            tasks.spawn(async move { this.poll_chunk(chunk, &cancel).await });
+            tasks.spawn(async move { this.poll_chunk(chunk, covered, &cancel).await });
         }
         let mut halt = None;
         while let Some(joined) = tasks.join_next().await {
@@ -234,7 +566,7 @@ impl Poller {
                 Err(e) => error!(error = %e, "a poll task failed"),
             }
         }
-        self.metrics.sweep_seconds.observe(sweep_started.elapsed());
+        self.metrics.pass_seconds.observe(pass_started.elapsed());
         match halt {
             Some(h) => Err(h),
             None => Ok(None),
@@ -245,6 +577,7 @@ impl Poller {
     async fn poll_chunk(
         &self,
         chunk: Vec<DueAction>,
+        covered: Option<Duration>,
         cancel: &CancellationToken,
     ) -> Result<(), Halt> {
         let mut writes = Vec::with_capacity(chunk.len());
@@ -254,7 +587,7 @@ impl Poller {
         {
             let ids: Vec<ActionId> = chunk.iter().map(|a| a.id.clone()).collect();
             let result = self
-                .call(Endpoint::List, ids.len(), cancel, |token| {
+                .call(Endpoint::List, ids.len(), None, cancel, |token| {
                     let ids = ids.clone();
                     async move { self.client.list_actions(&token, &ids).await }
                 })
@@ -267,7 +600,7 @@ impl Poller {
                     let mut missing = Vec::new();
                     for a in &chunk {
                         match answer.actions.remove(&a.id) {
-                            Some(found) => writes.push(self.observed(a, found)),
+                            Some(found) => writes.push(self.observed(a, found, covered)),
                             // Absent from a list answer is not proof of a 404.
                             None => missing.push(a),
                         }
@@ -286,7 +619,7 @@ impl Poller {
                 Err(e) => match self.halt_or_error(e) {
                     Ok(message) => {
                         for a in &chunk {
-                            writes.push(self.failed(a, &message));
+                            writes.push(self.failed(a, &message, covered));
                         }
                         Vec::new()
                     }
@@ -305,13 +638,13 @@ impl Poller {
                 break;
             }
             let result = self
-                .call(Endpoint::Get, 1, cancel, |token| {
+                .call(Endpoint::Get, 1, None, cancel, |token| {
                     let id = a.id.clone();
                     async move { self.client.get_action(&token, &id).await }
                 })
                 .await;
             match result {
-                Ok(found) => writes.push(self.observed(a, found)),
+                Ok(found) => writes.push(self.observed(a, found, covered)),
                 Err(CallError::Api(MdeError::NotFound)) => {
                     info!(action_id = %a.id, "MDE does not know this action (404); tracking ends");
                     writes.push(PollWrite {
@@ -321,34 +654,48 @@ impl Poller {
                     });
                 }
                 Err(e) => match self.halt_or_error(e) {
-                    Ok(message) => writes.push(self.failed(a, &message)),
+                    Ok(message) => writes.push(self.failed(a, &message, covered)),
                     Err(h) => halt = Some(h),
                 },
             }
         }
 
-        if !writes.is_empty() {
-            // Written even when stopping: these answers were paid for.
-            let write_started = tokio::time::Instant::now();
-            let summary = self
-                .store
-                .record_polls(&writes, SystemTime::now())
-                .await
-                .map_err(Halt::Store)?;
-            self.metrics
-                .db_write_seconds
-                .observe(write_started.elapsed());
-            self.metrics
-                .transitions
-                .fetch_add(summary.transitions.into(), Ordering::Relaxed);
-            self.metrics
-                .finished
-                .fetch_add(summary.finished.into(), Ordering::Relaxed);
-        }
+        let checked = writes
+            .iter()
+            .filter(|w| matches!(w.result, PollResult::Observed(_)))
+            .count();
+        self.metrics
+            .checks
+            .fetch_add(checked as u64, Ordering::Relaxed);
+        // Written even when stopping: these answers were paid for.
+        self.write(&writes).await?;
         match halt {
             Some(h) => Err(h),
             None => Ok(()),
         }
+    }
+
+    /// Writes one call's (or one page's) findings in one transaction.
+    async fn write(&self, writes: &[PollWrite]) -> Result<(), Halt> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let write_started = tokio::time::Instant::now();
+        let summary = self
+            .store
+            .record_polls(writes, SystemTime::now())
+            .await
+            .map_err(Halt::Store)?;
+        self.metrics
+            .db_write_seconds
+            .observe(write_started.elapsed());
+        self.metrics
+            .transitions
+            .fetch_add(summary.transitions.into(), Ordering::Relaxed);
+        self.metrics
+            .finished
+            .fetch_add(summary.finished.into(), Ordering::Relaxed);
+        Ok(())
     }
 
     /// Turns a failed call into the error text to record, or a reason to stop the chunk.
@@ -377,6 +724,7 @@ impl Poller {
         &self,
         endpoint: Endpoint,
         count: usize,
+        sweep: Option<i64>,
         cancel: &CancellationToken,
         send: F,
     ) -> Result<T, CallError>
@@ -392,7 +740,7 @@ impl Poller {
             let token = self.tokens.token().await.map_err(CallError::Auth)?;
             let call_id = self
                 .store
-                .start_api_call(endpoint, count, SystemTime::now())
+                .start_api_call(endpoint, count, sweep, SystemTime::now())
                 .await
                 .map_err(CallError::Store)?;
             // Recording the call took a moment; a 429 seen meanwhile by another call holds
@@ -454,7 +802,12 @@ impl Poller {
         }
     }
 
-    fn observed(&self, a: &DueAction, found: FetchedAction) -> PollWrite {
+    fn observed(
+        &self,
+        a: &DueAction,
+        found: FetchedAction,
+        covered: Option<Duration>,
+    ) -> PollWrite {
         let status = found.status.clone();
         let new = a.status.as_deref() != Some(status.as_str());
         if new {
@@ -480,7 +833,7 @@ impl Poller {
         let next = if status.is_terminal() {
             NextStep::Finish(Tracking::Done)
         } else {
-            self.next_step(a)
+            self.next_step(a, covered)
         };
         PollWrite {
             id: a.id.clone(),
@@ -489,23 +842,99 @@ impl Poller {
         }
     }
 
-    fn failed(&self, a: &DueAction, message: &str) -> PollWrite {
+    fn failed(&self, a: &DueAction, message: &str, covered: Option<Duration>) -> PollWrite {
         PollWrite {
             id: a.id.clone(),
             result: PollResult::Error(message.to_string()),
-            next: self.next_step(a),
+            next: self.next_step(a, covered),
         }
     }
 
     /// Next poll from the schedule, never past the give-up deadline; at the deadline, give up.
-    fn next_step(&self, a: &DueAction) -> NextStep {
+    ///
+    /// `covered`: sweeps run this often. An action whose backoff has grown past it is checked
+    /// by the sweeps, so its own schedule only matters if they stop: it is set well beyond
+    /// the next sweep. Without sweeps, no delay is shorter than the budget can pay for.
+    fn next_step(&self, a: &DueAction, covered: Option<Duration>) -> NextStep {
         let now = SystemTime::now();
         let deadline = a.enqueued_at + self.settings.give_up_after;
         if now >= deadline {
             warn!(action_id = %a.id, status = a.status.as_deref().unwrap_or("-"), "no terminal status within poll.give_up_after; giving up");
             return NextStep::Finish(Tracking::GaveUp);
         }
-        let delay = next_delay(a.poll_count, &self.policy, fastrand::f64());
+        let backoff = next_delay(a.poll_count, &self.policy, fastrand::f64());
+        let delay = match covered {
+            Some(sweeps) if backoff >= sweeps => self.settings.max_interval.max(sweeps * 2),
+            Some(_) => backoff,
+            None => backoff.max(Duration::from_millis(self.floor_ms.load(Ordering::Relaxed))),
+        };
         NextStep::PollAt((now + delay).min(deadline))
+    }
+}
+
+/// Which sweep filter to use and what it is expected to cost: the listing from the oldest
+/// tracked action's creation (nothing to fetch afterwards) unless the unfinished-status
+/// listing was measured cheaper; an unmeasured form is tried when the other costs more than a
+/// page.
+fn choose_filter(
+    window_possible: bool,
+    window_cost: Option<u32>,
+    status_form: Option<SweepFilter>,
+    unfinished_cost: Option<u32>,
+) -> Option<(SweepFilter, u32)> {
+    let window = window_possible.then_some(SweepFilter::CreatedSince);
+    match (window, status_form) {
+        (None, None) => None,
+        (Some(w), None) => Some((w, window_cost.unwrap_or(1))),
+        (None, Some(s)) => Some((s, unfinished_cost.unwrap_or(1))),
+        (Some(w), Some(s)) => match (window_cost, unfinished_cost) {
+            (None, u) => Some((w, u.unwrap_or(1))),
+            (Some(wc), None) if wc > 1 => Some((s, wc)),
+            (Some(wc), None) => Some((w, wc)),
+            (Some(wc), Some(uc)) if uc < wc => Some((s, uc)),
+            (Some(wc), Some(_)) => Some((w, wc)),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_choice_prefers_the_cheaper_measured_listing() {
+        use SweepFilter::*;
+        // Nothing seen yet: no creation time to list from.
+        assert_eq!(
+            choose_filter(false, None, Some(StatusIn), None),
+            Some((StatusIn, 1))
+        );
+        // The window is tried first: it needs no fetches afterwards.
+        assert_eq!(
+            choose_filter(true, None, Some(StatusIn), Some(3)),
+            Some((CreatedSince, 3))
+        );
+        assert_eq!(
+            choose_filter(true, Some(1), Some(StatusIn), None),
+            Some((CreatedSince, 1))
+        );
+        // A window of several pages: measure the status listing once.
+        assert_eq!(
+            choose_filter(true, Some(7), Some(StatusIn), None),
+            Some((StatusIn, 7))
+        );
+        assert_eq!(
+            choose_filter(true, Some(7), Some(StatusIn), Some(2)),
+            Some((StatusIn, 2))
+        );
+        assert_eq!(
+            choose_filter(true, Some(2), Some(StatusEqOr), Some(2)),
+            Some((CreatedSince, 2))
+        );
+        assert_eq!(
+            choose_filter(true, Some(4), None, None),
+            Some((CreatedSince, 4))
+        );
+        assert_eq!(choose_filter(false, None, None, None), None);
     }
 }

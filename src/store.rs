@@ -138,6 +138,17 @@ pub struct Observation {
     pub raw: String,
 }
 
+/// What a sweep did, for its row in `sweeps`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepRecord {
+    pub pages: u32,
+    pub listed: u64,
+    pub checked: u64,
+    pub changed: u64,
+    pub missing: u64,
+    pub outcome: &'static str,
+}
+
 /// What one write of a batch changed, for logs and progress.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct WriteSummary {
@@ -353,21 +364,115 @@ impl Store {
         .bind(limit)
         .fetch_all(&self.reader)
         .await?;
-        rows.iter()
-            .map(|row| {
-                let id: String = row.try_get("action_id")?;
-                let enqueued: String = row.try_get("enqueued_at")?;
-                let next: String = row.try_get("next_poll_at")?;
-                let count: i64 = row.try_get("poll_count")?;
-                Ok(DueAction {
-                    id: ActionId::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                    status: row.try_get("status")?,
-                    poll_count: u32::try_from(count).unwrap_or(u32::MAX),
-                    enqueued_at: read_time(&enqueued)?,
-                    next_poll_at: read_time(&next)?,
-                })
-            })
-            .collect()
+        rows.iter().map(due_from_row).collect()
+    }
+
+    /// How many active actions are due by `horizon`, counting no further than `cap`.
+    pub async fn count_due(&self, horizon: SystemTime, cap: u32) -> Result<u32> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT 1 FROM actions
+               WHERE tracking = 'active' AND next_poll_at <= ?1 LIMIT ?2)",
+        )
+        .bind(format_time(horizon))
+        .bind(cap)
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    pub async fn active_count(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM actions WHERE tracking = 'active'")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// MDE's creation time of the oldest active action that has been seen at least once.
+    pub async fn oldest_active_created(&self) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT min(mde_created_at) FROM actions
+             WHERE tracking = 'active' AND mde_created_at IS NOT NULL",
+        )
+        .fetch_one(&self.reader)
+        .await?)
+    }
+
+    /// The active actions among `ids` (one page of a sweep), as the scheduler needs them.
+    pub async fn active_among(&self, ids: &[ActionId]) -> Result<Vec<DueAction>> {
+        let list = serde_json::to_string(&ids.iter().map(ActionId::as_str).collect::<Vec<_>>())
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let rows = sqlx::query(
+            "SELECT action_id, status, poll_count, enqueued_at, next_poll_at FROM actions
+             WHERE action_id IN (SELECT value FROM json_each(?1)) AND tracking = 'active'",
+        )
+        .bind(list)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(due_from_row).collect()
+    }
+
+    /// Makes due now every active action enqueued before `before` that is not in `seen`: a
+    /// sweep did not list them, so each needs a fetch by id. Returns how many.
+    pub async fn make_unseen_due(
+        &self,
+        seen: &std::collections::HashSet<ActionId>,
+        before: SystemTime,
+        now: SystemTime,
+    ) -> Result<u64> {
+        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
+        let active: Vec<String> = sqlx::query_scalar(
+            "SELECT action_id FROM actions WHERE tracking = 'active' AND enqueued_at < ?1",
+        )
+        .bind(format_time(before))
+        .fetch_all(&mut *tx)
+        .await?;
+        let unseen: Vec<&str> = active
+            .iter()
+            .map(String::as_str)
+            .filter(|id| ActionId::parse(id).is_ok_and(|id| !seen.contains(&id)))
+            .collect();
+        if !unseen.is_empty() {
+            let list =
+                serde_json::to_string(&unseen).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            sqlx::query(
+                "UPDATE actions SET next_poll_at = ?2
+                 WHERE action_id IN (SELECT value FROM json_each(?1)) AND tracking = 'active'",
+            )
+            .bind(list)
+            .bind(format_time(now))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(unseen.len() as u64)
+    }
+
+    pub async fn start_sweep(&self, filter: &str, started: SystemTime) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO sweeps (started_at, filter) VALUES (?1, ?2) RETURNING id",
+        )
+        .bind(format_time(started))
+        .bind(filter)
+        .fetch_one(self.writer())
+        .await?)
+    }
+
+    pub async fn finish_sweep(&self, id: i64, done: &SweepRecord, at: SystemTime) -> Result<()> {
+        sqlx::query(
+            "UPDATE sweeps SET finished_at = ?2, pages = ?3, listed = ?4, checked = ?5,
+               changed = ?6, missing = ?7, outcome = ?8 WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(format_time(at))
+        .bind(done.pages)
+        .bind(done.listed as i64)
+        .bind(done.checked as i64)
+        .bind(done.changed as i64)
+        .bind(done.missing as i64)
+        .bind(done.outcome)
+        .execute(self.writer())
+        .await?;
+        Ok(())
     }
 
     /// Writes what a batch of polls found: status, transition and schedule of each action
@@ -491,19 +596,22 @@ impl Store {
     }
 
     /// Records an API call before it is sent, so the budget is right even after a crash.
+    /// `sweep` names the sweep a listing page belongs to.
     pub async fn start_api_call(
         &self,
         endpoint: Endpoint,
         action_count: usize,
+        sweep: Option<i64>,
         sent_at: SystemTime,
     ) -> Result<i64> {
         let id = sqlx::query_scalar(
-            "INSERT INTO api_calls (sent_at, endpoint, action_count) VALUES (?1, ?2, ?3)
-             RETURNING id",
+            "INSERT INTO api_calls (sent_at, endpoint, action_count, sweep_id)
+             VALUES (?1, ?2, ?3, ?4) RETURNING id",
         )
         .bind(format_time(sent_at))
         .bind(endpoint.as_str())
         .bind(action_count as i64)
+        .bind(sweep)
         .fetch_one(self.writer())
         .await?;
         Ok(id)
@@ -876,6 +984,20 @@ async fn migrate(pool: &SqlitePool, path: &Path) -> Result<()> {
             }
         }
     }
+}
+
+fn due_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<DueAction> {
+    let id: String = row.try_get("action_id")?;
+    let enqueued: String = row.try_get("enqueued_at")?;
+    let next: String = row.try_get("next_poll_at")?;
+    let count: i64 = row.try_get("poll_count")?;
+    Ok(DueAction {
+        id: ActionId::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        status: row.try_get("status")?,
+        poll_count: u32::try_from(count).unwrap_or(u32::MAX),
+        enqueued_at: read_time(&enqueued)?,
+        next_poll_at: read_time(&next)?,
+    })
 }
 
 fn read_time(s: &str) -> Result<SystemTime> {

@@ -84,8 +84,9 @@ pub struct SimConfig {
     pub token_fault_rate: f64,
     pub slow_delay: Duration,
     pub fault_retry_after: Duration,
-    /// Refuse the `id in (...)` list filter with a 400, as an older service might.
-    pub reject_list_filter: bool,
+    /// `$filter` forms answered with a 400 (`ODataError`), as the service answers forms it
+    /// does not support.
+    pub rejected_filters: Vec<FilterForm>,
     /// A request that arrives this soon after a 429 was written was already on its way and is
     /// not counted as an early retry.
     pub early_retry_grace: Duration,
@@ -137,7 +138,7 @@ impl Default for SimConfig {
             token_fault_rate: 0.0,
             slow_delay: Duration::from_millis(1500),
             fault_retry_after: Duration::from_secs(1),
-            reject_list_filter: false,
+            rejected_filters: Vec::new(),
             early_retry_grace: Duration::from_millis(100),
             seed: 42,
             certificate: None,
@@ -316,6 +317,8 @@ pub struct SimStats {
     pub not_found_answers: u64,
     /// API calls that named each action (a list call counts for every id in it).
     pub calls_by_action: HashMap<ActionId, u64>,
+    /// List calls by `$filter` form, refused ones included (unreadable filters not counted).
+    pub list_calls_by_form: HashMap<FilterForm, u64>,
 }
 
 struct State {
@@ -579,8 +582,18 @@ impl Simulator {
         self.lock().tokens.clear();
     }
 
+    /// Refuses (or accepts again) every form of the `id` list filter.
     pub fn set_reject_list_filter(&self, reject: bool) {
-        self.lock().config.reject_list_filter = reject;
+        self.lock().config.rejected_filters = if reject {
+            vec![FilterForm::IdIn, FilterForm::IdEqOr]
+        } else {
+            Vec::new()
+        };
+    }
+
+    /// Refuses these `$filter` forms with a 400 from now on.
+    pub fn set_rejected_filters(&self, forms: Vec<FilterForm>) {
+        self.lock().config.rejected_filters = forms;
     }
 }
 
@@ -961,38 +974,68 @@ impl Tenant {
             None => {
                 let query: HashMap<String, String> = form_decode(&req.query).into_iter().collect();
                 let filter = query.get("$filter").map(String::as_str).unwrap_or("");
-                let ids = match parse_id_filter(filter) {
-                    // No filter: every action (the newest first, as the service pages them).
-                    _ if filter.trim().is_empty() => {
-                        let mut all: Vec<&SimAction> = s.actions.values().collect();
-                        all.sort_by_key(|a| std::cmp::Reverse(a.index));
-                        all.into_iter().map(|a| a.id.clone()).collect()
-                    }
-                    Some(ids) if !s.config.reject_list_filter => ids,
-                    _ => {
+                let parsed = parse_filter(filter);
+                if let Some((form, _)) = &parsed {
+                    *s.stats.list_calls_by_form.entry(*form).or_default() += 1;
+                }
+                let refused = match &parsed {
+                    None => true,
+                    Some((form, _)) => s.config.rejected_filters.contains(form),
+                };
+                if refused {
+                    return (
+                        odata_error(
+                            400,
+                            "ODataError",
+                            &format!("Invalid filter clause: '{filter}' is not supported."),
+                        ),
+                        None,
+                    );
+                }
+                let (_, selection) = parsed.expect("refused above when None");
+                let top = match query.get("$top").map(|t| t.parse::<usize>()) {
+                    None => 10_000,
+                    Some(Ok(t)) if t <= 10_000 => t,
+                    Some(_) => {
                         return (
                             odata_error(
                                 400,
                                 "ODataError",
-                                &format!("Invalid filter clause: '{filter}' is not supported."),
+                                "The limit of '10000' for Top query has been exceeded.",
                             ),
                             None,
                         );
                     }
                 };
-                let top = query
-                    .get("$top")
+                let skip = query
+                    .get("$skip")
                     .and_then(|t| t.parse::<usize>().ok())
-                    .unwrap_or(10_000)
-                    .min(10_000);
+                    .unwrap_or(0);
                 let mut value = Vec::new();
-                for id in ids {
-                    *s.stats.calls_by_action.entry(id.clone()).or_default() += 1;
-                    if let Some(a) = s.actions.get(&id)
-                        && value.len() < top
-                    {
-                        value.push(a.to_json(now, false));
+                if let Selection::Ids(ids) = &selection {
+                    for id in ids {
+                        *s.stats.calls_by_action.entry(id.clone()).or_default() += 1;
+                        if let Some(a) = s.actions.get(id)
+                            && value.len() < top
+                        {
+                            value.push(a.to_json(now, false));
+                        }
                     }
+                } else {
+                    // Newest first, as the service pages them; $skip counts in that order.
+                    let mut matching: Vec<&SimAction> = s
+                        .actions
+                        .values()
+                        .filter(|a| selection.admits(a, now))
+                        .collect();
+                    matching.sort_unstable_by_key(|a| std::cmp::Reverse(a.index));
+                    value.extend(
+                        matching
+                            .into_iter()
+                            .skip(skip)
+                            .take(top)
+                            .map(|a| a.to_json(now, false)),
+                    );
                 }
                 json!({
                     "@odata.context": "https://api.securitycenter.microsoft.com/api/$metadata#MachineActions",
@@ -1035,29 +1078,123 @@ impl Tenant {
     }
 }
 
-/// Reads `id in ('a','b')` or `id eq 'a' or id eq 'b'`; anything else is refused.
-fn parse_id_filter(filter: &str) -> Option<Vec<ActionId>> {
-    let f = filter.trim();
-    let quoted = |s: &str| -> Option<ActionId> {
-        let inner = s.trim().strip_prefix('\'')?.strip_suffix('\'')?;
-        ActionId::parse(inner).ok()
-    };
-    let lower = f.to_ascii_lowercase();
-    if lower.starts_with("id in") || lower.starts_with("id  in") {
-        let open = f.find('(')?;
-        let close = f.rfind(')')?;
-        if close < open || !f[close + 1..].trim().is_empty() {
-            return None;
+/// The `$filter` forms the simulated service understands; a test can refuse any of them with
+/// a 400 (`SimConfig::rejected_filters`), as the real service may refuse undocumented ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FilterForm {
+    /// No `$filter`: every action.
+    None,
+    /// `id in ('a','b')`
+    IdIn,
+    /// `id eq 'a' or id eq 'b'`
+    IdEqOr,
+    /// `status eq 'Pending'` (the documented form)
+    StatusEq,
+    /// `status in ('Pending','InProgress')`
+    StatusIn,
+    /// `status eq 'Pending' or status eq 'InProgress'`
+    StatusEqOr,
+    /// `creationDateTimeUtc ge 2026-11-28T10:00:00Z` (or `gt`)
+    CreatedSince,
+}
+
+/// Which actions a list call selects.
+#[derive(Debug, Clone, PartialEq)]
+enum Selection {
+    All,
+    Ids(Vec<ActionId>),
+    Status(Vec<String>),
+    CreatedSince { at: SystemTime, inclusive: bool },
+}
+
+impl Selection {
+    fn admits(&self, a: &SimAction, now: Instant) -> bool {
+        match self {
+            Selection::All => true,
+            Selection::Ids(ids) => ids.contains(&a.id),
+            Selection::Status(statuses) => {
+                let (_, status) = a.lifecycle.at(now.duration_since(a.created));
+                statuses.iter().any(|s| s == status.as_str())
+            }
+            Selection::CreatedSince { at, inclusive } => {
+                // MDE compares its own seven-digit times; the simulator's are whole ms.
+                let created = crate::domain::parse_time(&format_time(a.created_wall))
+                    .unwrap_or(a.created_wall);
+                if *inclusive {
+                    created >= *at
+                } else {
+                    created > *at
+                }
+            }
         }
-        return f[open + 1..close].split(',').map(quoted).collect();
     }
+}
+
+fn quoted(s: &str) -> Option<&str> {
+    let inner = s.trim().strip_prefix('\'')?.strip_suffix('\'')?;
+    (!inner.contains('\'')).then_some(inner)
+}
+
+/// Reads the terms of `field in ('a','b')`.
+fn in_list<'a>(f: &'a str, field: &str) -> Option<Vec<&'a str>> {
+    let rest = f.strip_prefix(field)?.trim_start().strip_prefix("in")?;
+    let inner = rest.trim().strip_prefix('(')?.strip_suffix(')')?;
+    inner.split(',').map(quoted).collect()
+}
+
+/// Reads the terms of `field eq 'a' or field eq 'b'`.
+fn eq_terms<'a>(f: &'a str, field: &str) -> Option<Vec<&'a str>> {
     f.split(" or ")
         .map(|term| {
-            let t = term.trim();
-            let rest = t.strip_prefix("id eq ")?;
-            quoted(rest)
+            quoted(
+                term.trim()
+                    .strip_prefix(field)?
+                    .trim_start()
+                    .strip_prefix("eq")?,
+            )
         })
         .collect()
+}
+
+/// Reads a `$filter`; anything it does not know is refused with a 400, as the service does.
+fn parse_filter(filter: &str) -> Option<(FilterForm, Selection)> {
+    let f = filter.trim();
+    if f.is_empty() {
+        return Some((FilterForm::None, Selection::All));
+    }
+    let ids = |terms: Vec<&str>| -> Option<Vec<ActionId>> {
+        terms.into_iter().map(|t| ActionId::parse(t).ok()).collect()
+    };
+    let statuses =
+        |terms: Vec<&str>| Selection::Status(terms.into_iter().map(String::from).collect());
+    if let Some(terms) = in_list(f, "id") {
+        return Some((FilterForm::IdIn, Selection::Ids(ids(terms)?)));
+    }
+    if let Some(terms) = eq_terms(f, "id") {
+        return Some((FilterForm::IdEqOr, Selection::Ids(ids(terms)?)));
+    }
+    if let Some(terms) = in_list(f, "status") {
+        return Some((FilterForm::StatusIn, statuses(terms)));
+    }
+    if let Some(terms) = eq_terms(f, "status") {
+        let form = if terms.len() == 1 {
+            FilterForm::StatusEq
+        } else {
+            FilterForm::StatusEqOr
+        };
+        return Some((form, statuses(terms)));
+    }
+    let rest = f.strip_prefix("creationDateTimeUtc")?.trim_start();
+    let (inclusive, time) = if let Some(t) = rest.strip_prefix("ge ") {
+        (true, t)
+    } else {
+        (false, rest.strip_prefix("gt ")?)
+    };
+    let at = crate::domain::parse_time(time.trim())?;
+    Some((
+        FilterForm::CreatedSince,
+        Selection::CreatedSince { at, inclusive },
+    ))
 }
 
 /// Settings pointing a daemon at `sim`, with polling tuned for seconds-long lifecycles.
@@ -1076,6 +1213,11 @@ pub fn settings_for(sim: &Simulator, db: &std::path::Path) -> crate::config::Set
     s.poll.max_interval = Duration::from_secs(2);
     s.poll.ride_along = Duration::from_secs(1);
     s.poll.shutdown_grace = Duration::from_secs(3);
+    // The simulator answers in microseconds: a budget that never holds a test back (tests
+    // of the budget set their own).
+    s.poll.sweep_interval = Duration::from_millis(500);
+    s.rate_limit.per_minute = 6_000;
+    s.rate_limit.per_hour = 360_000;
     s
 }
 
@@ -1087,26 +1229,39 @@ mod tests {
     fn filters_parse() {
         let a = "2e9da30d-27f6-4208-81f2-9cd3d67893ba";
         let b = "11111111-2222-3333-4444-555555555555";
+        let form = |f: &str| parse_filter(f).map(|(form, _)| form);
+        let ids = |f: &str| match parse_filter(f) {
+            Some((_, Selection::Ids(ids))) => ids.len(),
+            other => panic!("{f}: {other:?}"),
+        };
+        assert_eq!(ids(&format!("id in ('{a}','{b}')")), 2);
+        assert_eq!(ids(&format!("id in ( '{a}' , '{b}' )")), 2);
+        assert_eq!(ids(&format!("id eq '{a}' or id eq '{b}'")), 2);
+        assert_eq!(form(&format!("id in ('{a}')")), Some(FilterForm::IdIn));
+        assert_eq!(form(&format!("id in ('{a}') and x")), None);
+        assert_eq!(form("id in ('not-an-id')"), None);
+        assert_eq!(form(""), Some(FilterForm::None));
+        assert_eq!(form("status eq 'Pending'"), Some(FilterForm::StatusEq));
         assert_eq!(
-            parse_id_filter(&format!("id in ('{a}','{b}')"))
-                .unwrap()
-                .len(),
-            2
+            form("status in ('Pending','InProgress')"),
+            Some(FilterForm::StatusIn)
         );
         assert_eq!(
-            parse_id_filter(&format!("id in ( '{a}' , '{b}' )"))
-                .unwrap()
-                .len(),
-            2
+            form("status eq 'Pending' or status eq 'InProgress'"),
+            Some(FilterForm::StatusEqOr)
         );
         assert_eq!(
-            parse_id_filter(&format!("id eq '{a}' or id eq '{b}'"))
-                .unwrap()
-                .len(),
-            2
+            parse_filter("creationDateTimeUtc ge 2026-11-28T10:00:00.1234567Z"),
+            Some((
+                FilterForm::CreatedSince,
+                Selection::CreatedSince {
+                    at: crate::domain::parse_time("2026-11-28T10:00:00.1234567Z").unwrap(),
+                    inclusive: true
+                }
+            ))
         );
-        assert!(parse_id_filter("status eq 'Pending'").is_none());
-        assert!(parse_id_filter(&format!("id in ('{a}') and x")).is_none());
+        assert_eq!(form("creationDateTimeUtc lt 2026-11-28T10:00:00Z"), None);
+        assert_eq!(form("status eq 'Pending' and machineId eq 'x'"), None);
     }
 
     #[test]

@@ -7,8 +7,9 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use common::*;
+use mde_actiond::config::SweepMode;
 use mde_actiond::domain::{ActionId, ActionStatus};
-use mde_actiond::sim::{Fault, Lifecycle, SimConfig, SimRateLimit};
+use mde_actiond::sim::{Fault, FilterForm, Lifecycle, SimConfig, SimRateLimit};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -103,6 +104,8 @@ async fn rate_limited_run(concurrency: u32, batch_size: u32) {
     let mut settings = env.settings.clone();
     settings.poll.batch_size = batch_size;
     settings.poll.concurrency = concurrency;
+    // Calls by id, one at a time or in parallel (sweeps meet 429s in their own test).
+    settings.poll.sweep = SweepMode::Off;
     let ids = env.sim.create_random_actions(12, Duration::from_secs(2));
     let daemon = RunningDaemon::start(&settings).await.unwrap();
     daemon.enqueue(&ids).await;
@@ -138,8 +141,9 @@ async fn every_fault_kind_is_survived() {
     let mut settings = env.settings.clone();
     // Slow answers outlast this, so they become time-outs.
     settings.api.timeout = Duration::from_secs(1);
-    // Small batches make enough calls to meet every kind of fault.
+    // Small batches of calls by id make enough calls to meet every kind of fault.
     settings.poll.batch_size = 3;
+    settings.poll.sweep = SweepMode::Off;
     let ids = env.sim.create_random_actions(30, Duration::from_secs(3));
     let daemon = RunningDaemon::start(&settings).await.unwrap();
     daemon.enqueue(&ids).await;
@@ -172,12 +176,14 @@ async fn every_fault_kind_is_survived() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_list_filter_falls_back_to_single_gets() {
     let env = TestEnv::new(SimConfig {
-        reject_list_filter: true,
+        rejected_filters: vec![FilterForm::IdIn, FilterForm::IdEqOr],
         ..SimConfig::default()
     })
     .await;
     let ids = env.sim.create_random_actions(8, Duration::from_secs(2));
-    let daemon = env.start_daemon().await;
+    let mut settings = env.settings.clone();
+    settings.poll.sweep = SweepMode::Off;
+    let daemon = RunningDaemon::start(&settings).await.unwrap();
     daemon.enqueue(&ids).await;
     wait_finished(&daemon.store, &ids, LIMIT).await;
     daemon.shutdown().await;

@@ -434,6 +434,7 @@ async fn the_call_log_restores_the_budget() {
             .start_api_call(
                 mde_actiond::store::Endpoint::List,
                 10,
+                None,
                 now - Duration::from_secs(i * 10),
             )
             .await
