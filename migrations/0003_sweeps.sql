@@ -29,4 +29,7 @@ ALTER TABLE api_calls ADD COLUMN sweep_id INTEGER;
 -- A sweep lists from the creation time of the oldest tracked action.
 CREATE INDEX actions_active_created ON actions (tracking, mde_created_at);
 
+-- After a sweep, the active actions it did not list, without reading every row.
+CREATE INDEX actions_active_enqueued ON actions (tracking, enqueued_at);
+
 UPDATE schema_info SET value = '2' WHERE name = 'minor';

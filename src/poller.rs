@@ -45,6 +45,12 @@ const STORE_RETRY: Duration = Duration::from_secs(2);
 const STALL_MARGIN: Duration = Duration::from_secs(15);
 /// Share of the sustainable API rate sweeps may use; the rest is for fetches by id.
 const SWEEP_SHARE: f64 = 0.8;
+/// While sweeps check an action, its own next poll is only a safety net, pushed out to this
+/// many `max_interval`s: each push is a row write, and at 100,000 actions rewriting every row
+/// each `max_interval` would be most of the daemon's disk traffic.
+const SWEEP_NET_FACTOR: u32 = 4;
+/// Sweeps with one filter before the other is measured again.
+const REMEASURE_AFTER: u32 = 10;
 /// Window over which the effective check interval is measured.
 const CHECK_WINDOW: Duration = Duration::from_secs(60);
 
@@ -57,7 +63,22 @@ struct SweepState {
     window_cost: Option<(String, u32)>,
     /// Calls the last status sweep cost, fetches of what it did not list included.
     unfinished_cost: Option<u32>,
+    /// Window sweeps since the status listing was last measured: its cost drifts as actions
+    /// finish, so it is measured again every `REMEASURE_AFTER`.
+    window_sweeps_since_status: u32,
     last_started: Option<tokio::time::Instant>,
+    /// Whether the last step planned sweeps (actions then carry long safety nets).
+    sweeping: bool,
+}
+
+/// How a sweep's listing ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listing {
+    Complete,
+    /// The service refused the filter (HTTP 400): that form is not tried again.
+    Refused,
+    /// A call failed; the next sweep comes at its time.
+    Failed,
 }
 
 /// The sweep the loop would run now.
@@ -267,10 +288,21 @@ impl Poller {
             self.floor_ms
                 .store(floor.as_millis() as u64, Ordering::Relaxed);
             self.metrics.set_sweep_interval(None);
+            if std::mem::take(&mut self.sweep_state().sweeping) {
+                // Sweeps no longer check anything: bring their long safety nets back in.
+                let now = SystemTime::now();
+                let moved = self
+                    .store
+                    .pull_in_polls(now + self.settings.max_interval, now)
+                    .await
+                    .map_err(Halt::Store)?;
+                debug!(moved, "sweeps stopped; actions go back to polls by id");
+            }
             return self.pass(cancel, None).await;
         };
         self.floor_ms.store(0, Ordering::Relaxed);
         self.metrics.set_sweep_interval(Some(plan.interval));
+        self.sweep_state().sweeping = true;
         let since_last = self.sweep_state().last_started.map(|t| t.elapsed());
         let time_up = since_last.is_none_or(|e| e >= plan.interval);
         // Due actions worth more list calls by id than the sweep costs: sweep now instead.
@@ -365,13 +397,19 @@ impl Poller {
         let result = self
             .list_tenant(plan, sweep_id, &mut record, &mut seen, cancel)
             .await;
-        if matches!(result, Ok(true)) {
+        if matches!(result, Ok(Listing::Complete)) {
+            let marking = tokio::time::Instant::now();
             match self
                 .store
                 .make_unseen_due(&seen, started_at, SystemTime::now())
                 .await
             {
                 Ok(missing) => {
+                    debug!(
+                        missing,
+                        ms = marking.elapsed().as_millis() as u64,
+                        "marked the unlisted actions due"
+                    );
                     record.missing = missing;
                     record.outcome = "complete";
                 }
@@ -386,11 +424,20 @@ impl Poller {
             let cost = record.pages.max(1) + fetches;
             let mut st = self.sweep_state();
             match &plan.since {
-                Some(since) => st.window_cost = Some((since.clone(), cost)),
-                None => st.unfinished_cost = Some(cost),
+                Some(since) => {
+                    st.window_cost = Some((since.clone(), cost));
+                    st.window_sweeps_since_status += 1;
+                    if st.window_sweeps_since_status >= REMEASURE_AFTER {
+                        st.unfinished_cost = None;
+                    }
+                }
+                None => {
+                    st.unfinished_cost = Some(cost);
+                    st.window_sweeps_since_status = 0;
+                }
             }
         }
-        if let Ok(false) = result {
+        if let Ok(Listing::Refused) = result {
             record.outcome = "rejected";
             // Try the next form at once.
             self.sweep_state().last_started = None;
@@ -421,8 +468,7 @@ impl Poller {
         result.map(|_| ())
     }
 
-    /// The pages of one sweep. `Ok(true)`: listed to the end; `Ok(false)`: the service
-    /// refused the filter (it is not tried again) or a call failed (logged; passes go on).
+    /// The pages of one sweep, to the end or to the first call that fails.
     async fn list_tenant(
         &self,
         plan: &SweepPlan,
@@ -430,11 +476,12 @@ impl Poller {
         record: &mut SweepRecord,
         seen: &mut std::collections::HashSet<ActionId>,
         cancel: &CancellationToken,
-    ) -> Result<bool, Halt> {
+    ) -> Result<Listing, Halt> {
         let filter = plan.filter.text(plan.since.as_deref().unwrap_or_default());
         let top = self.settings.sweep_page_size.max(1);
         let mut skip = 0u64;
         loop {
+            let asked = tokio::time::Instant::now();
             let page = self
                 .call(Endpoint::List, 0, Some(sweep_id), cancel, |token| {
                     let filter = filter.clone();
@@ -449,11 +496,15 @@ impl Poller {
                         detail, "MDE refused this sweep filter; trying the next form"
                     );
                     self.sweep_state().rejected.push(plan.filter);
-                    return Ok(false);
+                    return Ok(Listing::Refused);
                 }
                 Err(e) => {
-                    self.halt_or_error(e)?;
-                    return Ok(false);
+                    let problem = self.halt_or_error(e)?;
+                    debug!(
+                        filter = plan.filter.as_str(),
+                        problem, "a sweep stopped early"
+                    );
+                    return Ok(Listing::Failed);
                 }
             };
             self.beat();
@@ -462,8 +513,11 @@ impl Poller {
             for problem in &page.unreadable {
                 warn!(problem, "skipped an unreadable action in a sweep page");
             }
+            let answered = asked.elapsed();
             let ids: Vec<ActionId> = page.actions.iter().map(|a| a.id.clone()).collect();
+            let matching = tokio::time::Instant::now();
             let tracked = self.store.active_among(&ids).await.map_err(Halt::Store)?;
+            let matched = matching.elapsed();
             let mut found: std::collections::HashMap<ActionId, FetchedAction> = page
                 .actions
                 .into_iter()
@@ -491,9 +545,19 @@ impl Poller {
             self.metrics
                 .checks
                 .fetch_add(record.checked, Ordering::Relaxed);
+            let writing = tokio::time::Instant::now();
             self.write(&writes).await?;
+            debug!(
+                page = record.pages,
+                entries = page.entries,
+                writes = writes.len(),
+                answer_ms = answered.as_millis() as u64,
+                match_ms = matched.as_millis() as u64,
+                write_ms = writing.elapsed().as_millis() as u64,
+                "sweep page"
+            );
             if page.entries < top as usize {
-                return Ok(true);
+                return Ok(Listing::Complete);
             }
             skip += u64::from(top);
         }
@@ -864,7 +928,9 @@ impl Poller {
         }
         let backoff = next_delay(a.poll_count, &self.policy, fastrand::f64());
         let delay = match covered {
-            Some(sweeps) if backoff >= sweeps => self.settings.max_interval.max(sweeps * 2),
+            Some(sweeps) if backoff >= sweeps => (self.settings.max_interval * SWEEP_NET_FACTOR)
+                .max(sweeps * 2)
+                .mul_f64(1.0 + 0.25 * fastrand::f64()),
             Some(_) => backoff,
             None => backoff.max(Duration::from_millis(self.floor_ms.load(Ordering::Relaxed))),
         };

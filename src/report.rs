@@ -276,6 +276,17 @@ pub struct ApiCalls {
     pub by_endpoint_and_outcome: Vec<(String, String, i64)>,
 }
 
+/// How fresh tracking is: over the last hour of calls, how long an active action waited
+/// between checks on average (the figure the API budget buys).
+#[derive(Debug, Serialize)]
+pub struct Checking {
+    pub window_seconds: f64,
+    pub checks: i64,
+    pub active: i64,
+    pub effective_interval_seconds: Option<f64>,
+    pub sweeps: i64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub generated_at: String,
@@ -284,6 +295,7 @@ pub struct Report {
     pub time_to_terminal: Percentiles,
     pub oldest_active: Vec<OldActive>,
     pub api_calls: ApiCalls,
+    pub checking: Checking,
 }
 
 impl Report {
@@ -295,6 +307,9 @@ impl Report {
         let calls = store.api_call_summary(since).await?;
         let total: i64 = calls.iter().map(|(_, _, n)| n).sum();
         let tracked: i64 = counts.by_tracking.iter().map(|(_, n)| n).sum();
+        let hour_ago = now - Duration::from_secs(3600);
+        let checks = store.check_summary(hour_ago, now).await?;
+        let sweeps = store.sweeps_since(hour_ago).await?;
         Ok(Self {
             generated_at: format_time(now),
             since: since.map(format_time),
@@ -327,6 +342,13 @@ impl Report {
                 total,
                 per_tracked_action: (tracked > 0).then(|| total as f64 / tracked as f64),
                 by_endpoint_and_outcome: calls,
+            },
+            checking: Checking {
+                window_seconds: checks.window_seconds,
+                checks: checks.checks,
+                active: checks.active,
+                effective_interval_seconds: checks.effective_interval().map(|d| d.as_secs_f64()),
+                sweeps,
             },
             counts,
         })
@@ -376,6 +398,20 @@ impl Report {
         for (endpoint, outcome, n) in &self.api_calls.by_endpoint_and_outcome {
             row("api_calls", &format!("{endpoint}/{outcome}"), n.to_string());
         }
+        let c = &self.checking;
+        row(
+            "checking",
+            "window_seconds",
+            format!("{:.0}", c.window_seconds),
+        );
+        row("checking", "checks", c.checks.to_string());
+        row("checking", "active", c.active.to_string());
+        row(
+            "checking",
+            "effective_interval_seconds",
+            num(c.effective_interval_seconds),
+        );
+        row("checking", "sweeps", c.sweeps.to_string());
         s
     }
 
@@ -412,6 +448,16 @@ impl Report {
                 .map(|p| format!(" ({p:.3} per tracked action)"))
                 .unwrap_or_default()
         ));
+        let c = &self.checking;
+        if c.checks > 0 {
+            s.push_str(&format!(
+                "Checks: {} in the last {} ({} sweeps); each active action checked every {}\n",
+                c.checks,
+                human(Some(c.window_seconds)),
+                c.sweeps,
+                human(c.effective_interval_seconds)
+            ));
+        }
         if !self.oldest_active.is_empty() {
             s.push_str("\nOldest active actions\n");
             let mut t = Table::new(

@@ -4,6 +4,7 @@
 //! happen in our process instead of as SQLITE_BUSY) and a few read-only connections.
 //! Read-modify-write runs in `BEGIN IMMEDIATE` so it takes the write lock up front.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
@@ -147,6 +148,40 @@ pub struct SweepRecord {
     pub changed: u64,
     pub missing: u64,
     pub outcome: &'static str,
+}
+
+/// A row of `sweeps`, as reporting reads it.
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct SweepRow {
+    pub id: i64,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub filter: String,
+    pub pages: i64,
+    pub listed: i64,
+    pub checked: i64,
+    pub changed: i64,
+    pub missing: i64,
+    pub outcome: Option<String>,
+}
+
+/// How often tracked actions were checked over a window of the call log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckSummary {
+    /// From the first call in the window (at most an hour back) to now.
+    pub window_seconds: f64,
+    /// Actions answered by calls by id plus tracked actions found by sweeps.
+    pub checks: i64,
+    pub active: i64,
+}
+
+impl CheckSummary {
+    /// How long an active action waits between checks on average.
+    pub fn effective_interval(&self) -> Option<Duration> {
+        (self.checks > 0 && self.active > 0 && self.window_seconds > 0.0).then(|| {
+            Duration::from_secs_f64(self.window_seconds * self.active as f64 / self.checks as f64)
+        })
+    }
 }
 
 /// What one write of a batch changed, for logs and progress.
@@ -324,28 +359,47 @@ impl Store {
     /// Adds ids to the queue in one transaction; known ids are left as they are.
     #[instrument(skip_all, fields(count = ids.len()))]
     pub async fn enqueue(&self, ids: &[ActionId], now: SystemTime) -> Result<Vec<Enqueued>> {
+        // One statement per chunk rather than per id: 100,000 ids go in within a second
+        // instead of a quarter of a minute of per-row round trips.
+        const CHUNK: usize = 10_000;
         let now = format_time(now);
         let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
         let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            let inserted = sqlx::query(
-                "INSERT INTO actions (action_id, tracking, enqueued_at, next_poll_at)
-                 VALUES (?1, 'active', ?2, ?2) ON CONFLICT (action_id) DO NOTHING",
+        for chunk in ids.chunks(CHUNK) {
+            let list =
+                serde_json::to_string(&chunk.iter().map(ActionId::as_str).collect::<Vec<_>>())
+                    .expect("strings serialize");
+            let before: Vec<(String, String)> = sqlx::query_as(
+                "SELECT action_id, tracking FROM actions
+                 WHERE action_id IN (SELECT value FROM json_each(?1))",
             )
-            .bind(id.as_str())
+            .bind(&list)
+            .fetch_all(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO actions (action_id, tracking, enqueued_at, next_poll_at)
+                 SELECT value, 'active', ?2, ?2 FROM json_each(?1) WHERE true ORDER BY value
+                 ON CONFLICT (action_id) DO NOTHING",
+            )
+            .bind(&list)
             .bind(&now)
             .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if inserted == 1 {
-                out.push(Enqueued::Added);
-            } else {
-                let tracking: String =
-                    sqlx::query_scalar("SELECT tracking FROM actions WHERE action_id = ?1")
-                        .bind(id.as_str())
-                        .fetch_one(&mut *tx)
-                        .await?;
-                out.push(Enqueued::Known(parse_tracking(&tracking)?));
+            .await?;
+            let mut known: HashMap<&str, Tracking> = HashMap::with_capacity(before.len());
+            for (id, tracking) in &before {
+                known.insert(id.as_str(), parse_tracking(tracking)?);
+            }
+            for id in chunk {
+                // A repeat within the input finds the row its first occurrence added.
+                match known.entry(id.as_str()) {
+                    std::collections::hash_map::Entry::Occupied(e) => {
+                        out.push(Enqueued::Known(*e.get()))
+                    }
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(Tracking::Active);
+                        out.push(Enqueued::Added);
+                    }
+                }
             }
         }
         tx.commit().await?;
@@ -398,16 +452,15 @@ impl Store {
     }
 
     /// The active actions among `ids` (one page of a sweep), as the scheduler needs them.
+    // `+tracking` keeps SQLite from walking every active row through the tracking index:
+    // looking up each listed id by key is what scales to a 10,000-action page.
     pub async fn active_among(&self, ids: &[ActionId]) -> Result<Vec<DueAction>> {
         let list = serde_json::to_string(&ids.iter().map(ActionId::as_str).collect::<Vec<_>>())
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let rows = sqlx::query(
-            "SELECT action_id, status, poll_count, enqueued_at, next_poll_at FROM actions
-             WHERE action_id IN (SELECT value FROM json_each(?1)) AND tracking = 'active'",
-        )
-        .bind(list)
-        .fetch_all(&self.reader)
-        .await?;
+        let rows = sqlx::query(ACTIVE_AMONG)
+            .bind(list)
+            .fetch_all(&self.reader)
+            .await?;
         rows.iter().map(due_from_row).collect()
     }
 
@@ -436,7 +489,7 @@ impl Store {
                 serde_json::to_string(&unseen).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             sqlx::query(
                 "UPDATE actions SET next_poll_at = ?2
-                 WHERE action_id IN (SELECT value FROM json_each(?1)) AND tracking = 'active'",
+                 WHERE action_id IN (SELECT value FROM json_each(?1)) AND +tracking = 'active'",
             )
             .bind(list)
             .bind(format_time(now))
@@ -445,6 +498,18 @@ impl Store {
         }
         tx.commit().await?;
         Ok(unseen.len() as u64)
+    }
+
+    /// Brings every active action polled later than `later_than` forward to `now`.
+    pub async fn pull_in_polls(&self, later_than: SystemTime, now: SystemTime) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE actions SET next_poll_at = ?2 WHERE tracking = 'active' AND next_poll_at > ?1",
+        )
+        .bind(format_time(later_than))
+        .bind(format_time(now))
+        .execute(self.writer())
+        .await?
+        .rows_affected())
     }
 
     pub async fn start_sweep(&self, filter: &str, started: SystemTime) -> Result<i64> {
@@ -486,109 +551,32 @@ impl Store {
         let now_text = format_time(now);
         let mut summary = WriteSummary::default();
         let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
-        for w in writes {
-            let current: Option<(String, Option<String>)> =
-                sqlx::query_as("SELECT tracking, status FROM actions WHERE action_id = ?1")
-                    .bind(w.id.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            let Some((tracking, old_status)) = current else {
-                continue;
-            };
-            if tracking != Tracking::Active.as_str() {
-                // Finished meanwhile (e.g. a second daemon); never reopen a finished action.
-                continue;
-            }
-            let (tracking, next_poll_at, finished_at) = match &w.next {
-                NextStep::PollAt(t) => (Tracking::Active, Some(format_time(*t)), None),
-                NextStep::Finish(t) => (*t, None, Some(now_text.clone())),
-            };
-            if tracking != Tracking::Active {
-                summary.finished += 1;
-            }
-            match &w.result {
-                PollResult::Observed(o) => {
-                    let new_status = o.status.as_ref().map(|s| s.as_str());
-                    if let Some(to) = new_status
-                        && old_status.as_deref() != Some(to)
-                    {
-                        sqlx::query(
-                            "INSERT INTO transitions
-                               (action_id, from_status, to_status, observed_at, mde_updated_at)
-                             VALUES (?1, ?2, ?3, ?4, ?5)",
-                        )
-                        .bind(w.id.as_str())
-                        .bind(&old_status)
-                        .bind(to)
-                        .bind(&now_text)
-                        .bind(&o.updated_at)
-                        .execute(&mut *tx)
-                        .await?;
-                        summary.transitions += 1;
-                    }
-                    sqlx::query(
-                        "UPDATE actions SET
-                           status = coalesce(?2, status),
-                           action_type = coalesce(?3, action_type),
-                           machine_id = coalesce(?4, machine_id),
-                           computer_dns_name = coalesce(?5, computer_dns_name),
-                           requestor = coalesce(?6, requestor),
-                           requestor_comment = coalesce(?7, requestor_comment),
-                           external_id = coalesce(?8, external_id),
-                           mde_created_at = coalesce(?9, mde_created_at),
-                           mde_updated_at = coalesce(?10, mde_updated_at),
-                           last_response = ?11,
-                           last_polled_at = ?12,
-                           poll_count = poll_count + 1,
-                           tracking = ?13,
-                           next_poll_at = ?14,
-                           finished_at = ?15
-                         WHERE action_id = ?1",
-                    )
-                    .bind(w.id.as_str())
-                    .bind(new_status)
-                    .bind(&o.action_type)
-                    .bind(&o.machine_id)
-                    .bind(&o.computer_dns_name)
-                    .bind(&o.requestor)
-                    .bind(&o.requestor_comment)
-                    .bind(&o.external_id)
-                    .bind(&o.created_at)
-                    .bind(&o.updated_at)
-                    .bind(&o.raw)
+        // A handful of statements per batch, each taking the whole batch as one JSON array:
+        // per-row statements cost a round trip to the database thread each, which made
+        // writing the answers of a 10,000-action sweep page take most of a second.
+        for group in distinct_groups(writes) {
+            let (observed, failed) = rows_to_write(&group, &now_text)?;
+            if let Some(list) = &observed {
+                summary.transitions += sqlx::query(RECORD_TRANSITIONS)
+                    .bind(list)
                     .bind(&now_text)
-                    .bind(tracking.as_str())
-                    .bind(&next_poll_at)
-                    .bind(&finished_at)
                     .execute(&mut *tx)
-                    .await?;
-                }
-                PollResult::NotFound | PollResult::Error(_) => {
-                    let error = match &w.result {
-                        PollResult::Error(e) => Some(e.as_str()),
-                        _ => None,
-                    };
-                    sqlx::query(
-                        "UPDATE actions SET
-                           last_polled_at = ?2,
-                           poll_count = poll_count + 1,
-                           error_count = error_count + (?3 IS NOT NULL),
-                           last_error = coalesce(?3, last_error),
-                           last_error_at = CASE WHEN ?3 IS NULL THEN last_error_at ELSE ?2 END,
-                           tracking = ?4,
-                           next_poll_at = ?5,
-                           finished_at = ?6
-                         WHERE action_id = ?1",
-                    )
-                    .bind(w.id.as_str())
+                    .await?
+                    .rows_affected() as u32;
+                let tracking: Vec<String> = sqlx::query_scalar(RECORD_OBSERVED)
+                    .bind(list)
                     .bind(&now_text)
-                    .bind(error)
-                    .bind(tracking.as_str())
-                    .bind(&next_poll_at)
-                    .bind(&finished_at)
-                    .execute(&mut *tx)
+                    .fetch_all(&mut *tx)
                     .await?;
-                }
+                summary.finished += finished_among(&tracking);
+            }
+            if let Some(list) = &failed {
+                let tracking: Vec<String> = sqlx::query_scalar(RECORD_FAILED)
+                    .bind(list)
+                    .bind(&now_text)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                summary.finished += finished_among(&tracking);
             }
         }
         tx.commit().await?;
@@ -658,6 +646,51 @@ impl Store {
             .collect()
     }
 
+    /// Sweeps, newest first.
+    pub async fn sweeps(&self, limit: u32) -> Result<Vec<SweepRow>> {
+        Ok(
+            sqlx::query_as("SELECT * FROM sweeps ORDER BY id DESC LIMIT ?1")
+                .bind(limit)
+                .fetch_all(&self.reader)
+                .await?,
+        )
+    }
+
+    pub async fn sweeps_since(&self, since: SystemTime) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM sweeps WHERE started_at >= ?1")
+                .bind(format_time(since))
+                .fetch_one(&self.reader)
+                .await?,
+        )
+    }
+
+    /// Checks made since `since` (calls by id that answered, plus sweeps' findings) and the
+    /// active actions now, for the effective check interval.
+    pub async fn check_summary(&self, since: SystemTime, now: SystemTime) -> Result<CheckSummary> {
+        let (by_id, swept, first, active): (i64, i64, Option<String>, i64) = sqlx::query_as(
+            "SELECT
+               (SELECT coalesce(sum(action_count), 0) FROM api_calls
+                 WHERE sent_at >= ?1 AND sweep_id IS NULL AND outcome = 'ok'),
+               (SELECT coalesce(sum(checked), 0) FROM sweeps WHERE started_at >= ?1),
+               (SELECT min(sent_at) FROM api_calls WHERE sent_at >= ?1),
+               (SELECT count(*) FROM actions WHERE tracking = 'active')",
+        )
+        .bind(format_time(since))
+        .fetch_one(&self.reader)
+        .await?;
+        let window_seconds = first
+            .as_deref()
+            .and_then(parse_time)
+            .and_then(|f| now.duration_since(f).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        Ok(CheckSummary {
+            window_seconds,
+            checks: by_id + swept,
+            active,
+        })
+    }
+
     pub async fn api_call_count(&self) -> Result<i64> {
         Ok(sqlx::query_scalar("SELECT count(*) FROM api_calls")
             .fetch_one(&self.reader)
@@ -665,12 +698,21 @@ impl Store {
     }
 
     /// Drops the call log older than `before`; the budget needs only the last hour.
+    /// Sweeps that ended before `before` go with their calls.
     pub async fn prune_api_calls(&self, before: SystemTime) -> Result<u64> {
-        Ok(sqlx::query("DELETE FROM api_calls WHERE sent_at < ?1")
-            .bind(format_time(before))
-            .execute(self.writer())
+        let before = format_time(before);
+        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
+        let calls = sqlx::query("DELETE FROM api_calls WHERE sent_at < ?1")
+            .bind(&before)
+            .execute(&mut *tx)
             .await?
-            .rows_affected())
+            .rows_affected();
+        sqlx::query("DELETE FROM sweeps WHERE finished_at < ?1")
+            .bind(&before)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(calls)
     }
 
     pub async fn action(&self, id: &ActionId) -> Result<Option<ActionRow>> {
@@ -1002,6 +1044,178 @@ fn due_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<DueAction> {
 
 fn read_time(s: &str) -> Result<SystemTime> {
     parse_time(s).ok_or_else(|| StoreError::Corrupt(format!("unreadable time '{s}'")))
+}
+
+/// The statements of one sweep page (and of every poll batch), public so a test can check
+/// their query plans: each looks listed ids up by key.
+pub const ACTIVE_AMONG: &str =
+    "SELECT action_id, status, poll_count, enqueued_at, next_poll_at FROM actions
+    WHERE action_id IN (SELECT value FROM json_each(?1)) AND +tracking = 'active'";
+pub const RECORD_TRANSITIONS: &str = "INSERT INTO transitions
+      (action_id, from_status, to_status, observed_at, mde_updated_at)
+    SELECT a.action_id, a.status, w.value ->> '$.status', ?2,
+           w.value ->> '$.updated_at'
+    FROM json_each(?1) AS w CROSS JOIN actions AS a
+      ON a.action_id = w.value ->> '$.id'
+    WHERE +a.tracking = 'active' AND w.value ->> '$.status' IS NOT NULL
+      AND a.status IS NOT w.value ->> '$.status'
+    ORDER BY w.key";
+pub const RECORD_OBSERVED: &str = "UPDATE actions SET
+      status = coalesce(w.status, actions.status),
+      action_type = coalesce(w.action_type, actions.action_type),
+      machine_id = coalesce(w.machine_id, actions.machine_id),
+      computer_dns_name = coalesce(w.computer_dns_name, actions.computer_dns_name),
+      requestor = coalesce(w.requestor, actions.requestor),
+      requestor_comment = coalesce(w.requestor_comment, actions.requestor_comment),
+      external_id = coalesce(w.external_id, actions.external_id),
+      mde_created_at = coalesce(w.created_at, actions.mde_created_at),
+      mde_updated_at = coalesce(w.updated_at, actions.mde_updated_at),
+      last_response = w.raw,
+      last_polled_at = ?2,
+      poll_count = actions.poll_count + 1,
+      tracking = w.tracking,
+      next_poll_at = w.next_poll_at,
+      finished_at = w.finished_at
+    FROM (SELECT value ->> '$.id' AS id, value ->> '$.status' AS status,
+            value ->> '$.action_type' AS action_type,
+            value ->> '$.machine_id' AS machine_id,
+            value ->> '$.computer_dns_name' AS computer_dns_name,
+            value ->> '$.requestor' AS requestor,
+            value ->> '$.requestor_comment' AS requestor_comment,
+            value ->> '$.external_id' AS external_id,
+            value ->> '$.created_at' AS created_at,
+            value ->> '$.updated_at' AS updated_at,
+            value ->> '$.raw' AS raw, value ->> '$.tracking' AS tracking,
+            value ->> '$.next_poll_at' AS next_poll_at,
+            value ->> '$.finished_at' AS finished_at
+          FROM json_each(?1)) AS w
+    WHERE actions.action_id = w.id AND +actions.tracking = 'active'
+    RETURNING actions.tracking";
+pub const RECORD_FAILED: &str = "UPDATE actions SET
+      last_polled_at = ?2,
+      poll_count = actions.poll_count + 1,
+      error_count = actions.error_count + (w.error IS NOT NULL),
+      last_error = coalesce(w.error, actions.last_error),
+      last_error_at = CASE WHEN w.error IS NULL THEN actions.last_error_at
+                      ELSE ?2 END,
+      tracking = w.tracking,
+      next_poll_at = w.next_poll_at,
+      finished_at = w.finished_at
+    FROM (SELECT value ->> '$.id' AS id, value ->> '$.error' AS error,
+            value ->> '$.tracking' AS tracking,
+            value ->> '$.next_poll_at' AS next_poll_at,
+            value ->> '$.finished_at' AS finished_at
+          FROM json_each(?1)) AS w
+    WHERE actions.action_id = w.id AND +actions.tracking = 'active'
+    RETURNING actions.tracking";
+pub const PAGE_STATEMENTS: [&str; 4] = [
+    ACTIVE_AMONG,
+    RECORD_TRANSITIONS,
+    RECORD_OBSERVED,
+    RECORD_FAILED,
+];
+
+/// Splits a batch so no id appears twice in a group: each group is one set of statements,
+/// and a repeated id must see what its earlier write left.
+fn distinct_groups(writes: &[PollWrite]) -> Vec<Vec<&PollWrite>> {
+    let mut groups: Vec<(std::collections::HashSet<&str>, Vec<&PollWrite>)> = Vec::new();
+    for w in writes {
+        match groups
+            .iter_mut()
+            .find(|(ids, _)| !ids.contains(w.id.as_str()))
+        {
+            Some((ids, group)) => {
+                ids.insert(w.id.as_str());
+                group.push(w);
+            }
+            None => groups.push(([w.id.as_str()].into_iter().collect(), vec![w])),
+        }
+    }
+    groups.into_iter().map(|(_, g)| g).collect()
+}
+
+#[derive(Serialize)]
+struct ObservedRow<'a> {
+    id: &'a str,
+    status: Option<&'a str>,
+    action_type: &'a Option<String>,
+    machine_id: &'a Option<String>,
+    computer_dns_name: &'a Option<String>,
+    requestor: &'a Option<String>,
+    requestor_comment: &'a Option<String>,
+    external_id: &'a Option<String>,
+    created_at: &'a Option<String>,
+    updated_at: &'a Option<String>,
+    raw: &'a str,
+    tracking: &'static str,
+    next_poll_at: Option<String>,
+    finished_at: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct FailedRow<'a> {
+    id: &'a str,
+    error: Option<&'a str>,
+    tracking: &'static str,
+    next_poll_at: Option<String>,
+    finished_at: Option<&'a str>,
+}
+
+/// The group's observations and failures as JSON arrays for `json_each` (`None` when empty).
+fn rows_to_write(group: &[&PollWrite], now: &str) -> Result<(Option<String>, Option<String>)> {
+    let mut observed = Vec::new();
+    let mut failed = Vec::new();
+    for w in group {
+        let (tracking, next_poll_at, finished_at) = match &w.next {
+            NextStep::PollAt(t) => (Tracking::Active, Some(format_time(*t)), None),
+            NextStep::Finish(t) => (*t, None, Some(now)),
+        };
+        match &w.result {
+            PollResult::Observed(o) => observed.push(ObservedRow {
+                id: w.id.as_str(),
+                status: o.status.as_ref().map(|s| s.as_str()),
+                action_type: &o.action_type,
+                machine_id: &o.machine_id,
+                computer_dns_name: &o.computer_dns_name,
+                requestor: &o.requestor,
+                requestor_comment: &o.requestor_comment,
+                external_id: &o.external_id,
+                created_at: &o.created_at,
+                updated_at: &o.updated_at,
+                raw: &o.raw,
+                tracking: tracking.as_str(),
+                next_poll_at,
+                finished_at,
+            }),
+            PollResult::NotFound | PollResult::Error(_) => failed.push(FailedRow {
+                id: w.id.as_str(),
+                error: match &w.result {
+                    PollResult::Error(e) => Some(e.as_str()),
+                    _ => None,
+                },
+                tracking: tracking.as_str(),
+                next_poll_at,
+                finished_at,
+            }),
+        }
+    }
+    Ok((
+        (!observed.is_empty())
+            .then(|| serde_json::to_string(&observed))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        (!failed.is_empty())
+            .then(|| serde_json::to_string(&failed))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+    ))
+}
+
+fn finished_among(tracking: &[String]) -> u32 {
+    tracking
+        .iter()
+        .filter(|t| t.as_str() != Tracking::Active.as_str())
+        .count() as u32
 }
 
 fn parse_tracking(s: &str) -> Result<Tracking> {

@@ -248,44 +248,82 @@ fn dns_name(device: usize) -> String {
 }
 
 impl SimAction {
-    fn to_json(&self, now: Instant, context: bool) -> serde_json::Value {
+    fn to_json(&self, now: Instant, context: bool) -> ActionJson<'_> {
         let (step, status) = self.lifecycle.at(now.duration_since(self.created));
-        let updated = self.created_wall + self.lifecycle.steps[step].0;
-        let mut v = json!({
-            "id": self.id.as_str(),
-            "type": self.action_type,
-            "title": null,
-            "requestor": "soc-automation@contoso.com",
-            "requestorComment": format!("Automated response to alert {}", 3200 + self.index),
-            "status": status.as_str(),
-            "machineId": machine_id(self.device),
-            "computerDnsName": dns_name(self.device),
-            "creationDateTimeUtc": mde_time(self.created_wall),
-            "cancellationRequestor": null,
-            "cancellationComment": null,
-            "cancellationDateTimeUtc": null,
-            "errorHResult": 0,
-            "scope": null,
-            "requestSource": "PublicApi",
-            "relatedFileInfo": null,
-            "commands": [],
-            "troubleshootInfo": null,
-        });
+        let updated = mde_time(self.created_wall + self.lifecycle.steps[step].0);
+        let external = format!("soar-{}", self.index);
         // Half the actions use the spellings some docs show, as real answers vary.
-        if self.index.is_multiple_of(2) {
-            v["lastUpdateDateTimeUtc"] = json!(mde_time(updated));
-            v["externalId"] = json!(format!("soar-{}", self.index));
-        } else {
-            v["lastUpdateTimeUtc"] = json!(mde_time(updated));
-            v["externalID"] = json!(format!("soar-{}", self.index));
+        let (a, b) = (self.index.is_multiple_of(2), !self.index.is_multiple_of(2));
+        ActionJson {
+            context: context.then_some(
+                "https://api.securitycenter.microsoft.com/api/$metadata#MachineActions/$entity",
+            ),
+            id: self.id.as_str(),
+            action_type: self.action_type,
+            title: None,
+            requestor: "soc-automation@contoso.com",
+            requestor_comment: format!("Automated response to alert {}", 3200 + self.index),
+            status: status.as_str(),
+            machine_id: machine_id(self.device),
+            computer_dns_name: dns_name(self.device),
+            created: mde_time(self.created_wall),
+            cancellation_requestor: None,
+            cancellation_comment: None,
+            cancellation_time: None,
+            error_hresult: 0,
+            scope: None,
+            request_source: "PublicApi",
+            related_file_info: None,
+            commands: [],
+            troubleshoot_info: None,
+            last_update_long: a.then(|| updated.clone()),
+            last_update_short: b.then_some(updated),
+            external_id: a.then(|| external.clone()),
+            external_id_caps: b.then_some(external),
         }
-        if context {
-            v["@odata.context"] = json!(
-                "https://api.securitycenter.microsoft.com/api/$metadata#MachineActions/$entity"
-            );
-        }
-        v
     }
+}
+
+/// A MachineAction as the service prints it; a struct rather than a `json!` map because
+/// serializing 10,000 of them for one page was the simulator's own bottleneck.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ActionJson<'a> {
+    #[serde(rename = "@odata.context", skip_serializing_if = "Option::is_none")]
+    context: Option<&'static str>,
+    id: &'a str,
+    #[serde(rename = "type")]
+    action_type: &'a str,
+    title: Option<()>,
+    requestor: &'static str,
+    requestor_comment: String,
+    status: &'a str,
+    machine_id: String,
+    computer_dns_name: String,
+    #[serde(rename = "creationDateTimeUtc")]
+    created: String,
+    cancellation_requestor: Option<()>,
+    cancellation_comment: Option<()>,
+    #[serde(rename = "cancellationDateTimeUtc")]
+    cancellation_time: Option<()>,
+    #[serde(rename = "errorHResult")]
+    error_hresult: i64,
+    scope: Option<()>,
+    request_source: &'static str,
+    related_file_info: Option<()>,
+    commands: [(); 0],
+    troubleshoot_info: Option<()>,
+    #[serde(
+        rename = "lastUpdateDateTimeUtc",
+        skip_serializing_if = "Option::is_none"
+    )]
+    last_update_long: Option<String>,
+    #[serde(rename = "lastUpdateTimeUtc", skip_serializing_if = "Option::is_none")]
+    last_update_short: Option<String>,
+    #[serde(rename = "externalId", skip_serializing_if = "Option::is_none")]
+    external_id: Option<String>,
+    #[serde(rename = "externalID", skip_serializing_if = "Option::is_none")]
+    external_id_caps: Option<String>,
 }
 
 /// MDE prints seven fractional digits.
@@ -957,7 +995,7 @@ impl Tenant {
                 };
                 *s.stats.calls_by_action.entry(id.clone()).or_default() += 1;
                 match s.actions.get(&id) {
-                    Some(a) => a.to_json(now, true).to_string(),
+                    Some(a) => serde_json::to_string(&a.to_json(now, true)).expect("serializes"),
                     None => {
                         s.stats.not_found_answers += 1;
                         return (
@@ -1037,11 +1075,17 @@ impl Tenant {
                             .map(|a| a.to_json(now, false)),
                     );
                 }
-                json!({
-                    "@odata.context": "https://api.securitycenter.microsoft.com/api/$metadata#MachineActions",
-                    "value": value,
+                #[derive(serde::Serialize)]
+                struct Page<'a> {
+                    #[serde(rename = "@odata.context")]
+                    context: &'static str,
+                    value: Vec<ActionJson<'a>>,
+                }
+                serde_json::to_string(&Page {
+                    context: "https://api.securitycenter.microsoft.com/api/$metadata#MachineActions",
+                    value,
                 })
-                .to_string()
+                .expect("serializes")
             }
         };
         let reply = match fault {

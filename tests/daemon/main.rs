@@ -364,3 +364,186 @@ async fn acceptance_200_actions_with_faults_and_short_tokens() {
     assert!(per_action < 1.0, "{per_action} calls per action");
     assert!(stats.faults_injected > 0);
 }
+
+/// Small batches and pages, so a few dozen actions make sweeps the cheaper way and need
+/// several pages each.
+fn sweeping(env: &TestEnv) -> mde_actiond::config::Settings {
+    let mut s = env.settings.clone();
+    s.poll.batch_size = 4;
+    s.poll.sweep_page_size = 10;
+    s
+}
+
+async fn sweeps(store: &mde_actiond::store::Store) -> Vec<mde_actiond::store::SweepRow> {
+    store.sweeps(10_000).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweeps_page_through_a_shifting_tenant_and_miss_nothing() {
+    let env = TestEnv::new(SimConfig::default()).await;
+    let ids = env.sim.create_random_actions(40, Duration::from_secs(3));
+    // Other tools' actions share the listing; they are never tracked.
+    let mut others = env.sim.create_random_actions(25, Duration::from_secs(3));
+    let daemon = RunningDaemon::start(&sweeping(&env)).await.unwrap();
+    daemon.enqueue(&ids).await;
+    // New actions arriving mid-run shift every page of the next sweeps.
+    eventually(LIMIT, "a first sweep", || async {
+        !sweeps(&daemon.store).await.is_empty()
+    })
+    .await;
+    others.extend(env.sim.create_random_actions(15, Duration::from_secs(2)));
+    wait_finished(&daemon.store, &ids, LIMIT).await;
+    daemon.shutdown().await;
+    env.assert_all_true(&ids).await;
+
+    let store = env.reader().await;
+    for id in &others {
+        assert!(
+            store.action(id).await.unwrap().is_none(),
+            "{id} was tracked"
+        );
+    }
+    let done = sweeps(&store).await;
+    let complete: Vec<_> = done
+        .iter()
+        .filter(|s| s.outcome.as_deref() == Some("complete"))
+        .collect();
+    assert!(
+        complete.iter().any(|s| s.pages >= 2),
+        "no sweep needed a second page: {done:#?}"
+    );
+    assert!(complete.iter().all(|s| s.finished_at.is_some()));
+    let checked: i64 = complete.iter().map(|s| s.checked).sum();
+    assert!(checked >= ids.len() as i64, "{checked} checks by sweeps");
+    // Sweep calls are tagged with their sweep in the call log.
+    let stats = env.sim.stats();
+    let swept_calls = stats
+        .list_calls_by_form
+        .get(&FilterForm::CreatedSince)
+        .copied()
+        .unwrap_or(0)
+        + stats
+            .list_calls_by_form
+            .get(&FilterForm::StatusIn)
+            .copied()
+            .unwrap_or(0);
+    let pages: i64 = done.iter().map(|s| s.pages).sum();
+    assert!(
+        swept_calls >= pages as u64,
+        "{swept_calls} sweep calls, {pages} pages"
+    );
+    assert_eq!(
+        store.api_call_count().await.unwrap() as u64,
+        stats.api_calls
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_sweep_filters_fall_back_form_by_form() {
+    let env = TestEnv::new(SimConfig {
+        rejected_filters: vec![FilterForm::CreatedSince, FilterForm::StatusIn],
+        ..SimConfig::default()
+    })
+    .await;
+    let ids = env.sim.create_random_actions(40, Duration::from_secs(3));
+    let daemon = RunningDaemon::start(&sweeping(&env)).await.unwrap();
+    daemon.enqueue(&ids).await;
+    wait_finished(&daemon.store, &ids, LIMIT).await;
+    daemon.shutdown().await;
+    env.assert_all_true(&ids).await;
+
+    let stats = env.sim.stats();
+    let by_form = |f: FilterForm| stats.list_calls_by_form.get(&f).copied().unwrap_or(0);
+    // Each refused form was asked once, never again.
+    assert_eq!(by_form(FilterForm::CreatedSince), 1, "{stats:?}");
+    assert_eq!(by_form(FilterForm::StatusIn), 1, "{stats:?}");
+    assert!(by_form(FilterForm::StatusEqOr) >= 2, "{stats:?}");
+    let store = env.reader().await;
+    let done = sweeps(&store).await;
+    let rejected: Vec<&str> = done
+        .iter()
+        .filter(|s| s.outcome.as_deref() == Some("rejected"))
+        .map(|s| s.filter.as_str())
+        .collect();
+    assert_eq!(rejected.len(), 2, "{done:#?}");
+    assert!(rejected.contains(&"created_since") && rejected.contains(&"status_in"));
+    // A status listing holds only unfinished actions: the ones it stopped listing were
+    // fetched by id, which is how every terminal status got recorded.
+    let missing: i64 = done
+        .iter()
+        .filter(|s| s.filter == "status_eq_or")
+        .map(|s| s.missing)
+        .sum();
+    assert!(missing > 0, "{done:#?}");
+    assert!(by_form(FilterForm::IdIn) > 0, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_sweep_filter_refused_calls_by_id_do_the_work() {
+    let env = TestEnv::new(SimConfig {
+        rejected_filters: vec![
+            FilterForm::CreatedSince,
+            FilterForm::StatusIn,
+            FilterForm::StatusEqOr,
+        ],
+        ..SimConfig::default()
+    })
+    .await;
+    let ids = env.sim.create_random_actions(30, Duration::from_secs(2));
+    let daemon = RunningDaemon::start(&sweeping(&env)).await.unwrap();
+    daemon.enqueue(&ids).await;
+    wait_finished(&daemon.store, &ids, LIMIT).await;
+    daemon.shutdown().await;
+    env.assert_all_true(&ids).await;
+    let stats = env.sim.stats();
+    for form in [
+        FilterForm::CreatedSince,
+        FilterForm::StatusIn,
+        FilterForm::StatusEqOr,
+    ] {
+        assert_eq!(
+            stats.list_calls_by_form.get(&form).copied(),
+            Some(1),
+            "{form:?}: {stats:?}"
+        );
+    }
+    assert!(stats.list_calls_by_form[&FilterForm::IdIn] >= (ids.len() / 4) as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweeps_survive_rate_limits_and_faults() {
+    let env = TestEnv::new(SimConfig {
+        rate_limit: Some(SimRateLimit {
+            calls: 6,
+            window: Duration::from_secs(1),
+        }),
+        fault_rate: 0.25,
+        slow_delay: Duration::from_millis(1500),
+        seed: 11,
+        ..SimConfig::default()
+    })
+    .await;
+    let mut settings = sweeping(&env);
+    settings.api.timeout = Duration::from_secs(1);
+    let ids = env.sim.create_random_actions(40, Duration::from_secs(3));
+    env.sim.create_random_actions(20, Duration::from_secs(3));
+    let daemon = RunningDaemon::start(&settings).await.unwrap();
+    daemon.enqueue(&ids).await;
+    wait_finished(&daemon.store, &ids, Duration::from_secs(120)).await;
+    daemon.shutdown().await;
+    env.assert_all_true(&ids).await;
+    let stats = env.sim.stats();
+    assert_eq!(stats.early_retries, 0, "sent early after a 429: {stats:?}");
+    let store = env.reader().await;
+    let done = sweeps(&store).await;
+    assert!(
+        done.iter()
+            .any(|s| s.outcome.as_deref() == Some("complete")),
+        "{done:#?}"
+    );
+    assert!(
+        done.iter().any(|s| s.outcome.as_deref() == Some("failed")),
+        "no sweep met a fault: {done:#?} {stats:?}"
+    );
+    assert!(done.iter().all(|s| s.outcome.is_some()), "{done:#?}");
+}

@@ -99,6 +99,22 @@ async fn schema_matches_the_documented_contract() {
                 ("outcome", "TEXT", false),
                 ("retry_after_ms", "INTEGER", false),
                 ("duration_ms", "INTEGER", false),
+                ("sweep_id", "INTEGER", false),
+            ],
+        ),
+        (
+            "sweeps",
+            &[
+                ("id", "INTEGER", false),
+                ("started_at", "TEXT", true),
+                ("finished_at", "TEXT", false),
+                ("filter", "TEXT", true),
+                ("pages", "INTEGER", true),
+                ("listed", "INTEGER", true),
+                ("checked", "INTEGER", true),
+                ("changed", "INTEGER", true),
+                ("missing", "INTEGER", true),
+                ("outcome", "TEXT", false),
             ],
         ),
     ];
@@ -219,6 +235,11 @@ async fn schema_matches_the_documented_contract() {
         major, "1",
         "a breaking change needs a new major version and a migration note"
     );
+    let minor: String = sqlx::query_scalar("SELECT value FROM schema_info WHERE name = 'minor'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(minor, "2", "schema 1.2 added sweeps and api_calls.sweep_id");
 
     // The transitions table refers to actions.
     let fks = sqlx::query("PRAGMA foreign_key_list(transitions)")
@@ -468,4 +489,53 @@ async fn the_call_log_restores_the_budget() {
             .unwrap(),
         2
     );
+}
+
+/// The statements a sweep runs per 10,000-action page look each listed id up by key; a plan
+/// that walks every active row instead made pages take most of a second at 100,000 actions.
+#[tokio::test]
+async fn sweep_statements_look_ids_up_by_key() {
+    let (dir, store) = fresh().await;
+    store
+        .enqueue(&ids(500, 9), SystemTime::now())
+        .await
+        .unwrap();
+    store.close().await;
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}?mode=ro",
+        dir.path().join("t.db").display()
+    ))
+    .await
+    .unwrap();
+    let list = serde_json::to_string(
+        &ids(3, 9)
+            .iter()
+            .map(|i| serde_json::json!({"id": i.as_str(), "status": "Pending"}))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    for sql in mde_actiond::store::PAGE_STATEMENTS {
+        let mut query =
+            sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}"))).bind(&list);
+        if sql.contains("?2") {
+            query = query.bind("2030-01-01T00:00:00.000Z");
+        }
+        let plan: Vec<String> = query
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<String, _>("detail"))
+            .collect();
+        assert!(
+            plan.iter().any(|d| d.contains("USING PRIMARY KEY")),
+            "{sql}\n{plan:?}"
+        );
+        assert!(
+            !plan
+                .iter()
+                .any(|d| d.contains("actions USING") && d.contains("INDEX actions_")),
+            "{sql}\n{plan:?}"
+        );
+    }
 }
