@@ -37,6 +37,9 @@ struct Args {
     /// Wall-clock cap per peer run, in seconds (per-action pollers at 100,000 actions never
     /// finish); a capped run shows how many actions it finished.
     peer_limit: f64,
+    /// Instead of the comparison: run the daemon this many seconds against a tenant with no
+    /// rate limit and print the checks per second it sustains.
+    ceiling: Option<f64>,
 }
 
 fn parse_args() -> Args {
@@ -58,6 +61,7 @@ fn parse_args() -> Args {
         sweep_interval: None,
         no_sweep: false,
         untracked: 0.1,
+        ceiling: None,
         peer_limit: 1800.0,
     };
     let mut it = std::env::args().skip(1);
@@ -80,10 +84,12 @@ fn parse_args() -> Args {
             "--no-sweep" => args.no_sweep = true,
             "--untracked" => args.untracked = value().parse().expect("--untracked SHARE"),
             "--peer-limit" => args.peer_limit = value().parse().expect("--peer-limit SECONDS"),
+            "--ceiling" => args.ceiling = Some(value().parse().expect("--ceiling SECONDS")),
             "--help" | "-h" => {
                 println!(
                     "bench [--actions N] [--time-scale F] [--strategies a,b] [--seed N] [--untracked SHARE]\n\
                      \x20     [--ride-along S] [--max-interval S] [--sweep-interval S] [--no-sweep] [--peer-limit WALL_SECONDS]\n\
+                     \x20     [--ceiling WALL_SECONDS]  (no rate limit: checks per second one process sustains)\n\
                      strategies: mde-actiond, elastic-60s, sentinel-30s, xsoar-10s, splunk-5s"
                 );
                 std::process::exit(0);
@@ -363,6 +369,74 @@ async fn run_peer(args: &Args, name: &str, interval_secs: f64, batched: bool) ->
     }
 }
 
+/// The daemon's own ceiling: no rate limit anywhere, actions that stay unfinished, sweeps
+/// back to back (or passes by id with `--no-sweep`); checks per second over the run.
+async fn run_ceiling(args: &Args, secs: f64) {
+    let sim = Simulator::start(SimConfig {
+        seed: args.seed,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator");
+    let ids: Vec<ActionId> = (0..args.actions)
+        .map(|_| {
+            sim.create_action(Lifecycle::simple(
+                Duration::from_secs(1),
+                Duration::from_secs(24 * 3600),
+                ActionStatus::Succeeded,
+            ))
+        })
+        .collect();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("ceiling.db");
+    let mut s = settings_for(&sim, &db);
+    s.rate_limit.per_minute = u32::MAX / 2;
+    s.rate_limit.per_hour = u32::MAX / 2;
+    s.poll.sweep_interval = Duration::from_millis(1);
+    s.poll.initial_interval = Duration::from_millis(100);
+    s.poll.max_interval = Duration::from_millis(500);
+    s.poll.ride_along = Duration::from_millis(500);
+    if args.no_sweep {
+        s.poll.sweep = mde_actiond::config::SweepMode::Off;
+    }
+    s.database.checkpoint_interval = Duration::from_secs(1);
+    let daemon = mde_actiond::daemon::Daemon::start(&s)
+        .await
+        .expect("daemon");
+    let store = daemon.store().clone();
+    let metrics = daemon.poller().metrics().clone();
+    store
+        .enqueue(&ids, SystemTime::now())
+        .await
+        .expect("enqueue");
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(daemon.run_until_stopped(stop.clone()));
+    // Count from the first check on, so start-up and the first writes of every row are in.
+    let cpu0 = cpu_seconds();
+    let started = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    let checks = metrics.checks.load(std::sync::atomic::Ordering::Relaxed);
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    stop.cancel();
+    run.await.expect("join").expect("daemon");
+    let stats = sim.stats();
+    println!(
+        "| {} | {} | {:.0} | {} | {:.1} | {:.1} | {} |",
+        if args.no_sweep {
+            "passes by id"
+        } else {
+            "sweeps"
+        },
+        args.actions,
+        checks as f64 / wall,
+        stats.api_calls,
+        wall,
+        cpu,
+        mde_actiond::report::peak_rss_kib().unwrap_or(0) / 1024,
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let args = parse_args();
@@ -376,6 +450,13 @@ async fn main() {
         "{} actions, time compressed {}x (1 s here = {} s simulated), tenant limits 100/min and 1500/h; seed {}\n",
         args.actions, args.time_scale, args.time_scale, args.seed
     );
+    if let Some(secs) = args.ceiling {
+        println!(
+            "| mode | actions | checks/s | API calls | wall (s) | CPU (s, simulator included) | peak RSS (MiB) |\n| --- | --- | --- | --- | --- | --- | --- |"
+        );
+        run_ceiling(&args, secs).await;
+        return;
+    }
     let mut results = Vec::new();
     for strategy in &args.strategies {
         let outcome = match strategy.as_str() {

@@ -527,6 +527,7 @@ impl Poller {
             // before the next sweep; the rest stay as they are.
             let horizon = SystemTime::now() + plan.interval;
             let mut writes = Vec::new();
+            let checked_before = record.checked;
             for a in tracked {
                 // A page shifted by new actions can list one twice.
                 if !seen.insert(a.id.clone()) {
@@ -544,7 +545,7 @@ impl Poller {
             }
             self.metrics
                 .checks
-                .fetch_add(record.checked, Ordering::Relaxed);
+                .fetch_add(record.checked - checked_before, Ordering::Relaxed);
             let writing = tokio::time::Instant::now();
             self.write(&writes).await?;
             debug!(

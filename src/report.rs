@@ -451,7 +451,7 @@ impl Report {
         let c = &self.checking;
         if c.checks > 0 {
             s.push_str(&format!(
-                "Checks: {} in the last {} ({} sweeps); each active action checked every {}\n",
+                "Checks: {} in the last {} ({} sweeps)\nEach active action checked every {}\n",
                 c.checks,
                 human(Some(c.window_seconds)),
                 c.sweeps,

@@ -393,6 +393,11 @@ async fn sweeps_page_through_a_shifting_tenant_and_miss_nothing() {
     .await;
     others.extend(env.sim.create_random_actions(15, Duration::from_secs(2)));
     wait_finished(&daemon.store, &ids, LIMIT).await;
+    let metric_checks = daemon
+        .poller
+        .metrics()
+        .checks
+        .load(std::sync::atomic::Ordering::Relaxed);
     daemon.shutdown().await;
     env.assert_all_true(&ids).await;
 
@@ -415,6 +420,16 @@ async fn sweeps_page_through_a_shifting_tenant_and_miss_nothing() {
     assert!(complete.iter().all(|s| s.finished_at.is_some()));
     let checked: i64 = complete.iter().map(|s| s.checked).sum();
     assert!(checked >= ids.len() as i64, "{checked} checks by sweeps");
+    // The checks metric counts each sweep finding once, plus answers to calls by id.
+    let swept: i64 = done.iter().map(|s| s.checked).sum();
+    let logged = store
+        .check_summary(SystemTime::UNIX_EPOCH, SystemTime::now())
+        .await
+        .unwrap();
+    assert!(
+        (swept..=logged.checks).contains(&(metric_checks as i64)),
+        "metric {metric_checks}, sweeps {swept}, logged {logged:?}"
+    );
     // Sweep calls are tagged with their sweep in the call log.
     let stats = env.sim.stats();
     let swept_calls = stats

@@ -264,6 +264,29 @@ async fn views_answer_what_the_simulator_knows() {
     assert_eq!(doc["api_calls"]["total"], calls);
     let per = doc["api_calls"]["per_tracked_action"].as_f64().unwrap();
     assert!((per - calls as f64 / tracked as f64).abs() < 1e-9);
+    // The effective check interval: calls by id that answered plus sweeps' findings, over
+    // the window of the call log, for the one action still active.
+    let by_id: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(action_count), 0) FROM api_calls
+         WHERE sweep_id IS NULL AND outcome = 'ok'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let swept: i64 = sqlx::query_scalar("SELECT coalesce(sum(checked), 0) FROM sweeps")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let checks = by_id + swept;
+    assert!(checks >= tracked, "{checks} checks for {tracked} actions");
+    assert_eq!(doc["checking"]["checks"], checks);
+    assert_eq!(doc["checking"]["active"], 1);
+    let window = doc["checking"]["window_seconds"].as_f64().unwrap();
+    let every = doc["checking"]["effective_interval_seconds"]
+        .as_f64()
+        .unwrap();
+    assert!(window > 0.0);
+    assert!((every - window / checks as f64).abs() < 1e-6, "{doc}");
 
     let out = bin()
         .arg("--db")
@@ -276,6 +299,10 @@ async fn views_answer_what_the_simulator_knows() {
     assert!(csv.starts_with("section,key,value\n"));
     assert!(csv.contains(&format!("tracking,done,{}\n", ids.len())));
     assert!(csv.contains(&format!("api_calls,total,{calls}\n")));
+    assert!(
+        csv.contains(&format!("checking,checks,{checks}\n")),
+        "{csv}"
+    );
 
     let out = bin()
         .env("COLUMNS", "60")
@@ -287,7 +314,9 @@ async fn views_answer_what_the_simulator_knows() {
         .unwrap();
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(
-        table.contains("TRACKING") && table.contains("Oldest active actions"),
+        table.contains("TRACKING")
+            && table.contains("Oldest active actions")
+            && table.contains("Each active action checked every"),
         "{table}"
     );
     assert!(table.lines().all(|l| l.chars().count() <= 60), "{table}");
