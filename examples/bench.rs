@@ -40,6 +40,8 @@ struct Args {
     /// Instead of the comparison: run the daemon this many seconds against a tenant with no
     /// rate limit and print the checks per second it sustains.
     ceiling: Option<f64>,
+    /// Override of poll.sweep_page_size.
+    page_size: Option<u32>,
 }
 
 fn parse_args() -> Args {
@@ -62,6 +64,7 @@ fn parse_args() -> Args {
         no_sweep: false,
         untracked: 0.1,
         ceiling: None,
+        page_size: None,
         peer_limit: 1800.0,
     };
     let mut it = std::env::args().skip(1);
@@ -85,11 +88,12 @@ fn parse_args() -> Args {
             "--untracked" => args.untracked = value().parse().expect("--untracked SHARE"),
             "--peer-limit" => args.peer_limit = value().parse().expect("--peer-limit SECONDS"),
             "--ceiling" => args.ceiling = Some(value().parse().expect("--ceiling SECONDS")),
+            "--page-size" => args.page_size = Some(value().parse().expect("--page-size N")),
             "--help" | "-h" => {
                 println!(
                     "bench [--actions N] [--time-scale F] [--strategies a,b] [--seed N] [--untracked SHARE]\n\
                      \x20     [--ride-along S] [--max-interval S] [--sweep-interval S] [--no-sweep] [--peer-limit WALL_SECONDS]\n\
-                     \x20     [--ceiling WALL_SECONDS]  (no rate limit: checks per second one process sustains)\n\
+                     \x20     [--ceiling WALL_SECONDS] [--page-size N]  (ceiling: no rate limit, checks per second)\n\
                      strategies: mde-actiond, elastic-60s, sentinel-30s, xsoar-10s, splunk-5s"
                 );
                 std::process::exit(0);
@@ -183,6 +187,16 @@ fn lag(
     )
 }
 
+/// Resident memory now (`VmRSS`), in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let fields: Vec<&str> = stat
@@ -220,6 +234,9 @@ async fn run_ours(args: &Args) -> Outcome {
     s.rate_limit = d.rate_limit.clone();
     s.rate_limit.time_scale = 1.0 / args.time_scale;
     s.database.checkpoint_interval = Duration::from_secs(1);
+    // The simulator shares the process: what it holds before the daemon starts is the
+    // baseline to read the peak against.
+    let baseline = rss_kib();
     let cpu0 = cpu_seconds();
     let started = tokio::time::Instant::now();
     let daemon = mde_actiond::daemon::Daemon::start(&s)
@@ -275,8 +292,9 @@ async fn run_ours(args: &Args) -> Outcome {
         finished,
         wall,
         extra: format!(
-            "peak RSS {} MiB, CPU {:.1}s, database {} KiB, early retries after 429: {}",
+            "peak RSS {} MiB (simulated tenant alone: {} MiB), CPU {:.1}s, database {} KiB, early retries after 429: {}",
             mde_actiond::report::peak_rss_kib().unwrap_or(0) / 1024,
+            baseline / 1024,
             cpu_seconds() - cpu0,
             size / 1024,
             stats.early_retries
@@ -387,6 +405,7 @@ async fn run_ceiling(args: &Args, secs: f64) {
             ))
         })
         .collect();
+    let baseline = rss_kib();
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("ceiling.db");
     let mut s = settings_for(&sim, &db);
@@ -398,6 +417,9 @@ async fn run_ceiling(args: &Args, secs: f64) {
     s.poll.ride_along = Duration::from_millis(500);
     if args.no_sweep {
         s.poll.sweep = mde_actiond::config::SweepMode::Off;
+    }
+    if let Some(n) = args.page_size {
+        s.poll.sweep_page_size = n;
     }
     s.database.checkpoint_interval = Duration::from_secs(1);
     let daemon = mde_actiond::daemon::Daemon::start(&s)
@@ -422,11 +444,11 @@ async fn run_ceiling(args: &Args, secs: f64) {
     run.await.expect("join").expect("daemon");
     let stats = sim.stats();
     println!(
-        "| {} | {} | {:.0} | {} | {:.1} | {:.1} | {} |",
+        "| {} | {} | {:.0} | {} | {:.1} | {:.1} | {} ({} before the daemon) |",
         if args.no_sweep {
-            "passes by id"
+            "passes by id".to_string()
         } else {
-            "sweeps"
+            format!("sweeps, pages of {}", s.poll.sweep_page_size)
         },
         args.actions,
         checks as f64 / wall,
@@ -434,6 +456,7 @@ async fn run_ceiling(args: &Args, secs: f64) {
         wall,
         cpu,
         mde_actiond::report::peak_rss_kib().unwrap_or(0) / 1024,
+        baseline / 1024,
     );
 }
 
