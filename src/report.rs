@@ -451,11 +451,16 @@ impl Report {
         let c = &self.checking;
         if c.checks > 0 {
             s.push_str(&format!(
-                "Checks: {} in the last {} ({} sweeps)\nEach active action checked every {}\n",
+                "Checks: {} in the last {} ({} sweeps)\n",
                 c.checks,
                 human(Some(c.window_seconds)),
                 c.sweeps,
-                human(c.effective_interval_seconds)
+            ));
+        }
+        if let Some(every) = c.effective_interval_seconds {
+            s.push_str(&format!(
+                "Each active action checked every {}\n",
+                human(Some(every))
             ));
         }
         if !self.oldest_active.is_empty() {
