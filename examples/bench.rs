@@ -239,16 +239,8 @@ async fn run_ours(args: &Args) -> Outcome {
     let baseline = rss_kib();
     let cpu0 = cpu_seconds();
     let started = tokio::time::Instant::now();
-    let daemon = mde_actiond::daemon::Daemon::start(&s)
-        .await
-        .expect("daemon");
-    let store = daemon.store().clone();
-    store
-        .enqueue(&ids, SystemTime::now())
-        .await
-        .expect("enqueue");
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(daemon.run_until_stopped(stop.clone()));
+    let daemon = Running::start(&s, &ids).await;
+    let store = daemon.store.clone();
     loop {
         // A cheap count, not often: the harness must not compete with the daemon.
         if store.active_count().await.expect("count") == 0 {
@@ -257,8 +249,7 @@ async fn run_ours(args: &Args) -> Outcome {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let wall = started.elapsed();
-    stop.cancel();
-    run.await.expect("join").expect("daemon");
+    daemon.stop().await;
     let store = mde_actiond::store::Store::open(&db, mde_actiond::store::OpenMode::ReadOnly)
         .await
         .expect("reader");
@@ -299,6 +290,39 @@ async fn run_ours(args: &Args) -> Outcome {
             size / 1024,
             stats.early_retries
         ),
+    }
+}
+
+/// The daemon running in this process with `ids` enqueued.
+struct Running {
+    store: mde_actiond::store::Store,
+    poller: Arc<mde_actiond::poller::Poller>,
+    stop: CancellationToken,
+    run: tokio::task::JoinHandle<Result<(), mde_actiond::daemon::DaemonError>>,
+}
+
+impl Running {
+    async fn start(s: &mde_actiond::config::Settings, ids: &[ActionId]) -> Self {
+        let daemon = mde_actiond::daemon::Daemon::start(s).await.expect("daemon");
+        let store = daemon.store().clone();
+        let poller = daemon.poller().clone();
+        store
+            .enqueue(ids, SystemTime::now())
+            .await
+            .expect("enqueue");
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(daemon.run_until_stopped(stop.clone()));
+        Self {
+            store,
+            poller,
+            stop,
+            run,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.run.await.expect("join").expect("daemon");
     }
 }
 
@@ -422,26 +446,19 @@ async fn run_ceiling(args: &Args, secs: f64) {
         s.poll.sweep_page_size = n;
     }
     s.database.checkpoint_interval = Duration::from_secs(1);
-    let daemon = mde_actiond::daemon::Daemon::start(&s)
-        .await
-        .expect("daemon");
-    let store = daemon.store().clone();
-    let metrics = daemon.poller().metrics().clone();
-    store
-        .enqueue(&ids, SystemTime::now())
-        .await
-        .expect("enqueue");
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(daemon.run_until_stopped(stop.clone()));
-    // Count from the first check on, so start-up and the first writes of every row are in.
+    let daemon = Running::start(&s, &ids).await;
+    // Counted from the enqueue on: the first write of every row is in the figure.
     let cpu0 = cpu_seconds();
     let started = tokio::time::Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    let checks = metrics.checks.load(std::sync::atomic::Ordering::Relaxed);
+    let checks = daemon
+        .poller
+        .metrics()
+        .checks
+        .load(std::sync::atomic::Ordering::Relaxed);
     let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
-    stop.cancel();
-    run.await.expect("join").expect("daemon");
+    daemon.stop().await;
     let stats = sim.stats();
     println!(
         "| {} | {} | {:.0} | {} | {:.1} | {:.1} | {} ({} before the daemon) |",

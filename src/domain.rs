@@ -82,6 +82,14 @@ fn shorten(input: &str) -> String {
     }
 }
 
+/// Lets a set of ids be asked about a `&str` from the database without parsing it: the
+/// derived `Hash` and `Eq` are those of the inner string.
+impl std::borrow::Borrow<str> for ActionId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl FromStr for ActionId {
     type Err = InvalidActionId;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

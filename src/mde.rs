@@ -372,25 +372,14 @@ fn parse_page(body: &str) -> Result<ListPage, MdeError> {
 }
 
 fn parse_list(body: &str, ids: &[ActionId]) -> Result<ListAnswer, MdeError> {
-    #[derive(Deserialize)]
-    struct Page<'a> {
-        #[serde(borrow)]
-        value: Vec<&'a RawValue>,
-    }
-    let page: Page = serde_json::from_str(body).map_err(|e| MdeError::Transient {
-        status: Some(200),
-        message: format!("unreadable list answer ({} bytes): {e}", body.len()),
-    })?;
-    let mut answer = ListAnswer::default();
-    for raw in page.value {
-        match FetchedAction::from_json(raw.get()) {
-            // Extra actions (not asked for) are ignored: the filter is the service's business.
-            Ok(a) if ids.contains(&a.id) => {
-                answer.actions.insert(a.id.clone(), a);
-            }
-            Ok(_) => {}
-            Err(e) => answer.unreadable.push(e),
-        }
+    let page = parse_page(body)?;
+    let mut answer = ListAnswer {
+        unreadable: page.unreadable,
+        ..ListAnswer::default()
+    };
+    // Extra actions (not asked for) are ignored: the filter is the service's business.
+    for a in page.actions.into_iter().filter(|a| ids.contains(&a.id)) {
+        answer.actions.insert(a.id.clone(), a);
     }
     Ok(answer)
 }

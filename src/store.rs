@@ -366,9 +366,7 @@ impl Store {
         let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(CHUNK) {
-            let list =
-                serde_json::to_string(&chunk.iter().map(ActionId::as_str).collect::<Vec<_>>())
-                    .expect("strings serialize");
+            let list = id_list(chunk);
             let before: Vec<(String, String)> = sqlx::query_as(
                 "SELECT action_id, tracking FROM actions
                  WHERE action_id IN (SELECT value FROM json_each(?1))",
@@ -455,8 +453,7 @@ impl Store {
     // `+tracking` keeps SQLite from walking every active row through the tracking index:
     // looking up each listed id by key is what scales to a 10,000-action page.
     pub async fn active_among(&self, ids: &[ActionId]) -> Result<Vec<DueAction>> {
-        let list = serde_json::to_string(&ids.iter().map(ActionId::as_str).collect::<Vec<_>>())
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let list = id_list(ids);
         let rows = sqlx::query(ACTIVE_AMONG)
             .bind(list)
             .fetch_all(&self.reader)
@@ -482,11 +479,10 @@ impl Store {
         let unseen: Vec<&str> = active
             .iter()
             .map(String::as_str)
-            .filter(|id| ActionId::parse(id).is_ok_and(|id| !seen.contains(&id)))
+            .filter(|id| !seen.contains(*id))
             .collect();
         if !unseen.is_empty() {
-            let list =
-                serde_json::to_string(&unseen).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let list = json_array(&unseen);
             sqlx::query(
                 "UPDATE actions SET next_poll_at = ?2
                  WHERE action_id IN (SELECT value FROM json_each(?1)) AND +tracking = 'active'",
@@ -555,7 +551,7 @@ impl Store {
         // per-row statements cost a round trip to the database thread each, which made
         // writing the answers of a 10,000-action sweep page take most of a second.
         for group in distinct_groups(writes) {
-            let (observed, failed) = rows_to_write(&group, &now_text)?;
+            let (observed, failed) = rows_to_write(&group, &now_text);
             if let Some(list) = &observed {
                 summary.transitions += sqlx::query(RECORD_TRANSITIONS)
                     .bind(list)
@@ -1162,7 +1158,7 @@ struct FailedRow<'a> {
 }
 
 /// The group's observations and failures as JSON arrays for `json_each` (`None` when empty).
-fn rows_to_write(group: &[&PollWrite], now: &str) -> Result<(Option<String>, Option<String>)> {
+fn rows_to_write(group: &[&PollWrite], now: &str) -> (Option<String>, Option<String>) {
     let mut observed = Vec::new();
     let mut failed = Vec::new();
     for w in group {
@@ -1199,16 +1195,20 @@ fn rows_to_write(group: &[&PollWrite], now: &str) -> Result<(Option<String>, Opt
             }),
         }
     }
-    Ok((
-        (!observed.is_empty())
-            .then(|| serde_json::to_string(&observed))
-            .transpose()
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-        (!failed.is_empty())
-            .then(|| serde_json::to_string(&failed))
-            .transpose()
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-    ))
+    (
+        (!observed.is_empty()).then(|| json_array(&observed)),
+        (!failed.is_empty()).then(|| json_array(&failed)),
+    )
+}
+
+/// A JSON array for `json_each(?)`: how a batch goes to SQLite in one statement.
+fn json_array<T: Serialize>(rows: &[T]) -> String {
+    // Strings, numbers and options of them: serializing cannot fail.
+    serde_json::to_string(rows).expect("plain rows serialize")
+}
+
+fn id_list(ids: &[ActionId]) -> String {
+    json_array(&ids.iter().map(ActionId::as_str).collect::<Vec<_>>())
 }
 
 fn finished_among(tracking: &[String]) -> u32 {

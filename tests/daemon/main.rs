@@ -145,11 +145,7 @@ async fn every_fault_kind_is_survived() {
     settings.poll.batch_size = 3;
     settings.poll.sweep = SweepMode::Off;
     let ids = env.sim.create_random_actions(30, Duration::from_secs(3));
-    let daemon = RunningDaemon::start(&settings).await.unwrap();
-    daemon.enqueue(&ids).await;
-    wait_finished(&daemon.store, &ids, Duration::from_secs(120)).await;
-    daemon.shutdown().await;
-    env.assert_all_true(&ids).await;
+    track_to_the_end(&env, &settings, &ids, Duration::from_secs(120)).await;
 
     let stats = env.sim.stats();
     for kind in Fault::ALL {
@@ -183,11 +179,7 @@ async fn refused_list_filter_falls_back_to_single_gets() {
     let ids = env.sim.create_random_actions(8, Duration::from_secs(2));
     let mut settings = env.settings.clone();
     settings.poll.sweep = SweepMode::Off;
-    let daemon = RunningDaemon::start(&settings).await.unwrap();
-    daemon.enqueue(&ids).await;
-    wait_finished(&daemon.store, &ids, LIMIT).await;
-    daemon.shutdown().await;
-    env.assert_all_true(&ids).await;
+    track_to_the_end(&env, &settings, &ids, LIMIT).await;
     let stats = env.sim.stats();
     assert_eq!(
         stats.list_calls, 1,
@@ -365,6 +357,21 @@ async fn acceptance_200_actions_with_faults_and_short_tokens() {
     assert!(stats.faults_injected > 0);
 }
 
+/// Runs the daemon until every action in `ids` has finished, then checks each against the
+/// simulator's truth.
+async fn track_to_the_end(
+    env: &TestEnv,
+    settings: &mde_actiond::config::Settings,
+    ids: &[ActionId],
+    limit: Duration,
+) {
+    let daemon = RunningDaemon::start(settings).await.unwrap();
+    daemon.enqueue(ids).await;
+    wait_finished(&daemon.store, ids, limit).await;
+    daemon.shutdown().await;
+    env.assert_all_true(ids).await;
+}
+
 /// Small batches and pages, so a few dozen actions make sweeps the cheaper way and need
 /// several pages each.
 fn sweeping(env: &TestEnv) -> mde_actiond::config::Settings {
@@ -461,11 +468,7 @@ async fn refused_sweep_filters_fall_back_form_by_form() {
     })
     .await;
     let ids = env.sim.create_random_actions(40, Duration::from_secs(3));
-    let daemon = RunningDaemon::start(&sweeping(&env)).await.unwrap();
-    daemon.enqueue(&ids).await;
-    wait_finished(&daemon.store, &ids, LIMIT).await;
-    daemon.shutdown().await;
-    env.assert_all_true(&ids).await;
+    track_to_the_end(&env, &sweeping(&env), &ids, LIMIT).await;
 
     let stats = env.sim.stats();
     let by_form = |f: FilterForm| stats.list_calls_by_form.get(&f).copied().unwrap_or(0);
@@ -505,11 +508,7 @@ async fn with_every_sweep_filter_refused_calls_by_id_do_the_work() {
     })
     .await;
     let ids = env.sim.create_random_actions(30, Duration::from_secs(2));
-    let daemon = RunningDaemon::start(&sweeping(&env)).await.unwrap();
-    daemon.enqueue(&ids).await;
-    wait_finished(&daemon.store, &ids, LIMIT).await;
-    daemon.shutdown().await;
-    env.assert_all_true(&ids).await;
+    track_to_the_end(&env, &sweeping(&env), &ids, LIMIT).await;
     let stats = env.sim.stats();
     for form in [
         FilterForm::CreatedSince,
@@ -542,11 +541,7 @@ async fn sweeps_survive_rate_limits_and_faults() {
     settings.api.timeout = Duration::from_secs(1);
     let ids = env.sim.create_random_actions(40, Duration::from_secs(3));
     env.sim.create_random_actions(20, Duration::from_secs(3));
-    let daemon = RunningDaemon::start(&settings).await.unwrap();
-    daemon.enqueue(&ids).await;
-    wait_finished(&daemon.store, &ids, Duration::from_secs(120)).await;
-    daemon.shutdown().await;
-    env.assert_all_true(&ids).await;
+    track_to_the_end(&env, &settings, &ids, Duration::from_secs(120)).await;
     let stats = env.sim.stats();
     assert_eq!(stats.early_retries, 0, "sent early after a 429: {stats:?}");
     let store = env.reader().await;

@@ -22,6 +22,16 @@ async fn fresh() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
+/// The file as a reporting tool opens it, after the store has closed it.
+async fn read_only(dir: &tempfile::TempDir) -> sqlx::SqlitePool {
+    sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}?mode=ro",
+        dir.path().join("t.db").display()
+    ))
+    .await
+    .unwrap()
+}
+
 fn observed(id: &ActionId, status: ActionStatus, next: NextStep) -> PollWrite {
     PollWrite {
         id: id.clone(),
@@ -45,12 +55,7 @@ type Column = (&'static str, &'static str, bool);
 async fn schema_matches_the_documented_contract() {
     let (dir, store) = fresh().await;
     store.close().await;
-    let pool = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}?mode=ro",
-        dir.path().join("t.db").display()
-    ))
-    .await
-    .unwrap();
+    let pool = read_only(&dir).await;
     let contract: &[(&str, &[Column])] = &[
         (
             "actions",
@@ -385,12 +390,7 @@ async fn the_due_query_uses_its_index() {
         .await
         .unwrap();
     store.close().await;
-    let pool = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}?mode=ro",
-        dir.path().join("t.db").display()
-    ))
-    .await
-    .unwrap();
+    let pool = read_only(&dir).await;
     let plan: Vec<String> = sqlx::query(
         "EXPLAIN QUERY PLAN SELECT action_id, status, poll_count, enqueued_at, next_poll_at FROM actions
          WHERE tracking = 'active' AND next_poll_at <= ?1 ORDER BY next_poll_at LIMIT ?2",
@@ -501,12 +501,7 @@ async fn sweep_statements_look_ids_up_by_key() {
         .await
         .unwrap();
     store.close().await;
-    let pool = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}?mode=ro",
-        dir.path().join("t.db").display()
-    ))
-    .await
-    .unwrap();
+    let pool = read_only(&dir).await;
     let list = serde_json::to_string(
         &ids(3, 9)
             .iter()
