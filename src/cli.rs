@@ -554,6 +554,38 @@ async fn status(db: &Path, raw: &str, format: Format) -> Result<ExitCode, CliErr
     );
     let _ = writeln!(out, "requestor     {}", v(&row.requestor));
     let _ = writeln!(out, "comment       {}", v(&row.requestor_comment));
+    // Only where MDE said something: most actions have none of these.
+    if let Some(source) = &row.request_source {
+        let _ = writeln!(out, "source        {source}");
+    }
+    if let Some(scope) = &row.scope {
+        let _ = writeln!(out, "scope         {scope}");
+    }
+    if let Some(title) = &row.title {
+        let _ = writeln!(out, "title         {title}");
+    }
+    if let Some(h) = row.error_hresult.filter(|h| *h != 0) {
+        // HRESULTs read as hex: 0x80070005 is "access denied".
+        let _ = writeln!(out, "error         HRESULT 0x{:08X} ({h})", h as i32 as u32);
+    }
+    if row.cancelled_at.is_some() || row.cancellation_requestor.is_some() {
+        let _ = writeln!(
+            out,
+            "cancelled     {} by {}{}",
+            v(&row.cancelled_at),
+            v(&row.cancellation_requestor),
+            row.cancellation_comment
+                .as_deref()
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(at) = &row.revived_at {
+        let _ = writeln!(
+            out,
+            "revived       {at} (had ended not_found; MDE showed it later)"
+        );
+    }
     let _ = writeln!(out, "created (MDE) {}", v(&row.mde_created_at));
     let _ = writeln!(out, "updated (MDE) {}", v(&row.mde_updated_at));
     let _ = writeln!(out, "enqueued      {}", row.enqueued_at);

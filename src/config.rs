@@ -253,6 +253,10 @@ pub struct PollSettings {
     pub jitter: f64,
     #[serde(with = "duration_text")]
     pub give_up_after: Duration,
+    /// A 404 ends tracking (`not_found`) only once the id has been unknown this long since
+    /// it was enqueued: MDE makes a new action visible only after a few seconds.
+    #[serde(with = "duration_text")]
+    pub not_found_after: Duration,
     pub batch_size: u32,
     pub concurrency: u32,
     /// Actions due within this window ride along in a list call that goes out anyway.
@@ -291,6 +295,7 @@ impl Default for PollSettings {
             max_interval: policy.max_interval,
             jitter: policy.jitter,
             give_up_after: Duration::from_secs(7 * 86_400),
+            not_found_after: Duration::from_secs(120),
             batch_size: 100,
             concurrency: 4,
             ride_along: Duration::from_secs(300),
@@ -540,6 +545,16 @@ impl Settings {
         }
         if p.give_up_after.is_zero() {
             bad("poll.give_up_after", "must be more than zero".into());
+        }
+        if p.not_found_after > p.give_up_after {
+            bad(
+                "poll.not_found_after",
+                format!(
+                    "{} is longer than poll.give_up_after ({}): an unknown id would be given up on before it could be found missing",
+                    crate::domain::format_duration(p.not_found_after),
+                    crate::domain::format_duration(p.give_up_after)
+                ),
+            );
         }
         if p.batch_size == 0 || p.batch_size > MAX_BATCH_SIZE {
             bad(

@@ -97,15 +97,22 @@ pub async fn run(settings: &Settings) -> ExitCode {
     match client.probe(&token.secret).await {
         Ok(()) => c.ok("API", "GET /api/machineactions?$top=1 answered 200"),
         Err(e) => {
-            let advice = match e.http_status() {
-                Some(401) => {
-                    "the API did not accept the token: check api.cloud / api.base_url against auth.authority and auth.scope (a token for another cloud or resource is refused)"
-                }
-                Some(403) => {
-                    "the token lacks permission: grant the application permission Machine.Read.All (WindowsDefenderATP) and an admin's consent"
-                }
-                Some(404) => "api.base_url does not look like the MDE API",
-                _ => "the API could not be reached; check api.base_url, proxies and firewalls",
+            let advice = match (&e, e.http_status()) {
+                (crate::mde::MdeError::Forbidden(detail), _) => match crate::mde::roles_in_refusal(detail) {
+                    Some((required, has)) => format!(
+                        "the app lacks the application role {} (WindowsDefenderATP){}: grant it and an admin's consent",
+                        required.join(" or "),
+                        if has.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; it has only {}", has.join(", "))
+                        }
+                    ),
+                    None => "the token lacks permission: grant the application permission Machine.Read.All (WindowsDefenderATP) and an admin's consent".into(),
+                },
+                (_, Some(401)) => "the API did not accept the token: check api.cloud / api.base_url against auth.authority and auth.scope (a token for another cloud or resource is refused)".into(),
+                (_, Some(404)) => "api.base_url does not look like the MDE API (check its path)".into(),
+                _ => "the API could not be reached; check api.base_url, proxies and firewalls".to_string(),
             };
             c.fail("API", &format!("{e}; {advice}"));
         }

@@ -179,6 +179,23 @@ impl fmt::Display for ActionStatus {
     }
 }
 
+/// The action `type`s MDE documents; others are kept verbatim and counted as unknown.
+pub const ACTION_TYPES: [&str; 9] = [
+    "RunAntiVirusScan",
+    "Offboard",
+    "LiveResponse",
+    "CollectInvestigationPackage",
+    "Isolate",
+    "Unisolate",
+    "StopAndQuarantineFile",
+    "RestrictCodeExecution",
+    "UnrestrictCodeExecution",
+];
+
+pub fn is_known_action_type(t: &str) -> bool {
+    ACTION_TYPES.contains(&t)
+}
+
 /// Where the daemon stands with an action; the `tracking` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -83,6 +83,9 @@ async fn readyz(State(s): State<Arc<HttpState>>) -> Response {
     if let Some(refusal) = s.poller.tokens().refusal() {
         failures.push(format!("no access token: {refusal}"));
     }
+    if let Some(refusal) = s.poller.metrics().api_refusal() {
+        failures.push(refusal);
+    }
     if !s.poller.is_alive() {
         failures.push(format!(
             "poll loop shows no progress for {}s",

@@ -29,6 +29,18 @@ pub enum MdeError {
     /// The service refused the `id in (...)` list filter.
     #[error("list filter rejected (400){}", detail_suffix(.0))]
     FilterRejected(String),
+    /// The service accepted a list filter but answered entries that contradict it (an id not
+    /// asked for, a status or creation time outside the filter): it does not apply that form.
+    #[error("list filter ignored by the service: {0}")]
+    FilterIgnored(String),
+    /// A 404 that is not the API's: an HTML or empty body (a proxy, or `api.base_url` with a
+    /// wrong path), or any 404 to a list call. Says nothing about the action.
+    #[error("HTTP 404 from {url} is not an answer of the MDE API{}; check api.base_url (a wrong path or a proxy)", detail_suffix(.detail))]
+    NotApi { url: String, detail: String },
+    /// 403: the app lacks an application role (Machine.Read.All), or the token is for
+    /// another resource.
+    #[error("MDE refused the app (403){}", detail_suffix(.0))]
+    Forbidden(String),
     /// Worth retrying later: 5xx, time-outs, dropped connections, unreadable answers.
     #[error("{message}")]
     Transient {
@@ -55,6 +67,9 @@ impl MdeError {
             MdeError::Unauthorized(_) => Some(401),
             MdeError::RateLimited { .. } => Some(429),
             MdeError::FilterRejected(_) => Some(400),
+            MdeError::FilterIgnored(_) => Some(200),
+            MdeError::NotApi { .. } => Some(404),
+            MdeError::Forbidden(_) => Some(403),
             MdeError::Transient { status, .. } => *status,
             MdeError::Rejected { status, .. } => Some(*status),
         }
@@ -67,6 +82,9 @@ impl MdeError {
             MdeError::Unauthorized(_) => "unauthorized",
             MdeError::RateLimited { .. } => "rate_limited",
             MdeError::FilterRejected(_) => "filter_rejected",
+            MdeError::FilterIgnored(_) => "filter_ignored",
+            MdeError::NotApi { .. } => "not_api",
+            MdeError::Forbidden(_) => "forbidden",
             MdeError::Transient { .. } => "transient",
             MdeError::Rejected { .. } => "rejected",
         }
@@ -94,6 +112,35 @@ struct WireAction {
     external_id: Option<String>,
     #[serde(rename = "externalID")]
     external_id_upper: Option<String>,
+    // Fields only reports read: one of an unexpected JSON type is dropped rather than
+    // costing the whole action (its status still counts).
+    #[serde(default, deserialize_with = "lenient_text")]
+    title: Option<String>,
+    #[serde(default, deserialize_with = "lenient_text")]
+    scope: Option<String>,
+    #[serde(default, deserialize_with = "lenient_text")]
+    request_source: Option<String>,
+    #[serde(default, rename = "errorHResult", deserialize_with = "lenient_integer")]
+    error_hresult: Option<i64>,
+    #[serde(default, deserialize_with = "lenient_text")]
+    cancellation_requestor: Option<String>,
+    #[serde(default, deserialize_with = "lenient_text")]
+    cancellation_comment: Option<String>,
+    #[serde(default, deserialize_with = "lenient_text")]
+    cancellation_date_time_utc: Option<String>,
+}
+
+/// A text field, or `None` when it is null or not text.
+fn lenient_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Some(s),
+        _ => None,
+    })
+}
+
+/// An integer field (`errorHResult` is a signed 32-bit HRESULT), or `None`.
+fn lenient_integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Ok(serde_json::Value::deserialize(d)?.as_i64())
 }
 
 /// A MachineAction read from an answer, with its JSON kept verbatim.
@@ -122,6 +169,13 @@ impl FetchedAction {
             external_id: wire.external_id.or(wire.external_id_upper),
             created_at: time(&wire.creation_date_time_utc),
             updated_at: time(&updated),
+            title: wire.title,
+            scope: wire.scope,
+            request_source: wire.request_source,
+            error_hresult: wire.error_hresult,
+            cancellation_requestor: wire.cancellation_requestor,
+            cancellation_comment: wire.cancellation_comment,
+            cancelled_at: time(&wire.cancellation_date_time_utc),
             raw: raw.to_string(),
         };
         Ok(Self {
@@ -207,16 +261,31 @@ impl MdeClient {
     }
 
     /// One page of a tenant-wide listing: `GET /api/machineactions?$filter=...&$top=&$skip=`.
+    /// `since` is the creation time a `CreatedSince` listing starts from. A page whose
+    /// entries contradict the filter is `FilterIgnored`.
     pub async fn list_page(
         &self,
         token: &Secret,
-        filter: &str,
+        filter: SweepFilter,
+        since: &str,
         top: u32,
         skip: u64,
     ) -> Result<ListPage, MdeError> {
-        let url = self.page_url(filter, top, skip);
+        let url = self.page_url(&filter.text(since), top, skip);
         let body = self.send(token, &url, false).await?;
-        parse_page(&body)
+        let page = parse_page(&body)?;
+        let since = crate::domain::parse_time(since);
+        if let Some(why) = page
+            .actions
+            .iter()
+            .find_map(|a| filter.contradicted_by(a, since))
+        {
+            return Err(MdeError::FilterIgnored(format!(
+                "{} listing: {why}",
+                filter.as_str()
+            )));
+        }
+        Ok(page)
     }
 
     pub fn page_url(&self, filter: &str, top: u32, skip: u64) -> String {
@@ -266,7 +335,7 @@ impl MdeClient {
                 error_chain(&e)
             ),
         })?;
-        classify(status, retry_after, body, single)
+        classify(status, retry_after, body, single, url)
     }
 }
 
@@ -323,6 +392,32 @@ impl SweepFilter {
     pub fn lists_finished(self) -> bool {
         self == SweepFilter::CreatedSince
     }
+
+    /// Why `a` cannot be in this listing, if it cannot: the service then ignores the form.
+    pub fn contradicted_by(self, a: &FetchedAction, since: Option<SystemTime>) -> Option<String> {
+        match self {
+            SweepFilter::CreatedSince => {
+                let since = since?;
+                // Stored times are cut to milliseconds, as is `since`: compare like with like.
+                let created = a
+                    .observation
+                    .created_at
+                    .as_deref()
+                    .and_then(crate::domain::parse_time)?;
+                (created < since).then(|| {
+                    format!(
+                        "{} was created at {}, before the filter's {}",
+                        a.id,
+                        a.observation.created_at.as_deref().unwrap_or("?"),
+                        crate::domain::format_time(since)
+                    )
+                })
+            }
+            SweepFilter::StatusIn | SweepFilter::StatusEqOr => (!UNFINISHED
+                .contains(&a.status.as_str()))
+            .then(|| format!("{} has status {}", a.id, a.status)),
+        }
+    }
 }
 
 /// One page of a listing, in the service's order.
@@ -377,8 +472,16 @@ fn parse_list(body: &str, ids: &[ActionId]) -> Result<ListAnswer, MdeError> {
         unreadable: page.unreadable,
         ..ListAnswer::default()
     };
-    // Extra actions (not asked for) are ignored: the filter is the service's business.
-    for a in page.actions.into_iter().filter(|a| ids.contains(&a.id)) {
+    let asked: std::collections::HashSet<&ActionId> = ids.iter().collect();
+    for a in page.actions {
+        // An action not asked for means the service did not apply the filter: nothing in
+        // such an answer can be trusted to be complete.
+        if !asked.contains(&a.id) {
+            return Err(MdeError::FilterIgnored(format!(
+                "the answer to an id list holds {}, which was not asked for",
+                a.id
+            )));
+        }
         answer.actions.insert(a.id.clone(), a);
     }
     Ok(answer)
@@ -389,6 +492,7 @@ fn classify(
     retry_after: Option<Duration>,
     body: String,
     single: bool,
+    url: &str,
 ) -> Result<String, MdeError> {
     if status.is_success() {
         return Ok(body);
@@ -396,8 +500,14 @@ fn classify(
     let detail = describe_error_body(&body);
     let code = status.as_u16();
     Err(match code {
-        404 if single => MdeError::NotFound,
+        // Only the API's own error body says the id is unknown; a proxy's page says nothing.
+        404 if single && is_api_error(&body) => MdeError::NotFound,
+        404 => MdeError::NotApi {
+            url: redact_query(url),
+            detail,
+        },
         401 => MdeError::Unauthorized(detail),
+        403 => MdeError::Forbidden(detail),
         429 => MdeError::RateLimited { retry_after },
         400 if !single => MdeError::FilterRejected(detail),
         408 | 500..=599 => MdeError::Transient {
@@ -409,6 +519,42 @@ fn classify(
             message: format!("HTTP {code} from MDE{}", detail_suffix(&detail)),
         },
     })
+}
+
+/// Whether `body` is the API's JSON error shape (`{"error": {...}}`), whatever its `code`.
+fn is_api_error(body: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(body.trim())
+        .is_ok_and(|v| v.get("error").is_some_and(serde_json::Value::is_object))
+}
+
+/// A URL for messages: list calls carry up to 150 ids in their query, which says nothing.
+fn redact_query(url: &str) -> String {
+    match url.split_once('?') {
+        Some((path, _)) => format!("{path}?…"),
+        None => url.to_string(),
+    }
+}
+
+/// The roles a 403 says the API requires and the app has: `Missing application roles. API
+/// required roles: A,B, application roles: C.` or the older `... the required application
+/// permissions (A, B)`. For explanations only: classification never reads message text.
+pub fn roles_in_refusal(detail: &str) -> Option<(Vec<String>, Vec<String>)> {
+    let split = |s: &str| -> Vec<String> {
+        s.split(',')
+            .map(|r| r.trim().trim_end_matches('.').trim().to_string())
+            .filter(|r| !r.is_empty())
+            .collect()
+    };
+    if let Some((_, rest)) = detail.split_once("required roles:") {
+        let (required, has) = match rest.split_once("application roles:") {
+            Some((req, has)) => (req.trim().trim_end_matches(','), has),
+            None => (rest, ""),
+        };
+        return Some((split(required), split(has)));
+    }
+    let (_, rest) = detail.split_once("required application permissions")?;
+    let inner = rest.split_once('(')?.1.split_once(')')?.0;
+    Some((split(inner), Vec::new()))
 }
 
 /// Turns an error body into one readable line: the OData error's code and message, an HTML
@@ -562,14 +708,20 @@ mod tests {
     }
 
     #[test]
-    fn list_answers_keep_only_requested_ids() {
+    fn list_answers_hold_only_requested_ids() {
         let other = "11111111-2222-3333-4444-555555555555";
         let body = format!(
             r#"{{"@odata.context":"x","value":[{{"id":"{ID}","status":"InProgress"}},{{"id":"{other}","status":"Failed"}},{{"id":"{ID}"}}]}}"#
         );
         let ids = [ActionId::parse(ID).unwrap()];
-        let answer = parse_list(&body, &ids).unwrap();
-        assert_eq!(answer.actions.len(), 1);
+        // An id not asked for: the service ignored the filter.
+        assert!(matches!(
+            parse_list(&body, &ids),
+            Err(MdeError::FilterIgnored(_))
+        ));
+        let both = [ids[0].clone(), ActionId::parse(other).unwrap()];
+        let answer = parse_list(&body, &both).unwrap();
+        assert_eq!(answer.actions.len(), 2);
         assert_eq!(answer.unreadable.len(), 1);
         assert!(parse_list(&body[..body.len() / 2], &ids).is_err());
     }
@@ -596,23 +748,49 @@ mod tests {
 
     #[test]
     fn classification() {
-        let c = |code: u16, single: bool| {
+        let with_body = |code: u16, single: bool, body: &str| {
             classify(
                 StatusCode::from_u16(code).unwrap(),
                 None,
-                String::new(),
+                body.to_string(),
                 single,
+                "https://api.example/api/machineactions?$filter=secret-ids",
             )
             .unwrap_err()
         };
-        assert_eq!(c(404, true), MdeError::NotFound);
-        assert!(matches!(
-            c(404, false),
-            MdeError::Rejected { status: 404, .. }
-        ));
+        let c = |code: u16, single: bool| with_body(code, single, "");
+        let api_404 =
+            r#"{"error":{"code":"ResourceNotFound","message":"Action not found","target":"x"}}"#;
+        // Only the API's own error body says the id is unknown.
+        assert_eq!(with_body(404, true, api_404), MdeError::NotFound);
+        assert_eq!(
+            with_body(
+                404,
+                true,
+                r#"{"error":{"code":"","message":"gone","details":[]}}"#
+            ),
+            MdeError::NotFound
+        );
+        for body in ["", "<html><title>404 Not Found</title></html>", "Not Found"] {
+            let e = with_body(404, true, body);
+            assert!(matches!(e, MdeError::NotApi { .. }), "{body:?}: {e:?}");
+            let text = e.to_string();
+            assert!(
+                text.contains("https://api.example/api/machineactions?…"),
+                "{text}"
+            );
+            assert!(
+                !text.contains("secret-ids") && text.contains("api.base_url"),
+                "{text}"
+            );
+        }
+        // A list call's 404 names the URL, whatever its body: it is not about permissions.
+        let e = with_body(404, false, api_404);
+        assert!(matches!(e, MdeError::NotApi { .. }), "{e:?}");
+        assert!(!e.to_string().contains("permission"), "{e}");
         assert!(matches!(c(400, false), MdeError::FilterRejected(_)));
         assert!(matches!(c(400, true), MdeError::Rejected { .. }));
-        assert!(matches!(c(403, true), MdeError::Rejected { .. }));
+        assert!(matches!(c(403, true), MdeError::Forbidden(_)));
         assert!(matches!(
             c(503, true),
             MdeError::Transient {
@@ -625,6 +803,87 @@ mod tests {
             c(429, true),
             MdeError::RateLimited { retry_after: None }
         ));
+    }
+
+    #[test]
+    fn refusals_name_the_roles() {
+        assert_eq!(
+            roles_in_refusal(
+                "Forbidden: Missing application roles. API required roles: Machine.Read.All,Machine.ReadWrite.All, application roles: Machine.Isolate."
+            ),
+            Some((
+                vec!["Machine.Read.All".into(), "Machine.ReadWrite.All".into()],
+                vec!["Machine.Isolate".into()]
+            ))
+        );
+        assert_eq!(
+            roles_in_refusal(
+                "The application does not have any of the required application permissions (Machine.ReadWrite.All, Machine.Read.All) to access the resource."
+            ),
+            Some((
+                vec!["Machine.ReadWrite.All".into(), "Machine.Read.All".into()],
+                vec![]
+            ))
+        );
+        assert_eq!(roles_in_refusal("Forbidden"), None);
+    }
+
+    #[test]
+    fn the_full_entity_is_read_and_odd_fields_do_not_cost_the_action() {
+        let doc = format!(
+            r#"{{"id":"{ID}","type":"LiveResponse","status":"Cancelled","title":null,"scope":"Selective",
+            "requestSource":"PublicApi","errorHResult":-2147024891,"cancellationRequestor":"lead@contoso.com",
+            "cancellationComment":"wrong device","cancellationDateTimeUtc":"2026-11-30T10:00:01.93Z",
+            "creationDateTimeUtc":"2026-11-30T09:59:00.1Z","lastUpdateDateTimeUtc":"2026-11-30T10:00:01.9316Z",
+            "commands":[{{"index":0,"commandStatus":"Completed","errors":[],"command":{{"type":"RunScript","params":[]}}}}]}}"#
+        );
+        let o = FetchedAction::from_json(&doc).unwrap().observation;
+        assert_eq!(o.scope.as_deref(), Some("Selective"));
+        assert_eq!(o.request_source.as_deref(), Some("PublicApi"));
+        assert_eq!(o.error_hresult, Some(-2147024891));
+        assert_eq!(
+            o.cancellation_requestor.as_deref(),
+            Some("lead@contoso.com")
+        );
+        assert_eq!(o.cancellation_comment.as_deref(), Some("wrong device"));
+        assert_eq!(o.cancelled_at.as_deref(), Some("2026-11-30T10:00:01.930Z"));
+        assert_eq!(o.created_at.as_deref(), Some("2026-11-30T09:59:00.100Z"));
+        assert_eq!(o.updated_at.as_deref(), Some("2026-11-30T10:00:01.931Z"));
+        assert_eq!(o.title, None);
+        let odd = format!(
+            r#"{{"id":"{ID}","status":"Pending","title":{{"x":1}},"errorHResult":"0x80004005","scope":7}}"#
+        );
+        let o = FetchedAction::from_json(&odd).unwrap().observation;
+        assert_eq!((o.title, o.error_hresult, o.scope), (None, None, None));
+    }
+
+    #[test]
+    fn listings_that_contradict_their_filter_are_caught() {
+        let action = |status: &str, created: &str| {
+            FetchedAction::from_json(&format!(
+                r#"{{"id":"{ID}","status":"{status}","creationDateTimeUtc":"{created}"}}"#
+            ))
+            .unwrap()
+        };
+        let since = crate::domain::parse_time("2026-11-30T10:00:00.000Z");
+        let early = action("Pending", "2026-11-30T09:59:59.99Z");
+        let late = action("Succeeded", "2026-11-30T10:00:00.0004Z");
+        assert!(
+            SweepFilter::CreatedSince
+                .contradicted_by(&early, since)
+                .is_some()
+        );
+        assert!(
+            SweepFilter::CreatedSince
+                .contradicted_by(&late, since)
+                .is_none()
+        );
+        assert!(SweepFilter::StatusIn.contradicted_by(&late, None).is_some());
+        assert!(
+            SweepFilter::StatusEqOr
+                .contradicted_by(&early, None)
+                .is_none()
+        );
     }
 
     #[test]

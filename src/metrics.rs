@@ -90,7 +90,19 @@ pub struct Metrics {
     pub detection_lag: Histogram,
     pub db_write_seconds: Histogram,
     last_error: Mutex<Option<(String, SystemTime)>>,
+    /// Actions that had ended `not_found` and showed up in a listing later.
+    pub revived: AtomicU64,
+    /// 404s that were not the API's (HTML or empty body, or to a list call).
+    pub not_api_answers: AtomicU64,
+    /// Status and type values this version does not know, by field and value.
+    unknown_values: Mutex<BTreeMap<(&'static str, String), u64>>,
+    /// Why MDE refuses the app (403), until a call succeeds again.
+    api_refusal: Mutex<Option<String>>,
 }
+
+/// Distinct unknown values counted by name; beyond this they add up under `(other)`, so
+/// a service that sends garbage cannot grow the metrics without bound.
+const UNKNOWN_VALUES_KEPT: usize = 32;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -112,6 +124,10 @@ impl Default for Metrics {
             detection_lag: Histogram::new(LAG_BUCKETS),
             db_write_seconds: Histogram::new(FAST_BUCKETS),
             last_error: Mutex::new(None),
+            revived: AtomicU64::new(0),
+            not_api_answers: AtomicU64::new(0),
+            unknown_values: Mutex::new(BTreeMap::new()),
+            api_refusal: Mutex::new(None),
         }
     }
 }
@@ -187,6 +203,40 @@ impl Metrics {
 
     pub fn last_error(&self) -> Option<(String, SystemTime)> {
         self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Counts one sighting of a value of `field` (status, type) that this version does not
+    /// know. True the first time the value is seen, so the caller warns once per value.
+    pub fn count_unknown(&self, field: &'static str, value: &str) -> bool {
+        let mut map = self
+            .unknown_values
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let key = (field, value.to_string());
+        if let Some(n) = map.get_mut(&key) {
+            *n += 1;
+            return false;
+        }
+        if map.keys().filter(|(f, _)| *f == field).count() < UNKNOWN_VALUES_KEPT {
+            map.insert(key, 1);
+            return true;
+        }
+        // Past the bound, values are no longer told apart: only the first one warns.
+        let n = map.entry((field, "(other)".to_string())).or_default();
+        *n += 1;
+        *n == 1
+    }
+
+    pub fn set_api_refusal(&self, why: Option<String>) {
+        *self.api_refusal.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+
+    /// Why MDE refused the app on the last call (403), if it did.
+    pub fn api_refusal(&self) -> Option<String> {
+        self.api_refusal
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
@@ -358,6 +408,40 @@ impl Metrics {
             "mde_actiond_db_write_seconds",
             "Time to commit one batch of poll results.",
         );
+        counter(
+            &mut out,
+            "mde_actiond_revived_total",
+            "Actions that had ended not_found and showed up in a listing later.",
+            Self::get(&self.revived),
+        );
+        counter(
+            &mut out,
+            "mde_actiond_not_api_answers_total",
+            "404 answers that did not come from the MDE API (HTML or empty body): check api.base_url.",
+            Self::get(&self.not_api_answers),
+        );
+        gauge(
+            &mut out,
+            "mde_actiond_api_forbidden",
+            "1 while MDE refuses the app (403: a missing application role).",
+            u8::from(self.api_refusal().is_some()).to_string(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mde_actiond_unknown_values_total Answers carrying a status or type this version does not know (kept verbatim).\n# TYPE mde_actiond_unknown_values_total counter"
+        );
+        for ((field, value), n) in self
+            .unknown_values
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "mde_actiond_unknown_values_total{{field=\"{field}\",value=\"{}\"}} {n}",
+                escape(value)
+            );
+        }
         gauge(
             &mut out,
             "mde_actiond_up_seconds",

@@ -69,6 +69,10 @@ struct SweepState {
     last_started: Option<tokio::time::Instant>,
     /// Whether the last step planned sweeps (actions then carry long safety nets).
     sweeping: bool,
+    /// The last sweep made the actions it did not list due: a pass must fetch them before
+    /// another sweep may be called for by a crowd of due actions (which would not list them
+    /// either, and would spin).
+    pass_owed: bool,
 }
 
 /// How a sweep's listing ended.
@@ -118,6 +122,8 @@ pub struct Poller {
     /// every action by id; 0 while sweeps do the checking.
     floor_ms: AtomicU64,
     check_window: std::sync::Mutex<CheckWindow>,
+    /// Whether a 404 that was not the API's has been logged at error level.
+    not_api_logged: AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +177,7 @@ impl Poller {
                 started: tokio::time::Instant::now(),
                 checks: 0,
             }),
+            not_api_logged: AtomicBool::new(false),
         }
     }
 
@@ -307,7 +314,9 @@ impl Poller {
         let time_up = since_last.is_none_or(|e| e >= plan.interval);
         // Due actions worth more list calls by id than the sweep costs: sweep now instead.
         let crowd = u64::from(plan.cost) * batch;
+        let pass_owed = std::mem::take(&mut self.sweep_state().pass_owed);
         let crowded = !time_up
+            && !pass_owed
             && u64::from(
                 self.store
                     .count_due(SystemTime::now(), u32::try_from(crowd).unwrap_or(u32::MAX))
@@ -412,6 +421,7 @@ impl Poller {
                     );
                     record.missing = missing;
                     record.outcome = "complete";
+                    self.sweep_state().pass_owed = missing > 0;
                 }
                 Err(e) => warn!(error = %e, "cannot mark the actions the sweep did not list"),
             }
@@ -477,23 +487,29 @@ impl Poller {
         seen: &mut std::collections::HashSet<ActionId>,
         cancel: &CancellationToken,
     ) -> Result<Listing, Halt> {
-        let filter = plan.filter.text(plan.since.as_deref().unwrap_or_default());
+        let since = plan.since.clone().unwrap_or_default();
         let top = self.settings.sweep_page_size.max(1);
         let mut skip = 0u64;
         loop {
             let asked = tokio::time::Instant::now();
             let page = self
                 .call(Endpoint::List, 0, Some(sweep_id), cancel, |token| {
-                    let filter = filter.clone();
-                    async move { self.client.list_page(&token, &filter, top, skip).await }
+                    let since = since.clone();
+                    async move {
+                        self.client
+                            .list_page(&token, plan.filter, &since, top, skip)
+                            .await
+                    }
                 })
                 .await;
             let page = match page {
                 Ok(page) => page,
-                Err(CallError::Api(MdeError::FilterRejected(detail))) => {
+                Err(CallError::Api(
+                    e @ (MdeError::FilterRejected(_) | MdeError::FilterIgnored(_)),
+                )) => {
                     warn!(
                         filter = plan.filter.as_str(),
-                        detail, "MDE refused this sweep filter; trying the next form"
+                        error = %e, "MDE does not support this sweep filter; trying the next form"
                     );
                     self.sweep_state().rejected.push(plan.filter);
                     return Ok(Listing::Refused);
@@ -516,7 +532,10 @@ impl Poller {
             let answered = asked.elapsed();
             let ids: Vec<ActionId> = page.actions.iter().map(|a| a.id.clone()).collect();
             let matching = tokio::time::Instant::now();
-            let tracked = self.store.active_among(&ids).await.map_err(Halt::Store)?;
+            let (mut tracked, lost) = self.store.tracked_among(&ids).await.map_err(Halt::Store)?;
+            if !lost.is_empty() {
+                tracked.extend(self.revive(&lost).await?);
+            }
             let matched = matching.elapsed();
             let mut found: std::collections::HashMap<ActionId, FetchedAction> = page
                 .actions
@@ -672,11 +691,13 @@ impl Poller {
                     }
                     missing
                 }
-                Err(CallError::Api(MdeError::FilterRejected(detail))) => {
+                Err(CallError::Api(
+                    e @ (MdeError::FilterRejected(_) | MdeError::FilterIgnored(_)),
+                )) => {
                     if self.list_supported.swap(false, Ordering::Relaxed) {
                         warn!(
-                            detail,
-                            "MDE refused the list filter; polling with one GET per action from now on"
+                            error = %e,
+                            "MDE does not support the id list filter; polling with one GET per action from now on"
                         );
                     }
                     chunk.iter().collect()
@@ -710,14 +731,7 @@ impl Poller {
                 .await;
             match result {
                 Ok(found) => writes.push(self.observed(a, found, covered)),
-                Err(CallError::Api(MdeError::NotFound)) => {
-                    info!(action_id = %a.id, "MDE does not know this action (404); tracking ends");
-                    writes.push(PollWrite {
-                        id: a.id.clone(),
-                        result: PollResult::NotFound,
-                        next: NextStep::Finish(Tracking::NotFound),
-                    });
-                }
+                Err(CallError::Api(MdeError::NotFound)) => writes.push(self.unknown(a, covered)),
                 Err(e) => match self.halt_or_error(e) {
                     Ok(message) => writes.push(self.failed(a, &message, covered)),
                     Err(h) => halt = Some(h),
@@ -770,10 +784,24 @@ impl Poller {
             CallError::Api(e) => {
                 self.metrics.errors.fetch_add(1, Ordering::Relaxed);
                 self.metrics.set_last_error(&e.to_string());
-                if matches!(e, MdeError::Rejected { .. } | MdeError::Unauthorized(_)) {
-                    error!(error = %e, "MDE refused the call; check the app's permissions (Machine.Read.All)");
-                } else {
-                    warn!(error = %e, "poll failed; will retry with backoff");
+                match &e {
+                    MdeError::Forbidden(detail) => {
+                        error!(error = %e, "MDE refuses the app; grant it the application permission Machine.Read.All (WindowsDefenderATP) with admin consent");
+                        self.metrics.set_api_refusal(Some(describe_refusal(detail)));
+                    }
+                    MdeError::NotApi { .. } => {
+                        self.metrics.not_api_answers.fetch_add(1, Ordering::Relaxed);
+                        // Every call would say the same: once is enough.
+                        if !self.not_api_logged.swap(true, Ordering::Relaxed) {
+                            error!(error = %e, "an answer did not come from the MDE API; nothing ends tracking while this lasts");
+                        } else {
+                            debug!(error = %e, "not an MDE API answer");
+                        }
+                    }
+                    MdeError::Rejected { .. } | MdeError::Unauthorized(_) => {
+                        error!(error = %e, "MDE refused the call");
+                    }
+                    _ => warn!(error = %e, "poll failed; will retry with backoff"),
                 }
                 Ok(e.to_string())
             }
@@ -820,6 +848,10 @@ impl Poller {
                 // Pause before anything else (even the write below) so other calls stop now.
                 self.budget
                     .pause(retry_after.unwrap_or(DEFAULT_RETRY_AFTER));
+            }
+            if result.is_ok() && self.metrics.api_refusal().is_some() {
+                info!("MDE accepts the app's calls again");
+                self.metrics.set_api_refusal(None);
             }
             let (status, outcome, retry_after) = match &result {
                 Ok(_) => (Some(200), "ok", None),
@@ -892,8 +924,14 @@ impl Poller {
                 "status changed"
             );
         }
-        if !status.is_known() && new {
-            warn!(action_id = %a.id, %status, "unknown status; recorded and polled on");
+        if !status.is_known() && self.metrics.count_unknown("status", status.as_str()) {
+            warn!(action_id = %a.id, %status, "a status this version does not know; recorded as sent and polled on (not terminal)");
+        }
+        if let Some(t) = found.observation.action_type.as_deref()
+            && !crate::domain::is_known_action_type(t)
+            && self.metrics.count_unknown("type", t)
+        {
+            warn!(action_id = %a.id, action_type = t, "an action type this version does not know; recorded as sent");
         }
         let next = if status.is_terminal() {
             NextStep::Finish(Tracking::Done)
@@ -905,6 +943,50 @@ impl Poller {
             result: PollResult::Observed(Box::new(found.observation)),
             next,
         }
+    }
+
+    /// A 404 from the API itself. MDE makes a new action visible only after a few seconds,
+    /// so the id ends `not_found` only once it has been unknown for `not_found_after` since
+    /// it was enqueued (a persisted time, so restarts do not reset it); until then it is
+    /// tried again on the usual backoff.
+    fn unknown(&self, a: &DueAction, covered: Option<Duration>) -> PollWrite {
+        let now = SystemTime::now();
+        let deadline = a.enqueued_at + self.settings.not_found_after;
+        if now >= deadline {
+            info!(action_id = %a.id, "MDE does not know this action (404) since it was enqueued; tracking ends");
+            return PollWrite {
+                id: a.id.clone(),
+                result: PollResult::NotFound,
+                next: NextStep::Finish(Tracking::NotFound),
+            };
+        }
+        debug!(action_id = %a.id, "MDE does not know this action yet (404); trying again");
+        let message = format!(
+            "MDE does not know this action yet (404); new actions become visible after a few seconds; it ends not_found if still unknown at {}",
+            crate::domain::format_time(deadline)
+        );
+        PollWrite {
+            id: a.id.clone(),
+            result: PollResult::Error(message),
+            next: self.next_step(a, covered),
+        }
+    }
+
+    /// Brings back actions that had ended `not_found` and are listed after all; returns
+    /// them ready to be checked from the page in hand.
+    async fn revive(&self, ids: &[ActionId]) -> Result<Vec<DueAction>, Halt> {
+        let revived = self
+            .store
+            .revive_among(ids, SystemTime::now())
+            .await
+            .map_err(Halt::Store)?;
+        for id in &revived {
+            info!(action_id = %id, "revived: MDE lists an action that had ended not_found; tracking it again");
+        }
+        self.metrics
+            .revived
+            .fetch_add(revived.len() as u64, Ordering::Relaxed);
+        self.store.active_among(&revived).await.map_err(Halt::Store)
     }
 
     fn failed(&self, a: &DueAction, message: &str, covered: Option<Duration>) -> PollWrite {
@@ -936,6 +1018,22 @@ impl Poller {
             None => backoff.max(Duration::from_millis(self.floor_ms.load(Ordering::Relaxed))),
         };
         NextStep::PollAt((now + delay).min(deadline))
+    }
+}
+
+/// A 403's message in a line for `/readyz`: the roles it names, when it names them.
+fn describe_refusal(detail: &str) -> String {
+    match crate::mde::roles_in_refusal(detail) {
+        Some((required, has)) => format!(
+            "MDE refuses the app (403): it needs one of the application roles {}{}",
+            required.join(", "),
+            if has.is_empty() {
+                String::new()
+            } else {
+                format!("; it has {}", has.join(", "))
+            }
+        ),
+        None => format!("MDE refuses the app (403): {detail}"),
     }
 }
 

@@ -134,7 +134,7 @@ fn opt(s: &Option<String>) -> String {
     s.clone().unwrap_or_default()
 }
 
-pub const ACTION_COLUMNS: [&str; 20] = [
+pub const ACTION_COLUMNS: [&str; 28] = [
     "action_id",
     "tracking",
     "status",
@@ -154,6 +154,15 @@ pub const ACTION_COLUMNS: [&str; 20] = [
     "last_error",
     "last_error_at",
     "finished_at",
+    "request_source",
+    "scope",
+    "title",
+    "error_hresult",
+    "cancellation_requestor",
+    "cancellation_comment",
+    "cancelled_at",
+    "revived_at",
+    // Last: `list` leaves it out.
     "last_response",
 ];
 
@@ -178,6 +187,14 @@ pub fn action_fields(r: &ActionRow) -> Vec<String> {
         opt(&r.last_error),
         opt(&r.last_error_at),
         opt(&r.finished_at),
+        opt(&r.request_source),
+        opt(&r.scope),
+        opt(&r.title),
+        r.error_hresult.map(|h| h.to_string()).unwrap_or_default(),
+        opt(&r.cancellation_requestor),
+        opt(&r.cancellation_comment),
+        opt(&r.cancelled_at),
+        opt(&r.revived_at),
         opt(&r.last_response),
     ]
 }

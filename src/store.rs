@@ -135,6 +135,13 @@ pub struct Observation {
     pub external_id: Option<String>,
     pub created_at: Option<String>,
     pub updated_at: Option<String>,
+    pub title: Option<String>,
+    pub scope: Option<String>,
+    pub request_source: Option<String>,
+    pub error_hresult: Option<i64>,
+    pub cancellation_requestor: Option<String>,
+    pub cancellation_comment: Option<String>,
+    pub cancelled_at: Option<String>,
     /// The JSON object exactly as MDE sent it.
     pub raw: String,
 }
@@ -213,6 +220,14 @@ pub struct ActionRow {
     pub last_error_at: Option<String>,
     pub finished_at: Option<String>,
     pub last_response: Option<String>,
+    pub request_source: Option<String>,
+    pub scope: Option<String>,
+    pub title: Option<String>,
+    pub error_hresult: Option<i64>,
+    pub cancellation_requestor: Option<String>,
+    pub cancellation_comment: Option<String>,
+    pub cancelled_at: Option<String>,
+    pub revived_at: Option<String>,
 }
 
 #[derive(Debug, Clone, FromRow, Serialize, PartialEq, Eq)]
@@ -459,6 +474,47 @@ impl Store {
             .fetch_all(&self.reader)
             .await?;
         rows.iter().map(due_from_row).collect()
+    }
+
+    /// Brings back to `active` (due now) the actions among `ids` that had ended `not_found`:
+    /// a listing holds them, so MDE knows them after all (new ids become visible late).
+    /// Returns the ids revived.
+    pub async fn revive_among(&self, ids: &[ActionId], now: SystemTime) -> Result<Vec<ActionId>> {
+        let revived: Vec<String> = sqlx::query_scalar(
+            "UPDATE actions SET tracking = 'active', next_poll_at = ?2, finished_at = NULL,
+               revived_at = ?2
+             WHERE action_id IN (SELECT value FROM json_each(?1)) AND +tracking = 'not_found'
+             RETURNING action_id",
+        )
+        .bind(id_list(ids))
+        .bind(format_time(now))
+        .fetch_all(self.writer())
+        .await?;
+        revived
+            .iter()
+            .map(|id| ActionId::parse(id).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .collect()
+    }
+
+    /// For one sweep page: the active actions among `ids`, and the ones that had ended
+    /// `not_found` (listed after all, so to be revived).
+    pub async fn tracked_among(&self, ids: &[ActionId]) -> Result<(Vec<DueAction>, Vec<ActionId>)> {
+        let rows = sqlx::query(TRACKED_AMONG)
+            .bind(id_list(ids))
+            .fetch_all(&self.reader)
+            .await?;
+        let mut active = Vec::with_capacity(rows.len());
+        let mut lost = Vec::new();
+        for row in &rows {
+            let tracking: String = row.try_get("tracking")?;
+            if tracking == Tracking::Active.as_str() {
+                active.push(due_from_row(row)?);
+            } else {
+                let id: String = row.try_get("action_id")?;
+                lost.push(ActionId::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+            }
+        }
+        Ok((active, lost))
     }
 
     /// Makes due now every active action enqueued before `before` that is not in `seen`: a
@@ -1047,6 +1103,10 @@ fn read_time(s: &str) -> Result<SystemTime> {
 pub const ACTIVE_AMONG: &str =
     "SELECT action_id, status, poll_count, enqueued_at, next_poll_at FROM actions
     WHERE action_id IN (SELECT value FROM json_each(?1)) AND +tracking = 'active'";
+pub const TRACKED_AMONG: &str =
+    "SELECT action_id, tracking, status, poll_count, enqueued_at, next_poll_at FROM actions
+    WHERE action_id IN (SELECT value FROM json_each(?1))
+      AND +tracking IN ('active', 'not_found')";
 pub const RECORD_TRANSITIONS: &str = "INSERT INTO transitions
       (action_id, from_status, to_status, observed_at, mde_updated_at)
     SELECT a.action_id, a.status, w.value ->> '$.status', ?2,
@@ -1066,6 +1126,13 @@ pub const RECORD_OBSERVED: &str = "UPDATE actions SET
       external_id = coalesce(w.external_id, actions.external_id),
       mde_created_at = coalesce(w.created_at, actions.mde_created_at),
       mde_updated_at = coalesce(w.updated_at, actions.mde_updated_at),
+      title = coalesce(w.title, actions.title),
+      scope = coalesce(w.scope, actions.scope),
+      request_source = coalesce(w.request_source, actions.request_source),
+      error_hresult = coalesce(w.error_hresult, actions.error_hresult),
+      cancellation_requestor = coalesce(w.cancellation_requestor, actions.cancellation_requestor),
+      cancellation_comment = coalesce(w.cancellation_comment, actions.cancellation_comment),
+      cancelled_at = coalesce(w.cancelled_at, actions.cancelled_at),
       last_response = w.raw,
       last_polled_at = ?2,
       poll_count = actions.poll_count + 1,
@@ -1081,6 +1148,12 @@ pub const RECORD_OBSERVED: &str = "UPDATE actions SET
             value ->> '$.external_id' AS external_id,
             value ->> '$.created_at' AS created_at,
             value ->> '$.updated_at' AS updated_at,
+            value ->> '$.title' AS title, value ->> '$.scope' AS scope,
+            value ->> '$.request_source' AS request_source,
+            value ->> '$.error_hresult' AS error_hresult,
+            value ->> '$.cancellation_requestor' AS cancellation_requestor,
+            value ->> '$.cancellation_comment' AS cancellation_comment,
+            value ->> '$.cancelled_at' AS cancelled_at,
             value ->> '$.raw' AS raw, value ->> '$.tracking' AS tracking,
             value ->> '$.next_poll_at' AS next_poll_at,
             value ->> '$.finished_at' AS finished_at
@@ -1104,8 +1177,9 @@ pub const RECORD_FAILED: &str = "UPDATE actions SET
           FROM json_each(?1)) AS w
     WHERE actions.action_id = w.id AND +actions.tracking = 'active'
     RETURNING actions.tracking";
-pub const PAGE_STATEMENTS: [&str; 4] = [
+pub const PAGE_STATEMENTS: [&str; 5] = [
     ACTIVE_AMONG,
+    TRACKED_AMONG,
     RECORD_TRANSITIONS,
     RECORD_OBSERVED,
     RECORD_FAILED,
@@ -1142,6 +1216,13 @@ struct ObservedRow<'a> {
     external_id: &'a Option<String>,
     created_at: &'a Option<String>,
     updated_at: &'a Option<String>,
+    title: &'a Option<String>,
+    scope: &'a Option<String>,
+    request_source: &'a Option<String>,
+    error_hresult: Option<i64>,
+    cancellation_requestor: &'a Option<String>,
+    cancellation_comment: &'a Option<String>,
+    cancelled_at: &'a Option<String>,
     raw: &'a str,
     tracking: &'static str,
     next_poll_at: Option<String>,
@@ -1178,6 +1259,13 @@ fn rows_to_write(group: &[&PollWrite], now: &str) -> (Option<String>, Option<Str
                 external_id: &o.external_id,
                 created_at: &o.created_at,
                 updated_at: &o.updated_at,
+                title: &o.title,
+                scope: &o.scope,
+                request_source: &o.request_source,
+                error_hresult: o.error_hresult,
+                cancellation_requestor: &o.cancellation_requestor,
+                cancellation_comment: &o.cancellation_comment,
+                cancelled_at: &o.cancelled_at,
                 raw: &o.raw,
                 tracking: tracking.as_str(),
                 next_poll_at,

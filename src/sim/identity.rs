@@ -63,7 +63,11 @@ pub(super) fn token_forbidden(token: &str) -> Option<String> {
         .iter()
         .any(|r| *r == "Machine.Read.All" || *r == "Machine.ReadWrite.All")
     {
-        return Some("Missing application roles. API required roles: Machine.Read.All".into());
+        // The service's current wording, with the roles the app has.
+        return Some(format!(
+            "Missing application roles. API required roles: Machine.Read.All,Machine.ReadWrite.All, application roles: {}.",
+            roles.join(",")
+        ));
     }
     None
 }

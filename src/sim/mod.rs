@@ -87,6 +87,12 @@ pub struct SimConfig {
     /// `$filter` forms answered with a 400 (`ODataError`), as the service answers forms it
     /// does not support.
     pub rejected_filters: Vec<FilterForm>,
+    /// `$filter` forms accepted but not applied: the answer lists actions as if there were
+    /// no filter, as a service that silently ignores an undocumented form would.
+    pub ignored_filters: Vec<FilterForm>,
+    /// Each new action stays invisible (404 to a GET, absent from listings) for a random
+    /// time up to this long after its creation, as the real service's new ids do.
+    pub visibility_delay: Duration,
     /// A request that arrives this soon after a 429 was written was already on its way and is
     /// not counted as an early retry.
     pub early_retry_grace: Duration,
@@ -139,6 +145,8 @@ impl Default for SimConfig {
             slow_delay: Duration::from_millis(1500),
             fault_retry_after: Duration::from_secs(1),
             rejected_filters: Vec::new(),
+            ignored_filters: Vec::new(),
+            visibility_delay: Duration::ZERO,
             early_retry_grace: Duration::from_millis(100),
             seed: 42,
             certificate: None,
@@ -228,6 +236,8 @@ struct SimAction {
     created_wall: SystemTime,
     action_type: &'static str,
     device: usize,
+    /// How long after its creation the service starts to show it.
+    hidden_for: Duration,
 }
 
 /// The simulated tenant's devices: actions land on a small fleet, so one device sees
@@ -248,33 +258,100 @@ fn dns_name(device: usize) -> String {
 }
 
 impl SimAction {
+    /// Whether the service shows the action yet: a new id answers 404 and is missing from
+    /// listings for a few seconds after its creation.
+    fn visible(&self, now: Instant) -> bool {
+        now.duration_since(self.created) >= self.hidden_for
+    }
+
+    /// The wall-clock time of step `i`, as the service reports it (see `sim_time`).
+    fn step_time(&self, i: usize) -> SystemTime {
+        sim_time(self.created_wall + self.lifecycle.steps[i].0)
+    }
+
     fn to_json(&self, now: Instant, context: bool) -> ActionJson<'_> {
         let (step, status) = self.lifecycle.at(now.duration_since(self.created));
-        let updated = mde_time(self.created_wall + self.lifecycle.steps[step].0);
+        // Real answers print 2 to 7 fractional digits (.92Z, .93163Z, .1341831Z).
+        let digits = 2 + self.index % 6;
+        let updated = mde_time(self.step_time(step), digits);
         let external = format!("soar-{}", self.index);
         // Half the actions use the spellings some docs show, as real answers vary.
         let (a, b) = (self.index.is_multiple_of(2), !self.index.is_multiple_of(2));
+        let cancelled = *status == ActionStatus::Cancelled;
+        let scope = match self.action_type {
+            "Isolate" => Some(if self.index.is_multiple_of(3) {
+                "Selective"
+            } else {
+                "Full"
+            }),
+            "RunAntiVirusScan" => Some(if self.index.is_multiple_of(2) {
+                "Quick"
+            } else {
+                "Full"
+            }),
+            _ => None,
+        };
+        let commands = (self.action_type == "LiveResponse").then(|| {
+            // Cancelled after it ran: the "partial cancel" of real answers, whose command
+            // completed although the action says Cancelled.
+            let ran = step > 1 || (step == 1 && *status != ActionStatus::Cancelled);
+            let start_time = ran.then(|| mde_time(self.step_time(1), 7));
+            let command_status = match status {
+                ActionStatus::Succeeded => "Completed",
+                ActionStatus::Failed | ActionStatus::TimeOut => "Failed",
+                ActionStatus::Cancelled if ran => "Completed",
+                _ => "Created",
+            };
+            vec![LiveResponseCommand {
+                index: 0,
+                start_time,
+                end_time: status
+                    .is_terminal()
+                    .then(|| mde_time(self.step_time(step), 7)),
+                command_status,
+                errors: if command_status == "Failed" {
+                    vec!["The script timed out or failed on the device"]
+                } else {
+                    Vec::new()
+                },
+                command: LiveResponseCommandBody {
+                    command_type: "RunScript",
+                    params: vec![KeyValue {
+                        key: "ScriptName",
+                        value: "collect-triage.ps1",
+                    }],
+                },
+            }]
+        });
         ActionJson {
             context: context.then_some(
                 "https://api.securitycenter.microsoft.com/api/$metadata#MachineActions/$entity",
             ),
             id: self.id.as_str(),
             action_type: self.action_type,
-            title: None,
-            requestor: "soc-automation@contoso.com",
+            title: (self.index % 4 == 3).then(|| format!("{} by automation", self.action_type)),
+            requestor: if self.index % 5 == 4 {
+                "Contoso SOAR app"
+            } else {
+                "soc-automation@contoso.com"
+            },
             requestor_comment: format!("Automated response to alert {}", 3200 + self.index),
             status: status.as_str(),
             machine_id: machine_id(self.device),
             computer_dns_name: dns_name(self.device),
-            created: mde_time(self.created_wall),
-            cancellation_requestor: None,
-            cancellation_comment: None,
-            cancellation_time: None,
-            error_hresult: 0,
-            scope: None,
+            created: mde_time(sim_time(self.created_wall), digits),
+            cancellation_requestor: cancelled.then_some("lead@contoso.com"),
+            cancellation_comment: cancelled.then_some("Cancelled: wrong device"),
+            cancellation_time: cancelled.then(|| mde_time(self.step_time(step), digits)),
+            error_hresult: if *status == ActionStatus::Failed {
+                -2_147_024_891
+            } else {
+                0
+            },
+            scope,
             request_source: "PublicApi",
             related_file_info: None,
-            commands: [],
+            commands: commands.unwrap_or_default(),
             troubleshoot_info: None,
             last_update_long: a.then(|| updated.clone()),
             last_update_short: b.then_some(updated),
@@ -294,7 +371,7 @@ struct ActionJson<'a> {
     id: &'a str,
     #[serde(rename = "type")]
     action_type: &'a str,
-    title: Option<()>,
+    title: Option<String>,
     requestor: &'static str,
     requestor_comment: String,
     status: &'a str,
@@ -302,16 +379,16 @@ struct ActionJson<'a> {
     computer_dns_name: String,
     #[serde(rename = "creationDateTimeUtc")]
     created: String,
-    cancellation_requestor: Option<()>,
-    cancellation_comment: Option<()>,
+    cancellation_requestor: Option<&'static str>,
+    cancellation_comment: Option<&'static str>,
     #[serde(rename = "cancellationDateTimeUtc")]
-    cancellation_time: Option<()>,
+    cancellation_time: Option<String>,
     #[serde(rename = "errorHResult")]
     error_hresult: i64,
-    scope: Option<()>,
+    scope: Option<&'static str>,
     request_source: &'static str,
     related_file_info: Option<()>,
-    commands: [(); 0],
+    commands: Vec<LiveResponseCommand>,
     troubleshoot_info: Option<()>,
     #[serde(
         rename = "lastUpdateDateTimeUtc",
@@ -326,10 +403,46 @@ struct ActionJson<'a> {
     external_id_caps: Option<String>,
 }
 
-/// MDE prints seven fractional digits.
-fn mde_time(t: SystemTime) -> String {
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LiveResponseCommand {
+    index: u32,
+    start_time: Option<String>,
+    end_time: Option<String>,
+    command_status: &'static str,
+    errors: Vec<&'static str>,
+    command: LiveResponseCommandBody,
+}
+
+#[derive(serde::Serialize)]
+struct LiveResponseCommandBody {
+    #[serde(rename = "type")]
+    command_type: &'static str,
+    params: Vec<KeyValue>,
+}
+
+#[derive(serde::Serialize)]
+struct KeyValue {
+    key: &'static str,
+    value: &'static str,
+}
+
+/// The simulator's times are whole hundredths of a second, so that every number of
+/// fractional digits it prints (2 to 7) states the same instant and the truth it is checked
+/// against.
+fn sim_time(t: SystemTime) -> SystemTime {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let centis = since.as_millis() / 10;
+    SystemTime::UNIX_EPOCH + Duration::from_millis((centis * 10) as u64)
+}
+
+/// MDE's format with `digits` (2 to 7) fractional digits.
+fn mde_time(t: SystemTime, digits: usize) -> String {
     let ms = format_time(t);
-    format!("{}0000Z", &ms[..ms.len() - 1])
+    // "2018-12-04T12:18:27.129Z": the three digits, padded to seven, cut to `digits`.
+    let (head, frac) = ms[..ms.len() - 1].split_at(ms.len() - 4);
+    let frac = format!("{}0000", &frac[..3]);
+    format!("{head}{}Z", &frac[..digits.clamp(1, 7)])
 }
 
 /// What the simulator saw; tests assert on it.
@@ -444,6 +557,27 @@ impl Simulator {
         action_type: &'static str,
         device: usize,
     ) -> ActionId {
+        let hidden_for = {
+            let mut s = self.lock();
+            let max = s.config.visibility_delay;
+            // No draw without a delay: seeded runs keep their sequence.
+            if max.is_zero() {
+                Duration::ZERO
+            } else {
+                max.mul_f64(s.rng.f64())
+            }
+        };
+        self.create_hidden_action(lifecycle, action_type, device, hidden_for)
+    }
+
+    /// Creates an action that the service shows only `hidden_for` after its creation.
+    pub fn create_hidden_action(
+        &self,
+        lifecycle: Lifecycle,
+        action_type: &'static str,
+        device: usize,
+        hidden_for: Duration,
+    ) -> ActionId {
         let mut s = self.lock();
         let id = ActionId::random(&mut s.rng);
         let index = s.actions.len();
@@ -457,6 +591,7 @@ impl Simulator {
                 created_wall: SystemTime::now(),
                 action_type,
                 device: device % DEVICES,
+                hidden_for,
             },
         );
         id
@@ -501,7 +636,7 @@ impl Simulator {
             a.lifecycle
                 .steps
                 .iter()
-                .map(|(t, st)| (st.clone(), a.created_wall + *t))
+                .map(|(t, st)| (st.clone(), sim_time(a.created_wall + *t)))
                 .collect(),
         )
     }
@@ -633,6 +768,16 @@ impl Simulator {
     pub fn set_rejected_filters(&self, forms: Vec<FilterForm>) {
         self.lock().config.rejected_filters = forms;
     }
+
+    /// Accepts these `$filter` forms but answers as if there were no filter.
+    pub fn set_ignored_filters(&self, forms: Vec<FilterForm>) {
+        self.lock().config.ignored_filters = forms;
+    }
+
+    /// Sets the roles of tokens issued from now on.
+    pub fn set_token_roles(&self, roles: Vec<String>) {
+        self.lock().config.token_roles = roles;
+    }
 }
 
 impl Drop for Simulator {
@@ -663,11 +808,13 @@ impl http::Handler for Tenant {
             }
             return self.api(&req).await;
         }
-        odata_error(
-            404,
-            "ResourceNotFound",
-            &format!("No route for {}", req.path),
-        )
+        // What a wrong `api.base_url` path meets: the front end's page, not the API's JSON.
+        Reply::Full {
+            status: 404,
+            content_type: "text/html",
+            extra_headers: Vec::new(),
+            body: b"<!DOCTYPE html><html><head><title>404 - File or directory not found.</title></head><body><h2>404 - File or directory not found.</h2></body></html>".to_vec(),
+        }
     }
 }
 
@@ -994,7 +1141,7 @@ impl Tenant {
                     );
                 };
                 *s.stats.calls_by_action.entry(id.clone()).or_default() += 1;
-                match s.actions.get(&id) {
+                match s.actions.get(&id).filter(|a| a.visible(now)) {
                     Some(a) => serde_json::to_string(&a.to_json(now, true)).expect("serializes"),
                     None => {
                         s.stats.not_found_answers += 1;
@@ -1021,16 +1168,28 @@ impl Tenant {
                     Some((form, _)) => s.config.rejected_filters.contains(form),
                 };
                 if refused {
-                    return (
+                    // Both shapes the service is seen to use: with a code, and the query
+                    // parser's own with an empty code, no target and `details`.
+                    let reply = if s.rng.bool() {
                         odata_error(
                             400,
                             "ODataError",
                             &format!("Invalid filter clause: '{filter}' is not supported."),
-                        ),
-                        None,
-                    );
+                        )
+                    } else {
+                        Reply::json(
+                            400,
+                            json!({"error": {"code": "", "message": "The query specified in the URI is not valid. Could not find a property named 'x' on type 'MachineAction'.", "details": []}}).to_string(),
+                        )
+                    };
+                    return (reply, None);
                 }
-                let (_, selection) = parsed.expect("refused above when None");
+                let (form, selection) = parsed.expect("refused above when None");
+                let selection = if s.config.ignored_filters.contains(&form) {
+                    Selection::All
+                } else {
+                    selection
+                };
                 let top = match query.get("$top").map(|t| t.parse::<usize>()) {
                     None => 10_000,
                     Some(Ok(t)) if t <= 10_000 => t,
@@ -1054,6 +1213,7 @@ impl Tenant {
                     for id in ids {
                         *s.stats.calls_by_action.entry(id.clone()).or_default() += 1;
                         if let Some(a) = s.actions.get(id)
+                            && a.visible(now)
                             && value.len() < top
                         {
                             value.push(a.to_json(now, false));
@@ -1064,7 +1224,7 @@ impl Tenant {
                     let mut matching: Vec<&SimAction> = s
                         .actions
                         .values()
-                        .filter(|a| selection.admits(a, now))
+                        .filter(|a| a.visible(now) && selection.admits(a, now))
                         .collect();
                     matching.sort_unstable_by_key(|a| std::cmp::Reverse(a.index));
                     value.extend(
@@ -1262,6 +1422,8 @@ pub fn settings_for(sim: &Simulator, db: &std::path::Path) -> crate::config::Set
     s.poll.sweep_interval = Duration::from_millis(500);
     s.rate_limit.per_minute = 6_000;
     s.rate_limit.per_hour = 360_000;
+    // Unknown ids end within seconds; tests of the visibility delay set their own.
+    s.poll.not_found_after = Duration::from_secs(1);
     s
 }
 
@@ -1331,8 +1493,16 @@ mod tests {
     }
 
     #[test]
-    fn mde_times_have_seven_digits() {
+    fn mde_times_have_two_to_seven_digits() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_543_925_907_129);
-        assert_eq!(mde_time(t), "2018-12-04T12:18:27.1290000Z");
+        assert_eq!(mde_time(t, 7), "2018-12-04T12:18:27.1290000Z");
+        assert_eq!(mde_time(sim_time(t), 2), "2018-12-04T12:18:27.12Z");
+        assert_eq!(mde_time(sim_time(t), 5), "2018-12-04T12:18:27.12000Z");
+        for digits in 2..=7 {
+            assert_eq!(
+                crate::domain::normalize_time(&mde_time(sim_time(t), digits)).as_deref(),
+                Some("2018-12-04T12:18:27.120Z")
+            );
+        }
     }
 }

@@ -80,6 +80,14 @@ async fn schema_matches_the_documented_contract() {
                 ("last_error_at", "TEXT", false),
                 ("finished_at", "TEXT", false),
                 ("last_response", "TEXT", false),
+                ("request_source", "TEXT", false),
+                ("scope", "TEXT", false),
+                ("title", "TEXT", false),
+                ("error_hresult", "INTEGER", false),
+                ("cancellation_requestor", "TEXT", false),
+                ("cancellation_comment", "TEXT", false),
+                ("cancelled_at", "TEXT", false),
+                ("revived_at", "TEXT", false),
             ],
         ),
         (
@@ -198,6 +206,22 @@ async fn schema_matches_the_documented_contract() {
             ],
         ),
         (
+            "live_response_commands",
+            &[
+                "action_id",
+                "machine_id",
+                "computer_dns_name",
+                "action_status",
+                "command_index",
+                "command_type",
+                "command_status",
+                "started_at",
+                "ended_at",
+                "errors",
+                "params",
+            ],
+        ),
+        (
             "stuck_actions",
             &[
                 "action_id",
@@ -244,7 +268,10 @@ async fn schema_matches_the_documented_contract() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(minor, "2", "schema 1.2 added sweeps and api_calls.sweep_id");
+    assert_eq!(
+        minor, "3",
+        "schema 1.3 added the entity columns, revived_at and live_response_commands"
+    );
 
     // The transitions table refers to actions.
     let fks = sqlx::query("PRAGMA foreign_key_list(transitions)")
