@@ -566,7 +566,7 @@ async fn status(db: &Path, raw: &str, format: Format) -> Result<ExitCode, CliErr
     }
     if let Some(h) = row.error_hresult.filter(|h| *h != 0) {
         // HRESULTs read as hex: 0x80070005 is "access denied".
-        let _ = writeln!(out, "error         HRESULT 0x{:08X} ({h})", h as i32 as u32);
+        let _ = writeln!(out, "error         {} ({h})", crate::report::hresult_hex(h));
     }
     if row.cancelled_at.is_some() || row.cancellation_requestor.is_some() {
         let _ = writeln!(

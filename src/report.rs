@@ -286,6 +286,52 @@ pub struct OldActive {
     pub age_seconds: u64,
 }
 
+/// A finished action that did not succeed, with what MDE said about why.
+#[derive(Debug, Serialize)]
+pub struct Unsuccessful {
+    pub action_id: String,
+    pub action_type: Option<String>,
+    pub computer_dns_name: Option<String>,
+    pub status: Option<String>,
+    pub finished_at: Option<String>,
+    /// `errorHResult` as MDE reports it (signed 32-bit), absent when 0 or not given.
+    pub error_hresult: Option<i64>,
+    pub cancellation_requestor: Option<String>,
+    pub cancellation_comment: Option<String>,
+    pub cancelled_at: Option<String>,
+}
+
+impl Unsuccessful {
+    /// What the table shows after the status: the HRESULT in hex (how Windows errors are
+    /// looked up) and who cancelled, with their comment.
+    fn why(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(h) = self.error_hresult {
+            parts.push(hresult_hex(h));
+        }
+        if let Some(by) = &self.cancellation_requestor {
+            parts.push(format!("cancelled by {by}"));
+        }
+        if let Some(c) = self
+            .cancellation_comment
+            .as_deref()
+            .filter(|c| !c.is_empty())
+        {
+            parts.push(format!("\"{c}\""));
+        }
+        if parts.is_empty() {
+            "-".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+/// An HRESULT as Windows documents it: 0x80070005 is "access denied".
+pub fn hresult_hex(h: i64) -> String {
+    format!("HRESULT 0x{:08X}", h as i32 as u32)
+}
+
 #[derive(Debug, Serialize)]
 pub struct ApiCalls {
     pub total: i64,
@@ -311,6 +357,8 @@ pub struct Report {
     pub counts: ReportCounts,
     pub time_to_terminal: Percentiles,
     pub oldest_active: Vec<OldActive>,
+    /// The ten most recently finished actions that failed, timed out or were cancelled.
+    pub unsuccessful: Vec<Unsuccessful>,
     pub api_calls: ApiCalls,
     pub checking: Checking,
 }
@@ -321,6 +369,7 @@ impl Report {
         let counts = store.report_counts(since).await?;
         let times = store.times_to_terminal(since).await?;
         let oldest = store.oldest_active(10).await?;
+        let unsuccessful = store.recent_unsuccessful(since, 10).await?;
         let calls = store.api_call_summary(since).await?;
         let total: i64 = calls.iter().map(|(_, _, n)| n).sum();
         let tracked: i64 = counts.by_tracking.iter().map(|(_, n)| n).sum();
@@ -353,6 +402,20 @@ impl Report {
                         since,
                         age_seconds: age.as_secs(),
                     }
+                })
+                .collect(),
+            unsuccessful: unsuccessful
+                .into_iter()
+                .map(|r| Unsuccessful {
+                    action_id: r.action_id,
+                    action_type: r.action_type,
+                    computer_dns_name: r.computer_dns_name,
+                    status: r.status,
+                    finished_at: r.finished_at,
+                    error_hresult: r.error_hresult.filter(|h| *h != 0),
+                    cancellation_requestor: r.cancellation_requestor,
+                    cancellation_comment: r.cancellation_comment,
+                    cancelled_at: r.cancelled_at,
                 })
                 .collect(),
             api_calls: ApiCalls {
@@ -405,6 +468,13 @@ impl Report {
         row("time_to_terminal", "p95_seconds", num(t.p95_seconds));
         for o in &self.oldest_active {
             row("oldest_active", &o.action_id, o.age_seconds.to_string());
+        }
+        for u in &self.unsuccessful {
+            row(
+                "unsuccessful",
+                &u.action_id,
+                format!("{} {}", u.status.as_deref().unwrap_or("-"), u.why()),
+            );
         }
         row("api_calls", "total", self.api_calls.total.to_string());
         row(
@@ -493,6 +563,23 @@ impl Report {
                     o.computer_dns_name.clone().unwrap_or_else(|| "-".into()),
                     o.status.clone().unwrap_or_else(|| "-".into()),
                     human(Some(o.age_seconds as f64)),
+                ]);
+            }
+            s.push_str(&t.render(width));
+        }
+        if !self.unsuccessful.is_empty() {
+            s.push_str("\nRecently failed, timed out or cancelled\n");
+            let mut t = Table::new(
+                &["ACTION", "TYPE", "DEVICE", "STATUS", "WHY"],
+                &[4, 2, 1, 0],
+            );
+            for u in &self.unsuccessful {
+                t.row(vec![
+                    u.action_id.clone(),
+                    u.action_type.clone().unwrap_or_else(|| "-".into()),
+                    u.computer_dns_name.clone().unwrap_or_else(|| "-".into()),
+                    u.status.clone().unwrap_or_else(|| "-".into()),
+                    u.why(),
                 ]);
             }
             s.push_str(&t.render(width));

@@ -855,6 +855,26 @@ impl Store {
         .await?)
     }
 
+    /// The most recently finished actions that did not succeed (Failed, TimeOut, Cancelled),
+    /// enqueued since `since`, newest first: what `report` lists with their error and
+    /// cancellation fields.
+    pub async fn recent_unsuccessful(
+        &self,
+        since: Option<SystemTime>,
+        limit: u32,
+    ) -> Result<Vec<ActionRow>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM actions
+             WHERE tracking = 'done' AND status IN ('Failed', 'TimeOut', 'Cancelled')
+               AND (?1 IS NULL OR enqueued_at >= ?1)
+             ORDER BY finished_at DESC, action_id LIMIT ?2",
+        )
+        .bind(since.map(format_time))
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
     /// Seconds from creation to terminal status of finished actions enqueued since `since`,
     /// ascending.
     pub async fn times_to_terminal(&self, since: Option<SystemTime>) -> Result<Vec<f64>> {

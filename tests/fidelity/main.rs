@@ -418,6 +418,46 @@ async fn the_full_entity_live_response_commands_and_partial_cancels_are_kept() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("HRESULT 0x80070005"), "{text}");
+
+    // `report` lists the unsuccessful ones with the same fields; the succeeded one is absent.
+    let out = bin()
+        .env("COLUMNS", "200")
+        .arg("--db")
+        .arg(env.db())
+        .arg("report")
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let section = text
+        .split("Recently failed, timed out or cancelled")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no unsuccessful section: {text}"));
+    let line = |id: &ActionId| section.lines().find(|l| l.starts_with(id.as_str()));
+    assert!(
+        line(&failed).is_some_and(|l| l.contains("Failed") && l.contains("HRESULT 0x80070005")),
+        "{section}"
+    );
+    assert!(
+        line(&partial).is_some_and(|l| l.contains("cancelled by lead@contoso.com")),
+        "{section}"
+    );
+    assert!(line(&succeeded).is_none(), "{section}");
+    let out = bin()
+        .arg("--db")
+        .arg(env.db())
+        .args(["report", "--format", "json"])
+        .output()
+        .await
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let unsuccessful = json["unsuccessful"].as_array().unwrap();
+    assert_eq!(unsuccessful.len(), 3, "{unsuccessful:?}");
+    let failed_json = unsuccessful
+        .iter()
+        .find(|u| u["action_id"] == failed.as_str())
+        .unwrap();
+    assert_eq!(failed_json["error_hresult"], -2_147_024_891_i64);
 }
 
 /// action_id, action_status, command_index, command_type, command_status, errors.
