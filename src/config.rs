@@ -274,6 +274,14 @@ pub struct PollSettings {
     pub sweep_interval: Duration,
     /// Actions per page of a sweep (`$top`; the service allows up to 10,000).
     pub sweep_page_size: u32,
+    /// How long the poll loop may show no progress (a hung call, a database that refuses
+    /// writes) before `/healthz` fails and the systemd watchdog stops being fed. Unset:
+    /// `api.timeout` plus the database busy timeout plus 15 s, the longest legitimate wait.
+    #[serde(
+        with = "optional_duration_text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stall_after: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -303,6 +311,7 @@ impl Default for PollSettings {
             sweep: SweepMode::Auto,
             sweep_interval: Duration::from_secs(30),
             sweep_page_size: MAX_PAGE_SIZE,
+            stall_after: None,
         }
     }
 }
@@ -553,6 +562,17 @@ impl Settings {
                     "{} is longer than poll.give_up_after ({}): an unknown id would be given up on before it could be found missing",
                     crate::domain::format_duration(p.not_found_after),
                     crate::domain::format_duration(p.give_up_after)
+                ),
+            );
+        }
+        if let Some(stall) = p.stall_after
+            && stall < Duration::from_secs(1)
+        {
+            bad(
+                "poll.stall_after",
+                format!(
+                    "must be at least 1s, not {}",
+                    crate::domain::format_duration(stall)
                 ),
             );
         }

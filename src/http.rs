@@ -83,9 +83,7 @@ async fn readyz(State(s): State<Arc<HttpState>>) -> Response {
     if let Some(refusal) = s.poller.tokens().refusal() {
         failures.push(format!("no access token: {refusal}"));
     }
-    if let Some(refusal) = s.poller.metrics().api_refusal() {
-        failures.push(refusal);
-    }
+    failures.extend(s.poller.metrics().blockers());
     if !s.poller.is_alive() {
         failures.push(format!(
             "poll loop shows no progress for {}s",

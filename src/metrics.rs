@@ -96,8 +96,36 @@ pub struct Metrics {
     pub not_api_answers: AtomicU64,
     /// Status and type values this version does not know, by field and value.
     unknown_values: Mutex<BTreeMap<(&'static str, String), u64>>,
-    /// Why MDE refuses the app (403), until a call succeeds again.
-    api_refusal: Mutex<Option<String>>,
+    /// What keeps the daemon from doing its job right now, by kind, until it clears:
+    /// `/readyz` lists these and a gauge shows each.
+    blockers: Mutex<BTreeMap<Blocker, String>>,
+}
+
+/// A condition that makes the daemon not ready while it lasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Blocker {
+    /// MDE answers 403: the app lacks an application role.
+    ApiForbidden,
+    /// MDE answers 401 to fresh tokens too.
+    TokensRejected,
+    /// Database writes fail (a full disk, an I/O error): polling is paused.
+    DatabaseWrites,
+}
+
+impl Blocker {
+    pub const ALL: [Blocker; 3] = [
+        Blocker::ApiForbidden,
+        Blocker::TokensRejected,
+        Blocker::DatabaseWrites,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Blocker::ApiForbidden => "api_forbidden",
+            Blocker::TokensRejected => "tokens_rejected",
+            Blocker::DatabaseWrites => "database_writes",
+        }
+    }
 }
 
 /// Distinct unknown values counted by name; beyond this they add up under `(other)`, so
@@ -127,7 +155,7 @@ impl Default for Metrics {
             revived: AtomicU64::new(0),
             not_api_answers: AtomicU64::new(0),
             unknown_values: Mutex::new(BTreeMap::new()),
-            api_refusal: Mutex::new(None),
+            blockers: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -230,16 +258,31 @@ impl Metrics {
         *n == 1
     }
 
-    pub fn set_api_refusal(&self, why: Option<String>) {
-        *self.api_refusal.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    /// Sets (`Some`) or clears (`None`) a blocker; true when that changed whether it is set.
+    pub fn set_blocker(&self, kind: Blocker, why: Option<String>) -> bool {
+        let mut map = self.blockers.lock().unwrap_or_else(|p| p.into_inner());
+        match why {
+            Some(why) => map.insert(kind, why).is_none(),
+            None => map.remove(&kind).is_some(),
+        }
     }
 
-    /// Why MDE refused the app on the last call (403), if it did.
-    pub fn api_refusal(&self) -> Option<String> {
-        self.api_refusal
+    pub fn blocker(&self, kind: Blocker) -> Option<String> {
+        self.blockers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .get(&kind)
+            .cloned()
+    }
+
+    /// Every blocker that is set, as sentences for `/readyz`.
+    pub fn blockers(&self) -> Vec<String> {
+        self.blockers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn get(counter: &AtomicU64) -> u64 {
@@ -424,8 +467,20 @@ impl Metrics {
             &mut out,
             "mde_actiond_api_forbidden",
             "1 while MDE refuses the app (403: a missing application role).",
-            u8::from(self.api_refusal().is_some()).to_string(),
+            u8::from(self.blocker(Blocker::ApiForbidden).is_some()).to_string(),
         );
+        let _ = writeln!(
+            out,
+            "# HELP mde_actiond_blocked 1 while this keeps the daemon from working (see /readyz for why).\n# TYPE mde_actiond_blocked gauge"
+        );
+        for kind in Blocker::ALL {
+            let _ = writeln!(
+                out,
+                "mde_actiond_blocked{{reason=\"{}\"}} {}",
+                kind.as_str(),
+                u8::from(self.blocker(kind).is_some())
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP mde_actiond_unknown_values_total Answers carrying a status or type this version does not know (kept verbatim).\n# TYPE mde_actiond_unknown_values_total counter"

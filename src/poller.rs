@@ -18,7 +18,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Blocker, Metrics};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
@@ -156,6 +156,11 @@ impl Poller {
         api_timeout: Duration,
     ) -> Self {
         let policy = settings.policy();
+        // Between two signs of progress the loop waits at most for one HTTP call and one
+        // database write (busy timeout); budget waits beat every second.
+        let stall_limit = settings
+            .stall_after
+            .unwrap_or(api_timeout + crate::store::BUSY_TIMEOUT + STALL_MARGIN);
         Self {
             store,
             client,
@@ -168,9 +173,7 @@ impl Poller {
             metrics: Arc::new(Metrics::default()),
             heartbeat: AtomicU64::new(0),
             started: tokio::time::Instant::now(),
-            // Between two signs of progress the loop waits at most for one HTTP call and one
-            // database write (busy timeout); budget waits beat every second.
-            stall_limit: api_timeout + crate::store::BUSY_TIMEOUT + STALL_MARGIN,
+            stall_limit,
             sweep: std::sync::Mutex::new(SweepState::default()),
             floor_ms: AtomicU64::new(0),
             check_window: std::sync::Mutex::new(CheckWindow {
@@ -234,9 +237,18 @@ impl Poller {
     /// Runs sweeps until `cancel` fires. Calls in flight then finish and are written; no new
     /// call starts.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        self.beat();
         while !cancel.is_cancelled() {
-            self.beat();
-            let pause = match self.clone().step(&cancel).await {
+            let result = self.clone().step(&cancel).await;
+            // A step that could not write shows no progress: while the database refuses
+            // writes, /healthz fails after the stall limit and a supervisor may restart us.
+            if !matches!(result, Err(Halt::Store(_))) {
+                self.beat();
+                if self.metrics.set_blocker(Blocker::DatabaseWrites, None) {
+                    info!("database writes work again; polling resumes");
+                }
+            }
+            let pause = match result {
                 Ok(Some(idle)) => idle,
                 Ok(None) => continue,
                 Err(Halt::Cancelled) => break,
@@ -248,8 +260,7 @@ impl Poller {
                     wait
                 }
                 Err(Halt::Store(e)) => {
-                    error!(error = %e, "database error; retrying");
-                    self.metrics.set_last_error(&e.to_string());
+                    self.store_failed(&e);
                     STORE_RETRY
                 }
             };
@@ -263,6 +274,29 @@ impl Poller {
             }
         }
         debug!("poll loop stopped");
+    }
+
+    /// A step failed on the database. Every call is recorded before it is sent, so no call
+    /// goes out while writes fail: polling is paused until a write succeeds again. Told
+    /// once per fault, not every retry.
+    fn store_failed(&self, e: &StoreError) {
+        self.metrics.set_last_error(&e.to_string());
+        let why = if e.is_disk_full() {
+            format!(
+                "database disk is full ({}): polling paused until space returns",
+                self.store.path().display()
+            )
+        } else {
+            format!("database writes fail: {e}; polling paused")
+        };
+        if self
+            .metrics
+            .set_blocker(Blocker::DatabaseWrites, Some(why.clone()))
+        {
+            error!(error = %e, "{why}");
+        } else {
+            debug!(error = %e, "database still refuses writes");
+        }
     }
 
     fn effective_batch(&self) -> u32 {
@@ -562,11 +596,11 @@ impl Poller {
                     writes.push(self.observed(&a, f, Some(plan.interval)));
                 }
             }
+            let writing = tokio::time::Instant::now();
+            self.write(&writes).await?;
             self.metrics
                 .checks
                 .fetch_add(record.checked - checked_before, Ordering::Relaxed);
-            let writing = tokio::time::Instant::now();
-            self.write(&writes).await?;
             debug!(
                 page = record.pages,
                 entries = page.entries,
@@ -743,11 +777,11 @@ impl Poller {
             .iter()
             .filter(|w| matches!(w.result, PollResult::Observed(_)))
             .count();
+        // Written even when stopping: these answers were paid for.
+        self.write(&writes).await?;
         self.metrics
             .checks
             .fetch_add(checked as u64, Ordering::Relaxed);
-        // Written even when stopping: these answers were paid for.
-        self.write(&writes).await?;
         match halt {
             Some(h) => Err(h),
             None => Ok(()),
@@ -768,9 +802,28 @@ impl Poller {
         self.metrics
             .db_write_seconds
             .observe(write_started.elapsed());
+        // Only now, committed, are the transitions told: a write that fails (a full disk)
+        // is retried and must not have been announced.
+        let now = SystemTime::now();
+        for t in &summary.transitions {
+            if let Some(lag) = t
+                .mde_updated_at
+                .as_deref()
+                .and_then(crate::domain::parse_time)
+                .and_then(|changed| now.duration_since(changed).ok())
+            {
+                self.metrics.detection_lag.observe(lag);
+            }
+            info!(
+                action_id = %t.action_id,
+                from = t.from_status.as_deref().unwrap_or("-"),
+                to = %t.to_status,
+                "status changed"
+            );
+        }
         self.metrics
             .transitions
-            .fetch_add(summary.transitions.into(), Ordering::Relaxed);
+            .fetch_add(summary.transitions.len() as u64, Ordering::Relaxed);
         self.metrics
             .finished
             .fetch_add(summary.finished.into(), Ordering::Relaxed);
@@ -787,7 +840,8 @@ impl Poller {
                 match &e {
                     MdeError::Forbidden(detail) => {
                         error!(error = %e, "MDE refuses the app; grant it the application permission Machine.Read.All (WindowsDefenderATP) with admin consent");
-                        self.metrics.set_api_refusal(Some(describe_refusal(detail)));
+                        self.metrics
+                            .set_blocker(Blocker::ApiForbidden, Some(describe_refusal(detail)));
                     }
                     MdeError::NotApi { .. } => {
                         self.metrics.not_api_answers.fetch_add(1, Ordering::Relaxed);
@@ -849,9 +903,8 @@ impl Poller {
                 self.budget
                     .pause(retry_after.unwrap_or(DEFAULT_RETRY_AFTER));
             }
-            if result.is_ok() && self.metrics.api_refusal().is_some() {
+            if result.is_ok() && self.metrics.set_blocker(Blocker::ApiForbidden, None) {
                 info!("MDE accepts the app's calls again");
-                self.metrics.set_api_refusal(None);
             }
             let (status, outcome, retry_after) = match &result {
                 Ok(_) => (Some(200), "ok", None),
@@ -906,24 +959,6 @@ impl Poller {
         covered: Option<Duration>,
     ) -> PollWrite {
         let status = found.status.clone();
-        let new = a.status.as_deref() != Some(status.as_str());
-        if new {
-            let lag = found
-                .observation
-                .updated_at
-                .as_deref()
-                .and_then(crate::domain::parse_time)
-                .and_then(|changed| SystemTime::now().duration_since(changed).ok());
-            if let Some(lag) = lag {
-                self.metrics.detection_lag.observe(lag);
-            }
-            info!(
-                action_id = %a.id,
-                from = a.status.as_deref().unwrap_or("-"),
-                to = %status,
-                "status changed"
-            );
-        }
         if !status.is_known() && self.metrics.count_unknown("status", status.as_str()) {
             warn!(action_id = %a.id, %status, "a status this version does not know; recorded as sent and polled on (not terminal)");
         }

@@ -52,6 +52,22 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The filesystem holding the database is full (SQLITE_FULL, or ENOSPC from the OS).
+    pub fn is_disk_full(&self) -> bool {
+        let sql = match self {
+            StoreError::Sql(e) => e,
+            StoreError::Open { source, .. } => source,
+            _ => return false,
+        };
+        match sql {
+            sqlx::Error::Database(e) => {
+                e.code().as_deref() == Some("13") || e.message().contains("disk is full")
+            }
+            sqlx::Error::Io(e) => e.raw_os_error() == Some(28),
+            _ => false,
+        }
+    }
+
     /// Lock contention and I/O hiccups are worth retrying; schema or open errors are not.
     pub fn is_retryable(&self) -> bool {
         match self {
@@ -194,8 +210,18 @@ impl CheckSummary {
 /// What one write of a batch changed, for logs and progress.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct WriteSummary {
-    pub transitions: u32,
+    /// The transitions this write committed, in order; logs and metrics report these and
+    /// nothing that was only observed.
+    pub transitions: Vec<CommittedTransition>,
     pub finished: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct CommittedTransition {
+    pub action_id: String,
+    pub from_status: Option<String>,
+    pub to_status: String,
+    pub mde_updated_at: Option<String>,
 }
 
 #[derive(Debug, Clone, FromRow, Serialize)]
@@ -565,13 +591,17 @@ impl Store {
     }
 
     pub async fn start_sweep(&self, filter: &str, started: SystemTime) -> Result<i64> {
-        Ok(sqlx::query_scalar(
-            "INSERT INTO sweeps (started_at, filter) VALUES (?1, ?2) RETURNING id",
+        // `execute`, not `fetch_one` of a RETURNING: a statement read only to its first row
+        // commits (in autocommit) when it is reset, and a commit that fails there (a full
+        // disk) is not reported: the caller would get an id for a row that was never written.
+        Ok(
+            sqlx::query("INSERT INTO sweeps (started_at, filter) VALUES (?1, ?2)")
+                .bind(format_time(started))
+                .bind(filter)
+                .execute(self.writer())
+                .await?
+                .last_insert_rowid(),
         )
-        .bind(format_time(started))
-        .bind(filter)
-        .fetch_one(self.writer())
-        .await?)
     }
 
     pub async fn finish_sweep(&self, id: i64, done: &SweepRecord, at: SystemTime) -> Result<()> {
@@ -609,12 +639,12 @@ impl Store {
         for group in distinct_groups(writes) {
             let (observed, failed) = rows_to_write(&group, &now_text);
             if let Some(list) = &observed {
-                summary.transitions += sqlx::query(RECORD_TRANSITIONS)
+                let mut recorded: Vec<CommittedTransition> = sqlx::query_as(RECORD_TRANSITIONS)
                     .bind(list)
                     .bind(&now_text)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected() as u32;
+                    .fetch_all(&mut *tx)
+                    .await?;
+                summary.transitions.append(&mut recorded);
                 let tracking: Vec<String> = sqlx::query_scalar(RECORD_OBSERVED)
                     .bind(list)
                     .bind(&now_text)
@@ -644,17 +674,19 @@ impl Store {
         sweep: Option<i64>,
         sent_at: SystemTime,
     ) -> Result<i64> {
-        let id = sqlx::query_scalar(
+        // `execute` for the reason given in `start_sweep`: the call goes out only once its
+        // row is known to be committed.
+        Ok(sqlx::query(
             "INSERT INTO api_calls (sent_at, endpoint, action_count, sweep_id)
-             VALUES (?1, ?2, ?3, ?4) RETURNING id",
+             VALUES (?1, ?2, ?3, ?4)",
         )
         .bind(format_time(sent_at))
         .bind(endpoint.as_str())
         .bind(action_count as i64)
         .bind(sweep)
-        .fetch_one(self.writer())
-        .await?;
-        Ok(id)
+        .execute(self.writer())
+        .await?
+        .last_insert_rowid())
     }
 
     pub async fn finish_api_call(
@@ -1061,6 +1093,19 @@ async fn open_writer(path: &Path) -> std::result::Result<SqlitePool, sqlx::Error
             .min_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
+            .after_release(|conn, _| {
+                Box::pin(async move {
+                    // A COMMIT that fails on a full disk can leave SQLite's transaction already
+                    // rolled back; sqlx's own ROLLBACK then fails and its transaction depth
+                    // stays above zero, so every later BEGIN on this connection fails ("at
+                    // non-zero transaction depth") even after space returns. The ping flushes
+                    // the pending rollback; a connection still in a transaction after it is
+                    // closed, and the pool opens a clean one.
+                    use sqlx::Connection;
+                    conn.ping().await?;
+                    Ok(!conn.is_in_transaction())
+                })
+            })
             .connect_with(connect_options(path, OpenMode::ReadWrite))
             .await;
         match result {
@@ -1135,7 +1180,8 @@ pub const RECORD_TRANSITIONS: &str = "INSERT INTO transitions
       ON a.action_id = w.value ->> '$.id'
     WHERE +a.tracking = 'active' AND w.value ->> '$.status' IS NOT NULL
       AND a.status IS NOT w.value ->> '$.status'
-    ORDER BY w.key";
+    ORDER BY w.key
+    RETURNING action_id, from_status, to_status, mde_updated_at";
 pub const RECORD_OBSERVED: &str = "UPDATE actions SET
       status = coalesce(w.status, actions.status),
       action_type = coalesce(w.action_type, actions.action_type),

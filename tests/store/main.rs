@@ -355,14 +355,14 @@ async fn a_replayed_observation_is_not_a_new_transition() {
         )
         .await
         .unwrap();
-    assert_eq!(s.transitions, 1);
+    assert_eq!(s.transitions.len(), 1);
     assert_eq!(s.finished, 1);
     // A late duplicate after the end changes nothing: finished actions are never reopened.
     let s = store
         .record_polls(&[observed(&a[0], ActionStatus::InProgress, later)], now)
         .await
         .unwrap();
-    assert_eq!(s.transitions, 0);
+    assert_eq!(s.transitions.len(), 0);
     let log: Vec<(Option<String>, String)> = store
         .transitions(&a[0])
         .await
