@@ -77,15 +77,22 @@ impl RateBudget {
             Ok(ago) => Some(now_i.checked_sub(ago).unwrap_or(now_i)),
             Err(ahead) => Some(now_i + ahead.duration()),
         };
+        let longest = now_i + crate::domain::MAX_RETRY_AFTER;
         let mut inner = self.lock();
         for call in past {
+            // A call dated after now was logged under a clock that has since stepped back:
+            // counting it would hold calls back for the size of the step, not for any limit.
+            if call.sent_at > now {
+                continue;
+            }
             if let Some(at) = to_instant(call.sent_at) {
                 inner.sent.push_back(at);
             }
             if let Some(until) = call.retry_not_before.and_then(to_instant)
                 && until > now_i
             {
-                inner.paused_until = inner.paused_until.max(Some(until));
+                // Rows written before the cap existed may hold years.
+                inner.paused_until = inner.paused_until.max(Some(until.min(longest)));
             }
         }
         inner.sent.make_contiguous().sort();
@@ -163,6 +170,7 @@ impl RateBudget {
 
     /// Stops every call until `retry_after` has passed (a 429 speaks for the whole tenant).
     pub fn pause(&self, retry_after: Duration) {
+        let retry_after = retry_after.min(crate::domain::MAX_RETRY_AFTER);
         let until = Instant::now() + retry_after;
         let mut inner = self.lock();
         let start = inner.paused_until.filter(|p| *p > Instant::now());

@@ -5,6 +5,11 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
+/// The longest pause a `Retry-After` can impose: the longest window of the API's limits
+/// (1,500 calls an hour). Anything longer is a broken or hostile answer, and obeying it would
+/// stop tracking for years (and across restarts, as the pause is persisted).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// A MachineAction id: always a lowercase GUID, so it is safe to put in URLs and OData filters.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ActionId(String);

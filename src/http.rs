@@ -84,6 +84,12 @@ async fn readyz(State(s): State<Arc<HttpState>>) -> Response {
         failures.push(format!("no access token: {refusal}"));
     }
     failures.extend(s.poller.metrics().blockers());
+    if let Some(left) = s.poller.budget().remaining().paused_for {
+        failures.push(format!(
+            "MDE rate limit (429): every call paused until {} (Retry-After, at most 1h)",
+            crate::domain::format_time(std::time::SystemTime::now() + left)
+        ));
+    }
     if !s.poller.is_alive() {
         failures.push(format!(
             "poll loop shows no progress for {}s",

@@ -10,7 +10,7 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::domain::{ActionId, ActionStatus, normalize_time};
+use crate::domain::{ActionId, ActionStatus, MAX_RETRY_AFTER, normalize_time};
 use crate::secret::Secret;
 use crate::store::Observation;
 
@@ -646,17 +646,35 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// `Retry-After` as delay-seconds or an HTTP date.
+/// `Retry-After` as delay-seconds or an HTTP date, at most `MAX_RETRY_AFTER` (with a warning
+/// naming the value). Never panics, whatever the header holds.
 pub fn parse_retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    let wait = retry_after_value(value, now)?;
+    if wait > MAX_RETRY_AFTER {
+        tracing::warn!(
+            retry_after = value,
+            "Retry-After is longer than an hour, the longest window of the API's limits; pausing for an hour"
+        );
+        return Some(MAX_RETRY_AFTER);
+    }
+    Some(wait)
+}
+
+fn retry_after_value(value: &str, now: SystemTime) -> Option<Duration> {
+    if value.bytes().all(|b| b.is_ascii_digit()) && !value.is_empty() {
+        // Digits too many for u64 are still a (very long) delay.
+        return Some(
+            value
+                .parse::<u64>()
+                .map(Duration::from_secs)
+                .unwrap_or(Duration::MAX),
+        );
     }
     if let Ok(secs) = value.parse::<f64>()
-        && secs.is_finite()
         && secs >= 0.0
     {
-        return Some(Duration::from_secs_f64(secs));
+        return Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX));
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
@@ -902,6 +920,30 @@ mod tests {
         assert_eq!(parse_retry_after(&h, now), Some(Duration::ZERO));
         h.insert(RETRY_AFTER, "soon".parse().unwrap());
         assert_eq!(parse_retry_after(&h, now), None);
+    }
+
+    #[test]
+    fn hostile_retry_after_values_are_capped_at_an_hour_and_never_panic() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let read = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(RETRY_AFTER, v.parse().unwrap());
+            parse_retry_after(&h, now)
+        };
+        for v in [
+            "315360000",
+            "99999999999999999999999",
+            "1e300",
+            "1e400",
+            "inf",
+            "Fri, 01 Jan 2100 00:00:00 GMT",
+        ] {
+            assert_eq!(read(v), Some(MAX_RETRY_AFTER), "{v}");
+        }
+        assert_eq!(read("3599.5"), Some(Duration::from_secs_f64(3599.5)));
+        for v in ["-5", "NaN", "-inf", ""] {
+            assert_eq!(read(v), None, "{v}");
+        }
     }
 
     #[test]

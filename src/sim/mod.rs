@@ -84,6 +84,9 @@ pub struct SimConfig {
     pub token_fault_rate: f64,
     pub slow_delay: Duration,
     pub fault_retry_after: Duration,
+    /// The `Retry-After` header sent verbatim with a `TooManyRequests` fault instead of
+    /// `fault_retry_after` (a hostile or broken gateway: ten years, 10^23 s, a date in 2100).
+    pub fault_retry_after_header: Option<String>,
     /// `$filter` forms answered with a 400 (`ODataError`), as the service answers forms it
     /// does not support.
     pub rejected_filters: Vec<FilterForm>,
@@ -144,6 +147,7 @@ impl Default for SimConfig {
             token_fault_rate: 0.0,
             slow_delay: Duration::from_millis(1500),
             fault_retry_after: Duration::from_secs(1),
+            fault_retry_after_header: None,
             rejected_filters: Vec::new(),
             ignored_filters: Vec::new(),
             visibility_delay: Duration::ZERO,
@@ -746,6 +750,12 @@ impl Simulator {
         self.lock().config.faults = faults;
     }
 
+    /// Sends this `Retry-After` value verbatim with `TooManyRequests` faults (`None`: the
+    /// simulator's own).
+    pub fn set_retry_after_header(&self, raw: Option<&str>) {
+        self.lock().config.fault_retry_after_header = raw.map(str::to_string);
+    }
+
     pub fn set_token_lifetime(&self, lifetime: Duration) {
         self.lock().config.token_lifetime = lifetime;
     }
@@ -1122,7 +1132,16 @@ impl Tenant {
                 let wait = s.config.fault_retry_after;
                 s.retry_window = Some((now, now + wait));
                 s.stats.rate_limited += 1;
-                return (self.too_many(&s.config, wait), None);
+                let reply = match &s.config.fault_retry_after_header {
+                    Some(raw) => odata_error(
+                        429,
+                        "TooManyRequests",
+                        "Rate limit is exceeded. Try again later.",
+                    )
+                    .with_header("retry-after", raw.clone()),
+                    None => self.too_many(&s.config, wait),
+                };
+                return (reply, None);
             }
             Some(Fault::Slow) => delay = Some(s.config.slow_delay),
             _ => {}

@@ -222,3 +222,66 @@ async fn a_write_that_fails_on_a_full_disk_leaves_the_writer_usable() {
     );
     store.close().await;
 }
+
+/// Finding 2: one 429 with a Retry-After of ten years stopped every call, across restarts,
+/// while both health endpoints said 200; 10^23 seconds panicked the daemon. Now a pause is
+/// at most an hour (the longest window of the API's limits), /readyz says until when, and a
+/// restart restores no more than that, also from rows an older version wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_retry_after_pauses_an_hour_at_most_and_never_panics() {
+    use mde_actiond::sim::Fault;
+    for raw in [
+        "99999999999999999999999",
+        "315360000",
+        "Fri, 01 Jan 2100 00:00:00 GMT",
+    ] {
+        let mut env = TestEnv::new(SimConfig {
+            faults: vec![Fault::TooManyRequests],
+            ..SimConfig::default()
+        })
+        .await;
+        env.settings.http.listen = Some("127.0.0.1:0".into());
+        env.sim.set_retry_after_header(Some(raw));
+        env.sim.set_fault_rate(1.0);
+        let id = env.sim.create_action(Lifecycle::simple(
+            Duration::from_millis(100),
+            Duration::from_millis(200),
+            ActionStatus::Succeeded,
+        ));
+        let daemon = RunningDaemon::start(&env.settings).await.unwrap();
+        daemon.enqueue(std::slice::from_ref(&id)).await;
+        let base = format!("http://{}", daemon.http_addr.unwrap());
+        eventually(LIMIT, "readyz tells the pause", || async {
+            let (code, text) = get(&format!("{base}/readyz")).await;
+            code == 503 && text.contains("paused until")
+        })
+        .await;
+        let paused = daemon.poller.budget().remaining().paused_for.unwrap();
+        assert!(paused <= Duration::from_secs(3600), "{raw}: {paused:?}");
+        assert!(paused > Duration::from_secs(3500), "{raw}: {paused:?}");
+        // Alive: a long wait for the budget is not a hang.
+        assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+        daemon.shutdown().await;
+
+        // An older version stored the header as it came: ten years in retry_after_ms.
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", env.db().display()))
+            .await
+            .unwrap();
+        let stored: i64 = sqlx::query_scalar("SELECT max(retry_after_ms) FROM api_calls")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(stored <= 3_600_000, "{raw}: stored {stored} ms");
+        sqlx::query(
+            "UPDATE api_calls SET retry_after_ms = 315360000000 WHERE retry_after_ms IS NOT NULL",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        let daemon = RunningDaemon::start(&env.settings).await.unwrap();
+        let restored = daemon.poller.budget().remaining().paused_for.unwrap();
+        assert!(restored <= Duration::from_secs(3600), "{raw}: {restored:?}");
+        daemon.shutdown().await;
+    }
+}
