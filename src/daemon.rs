@@ -1,7 +1,6 @@
 //! Wiring for `run`: settings in, a running poll loop out, and an orderly stop.
 
-use std::fs::{File, OpenOptions};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -14,6 +13,7 @@ use crate::config::{ConfigError, Settings};
 use crate::domain::Tracking;
 use crate::housekeeping::Housekeeping;
 use crate::http::HttpState;
+use crate::lock::{InstanceLock, LockError};
 use crate::mde::{MdeClient, http_client};
 use crate::notify::Notifier;
 use crate::poller::Poller;
@@ -29,13 +29,8 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Http(#[from] crate::mde::BuildError),
-    #[error("another mde-actiond is already running on {db} (it holds {lock}); stop it first")]
-    AlreadyRunning { db: PathBuf, lock: PathBuf },
-    #[error("cannot create lock file {path}: {source}")]
-    Lock {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Lock(#[from] LockError),
     #[error("cannot listen on {addr} (http.listen): {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -43,39 +38,6 @@ pub enum DaemonError {
     },
     #[error("the poll loop ended unexpectedly: {0}")]
     LoopDied(String),
-}
-
-/// Held while a daemon runs: one poller per database, or two would spend the budget twice.
-#[derive(Debug)]
-pub struct InstanceLock {
-    _file: File,
-}
-
-impl InstanceLock {
-    pub fn acquire(db: &Path) -> Result<Self, DaemonError> {
-        let mut name = db.as_os_str().to_owned();
-        name.push(".lock");
-        let path = PathBuf::from(name);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|source| DaemonError::Lock {
-                path: path.clone(),
-                source,
-            })?;
-        // A lock on a separate file: SQLite's own POSIX locks on the database file would be
-        // dropped if this process opened and closed another descriptor of it.
-        match file.try_lock() {
-            Ok(()) => Ok(Self { _file: file }),
-            Err(std::fs::TryLockError::WouldBlock) => Err(DaemonError::AlreadyRunning {
-                db: db.to_path_buf(),
-                lock: path,
-            }),
-            Err(std::fs::TryLockError::Error(source)) => Err(DaemonError::Lock { path, source }),
-        }
-    }
 }
 
 pub struct Daemon {

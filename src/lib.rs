@@ -16,6 +16,7 @@ pub mod doctor;
 pub mod domain;
 pub mod housekeeping;
 pub mod http;
+pub mod lock;
 pub mod logging;
 pub mod mde;
 pub mod metrics;

@@ -277,7 +277,9 @@ async fn a_restarted_daemon_resumes_from_the_database() {
     let third = RunningDaemon::start(&env.settings).await;
     assert!(matches!(
         third,
-        Err(mde_actiond::daemon::DaemonError::AlreadyRunning { .. })
+        Err(mde_actiond::daemon::DaemonError::Lock(
+            mde_actiond::lock::LockError::AlreadyRunning { .. }
+        ))
     ));
     wait_finished(&second.store, &ids, LIMIT).await;
     second.shutdown().await;

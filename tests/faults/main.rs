@@ -285,3 +285,42 @@ async fn a_hostile_retry_after_pauses_an_hour_at_most_and_never_panics() {
         daemon.shutdown().await;
     }
 }
+
+/// Finding 3: the one-daemon lock was keyed on the path, so a second daemon through a hard
+/// link ran (each with its own -wal: the file was malformed within 40 s) and one through a
+/// symlink ran too (twice the budget). Now every alias is refused, naming the running pid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_through_a_hard_link_or_symlink_is_refused_naming_the_pid() {
+    let env = TestEnv::new(SimConfig::default()).await;
+    let mut first = spawn_daemon(&env, &[], &[]);
+    let db = env.db();
+    eventually(LIMIT, "the first daemon holds its lock", || async {
+        std::fs::read_to_string(env.dir.path().join("actions.db.lock"))
+            .is_ok_and(|pid| pid.trim() == first.id().unwrap().to_string())
+    })
+    .await;
+    let hard = env.dir.path().join("hard.db");
+    std::fs::hard_link(&db, &hard).unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let soft = other_dir.path().join("soft.db");
+    std::os::unix::fs::symlink(&db, &soft).unwrap();
+    let pid = first.id().unwrap().to_string();
+    for alias in [&hard, &soft, &db] {
+        let out = bin()
+            .envs(daemon_env(&env))
+            .env("MDE_ACTIOND_DATABASE__PATH", alias)
+            .arg("run")
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{}: ran\n{err}", alias.display());
+        assert!(
+            err.contains("already running") && err.contains(&format!("pid {pid}")),
+            "{}: {err}",
+            alias.display()
+        );
+    }
+    signal(&first, nix::sys::signal::Signal::SIGTERM);
+    assert!(first.wait().await.unwrap().success());
+}
