@@ -118,9 +118,13 @@ pub enum Command {
         /// Only say what would go.
         #[arg(long)]
         dry_run: bool,
-        /// Keep actions finished within this long (default: retention.keep_finished).
-        #[arg(long, value_parser = parse_duration)]
+        /// Keep actions finished within this long, at least 1m (default:
+        /// retention.keep_finished).
+        #[arg(long, value_parser = parse_keep)]
         keep: Option<Duration>,
+        /// Delete more than 1,000 actions without asking (needed when stdin is a terminal).
+        #[arg(long)]
+        yes: bool,
     },
     /// Stream actions or transitions for SIEM ingestion, in constant memory.
     #[command(
@@ -289,8 +293,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             json,
         } => list(&db, tracking, limit, pick(format, json)).await,
         Command::Report { since, format } => report(&db, since, format).await,
-        Command::Prune { dry_run, keep } => {
-            prune(&db, keep.or(settings.retention.keep_finished), dry_run).await
+        Command::Prune { dry_run, keep, yes } => {
+            prune(&db, keep.or(settings.retention.keep_finished), dry_run, yes).await
         }
         Command::Export {
             what,
@@ -687,13 +691,29 @@ async fn report(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn prune(db: &Path, keep: Option<Duration>, dry_run: bool) -> Result<ExitCode, CliError> {
+/// More than this many actions to delete, asked from a terminal, needs `--yes`.
+const PRUNE_ASK_ABOVE: i64 = 1_000;
+
+fn parse_keep(s: &str) -> Result<Duration, String> {
+    let keep = parse_duration(s)?;
+    crate::config::check_keep_finished(keep)?;
+    Ok(keep)
+}
+
+async fn prune(
+    db: &Path,
+    keep: Option<Duration>,
+    dry_run: bool,
+    yes: bool,
+) -> Result<ExitCode, CliError> {
+    use std::io::IsTerminal;
     let Some(keep) = keep else {
         return Err(CliError::Usage(
             "nothing to prune by: set retention.keep_finished or pass --keep (e.g. --keep 90d)"
                 .into(),
         ));
     };
+    crate::config::check_keep_finished(keep).map_err(|e| CliError::Usage(format!("--keep {e}")))?;
     let cutoff = SystemTime::now() - keep;
     let cutoff_text = crate::domain::format_time(cutoff);
     if dry_run {
@@ -705,7 +725,15 @@ async fn prune(db: &Path, keep: Option<Duration>, dry_run: bool) -> Result<ExitC
         return Ok(ExitCode::SUCCESS);
     }
     let store = Store::open(db, OpenMode::ReadWrite).await?;
-    let (_, transitions) = store.prunable(cutoff).await?;
+    let (actions, transitions) = store.prunable(cutoff).await?;
+    // A slip of the finger at a prompt should not cost a year of records; scripts (no
+    // terminal) and the daemon's own retention are not asked.
+    if actions > PRUNE_ASK_ABOVE && !yes && std::io::stdin().is_terminal() {
+        store.close().await;
+        return Err(CliError::Usage(format!(
+            "this would delete {actions} actions finished before {cutoff_text} and their {transitions} transitions; pass --yes to go ahead (or --dry-run to look first)"
+        )));
+    }
     let deleted =
         crate::housekeeping::prune_finished(&store, cutoff, &CancellationToken::new()).await?;
     store.close().await;

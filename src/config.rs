@@ -291,6 +291,27 @@ pub enum SweepMode {
     Off,
 }
 
+/// The shortest retention of finished actions: below it, `prune` would delete actions that
+/// reporting tools have not had a chance to read (`0s` deletes every finished one).
+pub const MIN_KEEP_FINISHED: Duration = Duration::from_secs(60);
+
+/// The one rule for `retention.keep_finished` and `prune --keep`.
+pub fn check_keep_finished(keep: Duration) -> Result<(), String> {
+    if keep < MIN_KEEP_FINISHED {
+        return Err(format!(
+            "must be at least 1m, not {} (or unset to keep everything)",
+            crate::domain::format_duration(keep)
+        ));
+    }
+    if crate::domain::time_ago(keep).is_none() {
+        return Err(format!(
+            "{} reaches back before 1970",
+            crate::domain::format_duration(keep)
+        ));
+    }
+    Ok(())
+}
+
 /// The largest `$top` the service accepts.
 pub const MAX_PAGE_SIZE: u32 = 10_000;
 
@@ -500,15 +521,10 @@ impl Settings {
                 "must be at least 100ms".into(),
             );
         }
-        if self
-            .retention
-            .keep_finished
-            .is_some_and(|k| k < Duration::from_secs(60))
+        if let Some(k) = self.retention.keep_finished
+            && let Err(e) = check_keep_finished(k)
         {
-            bad(
-                "retention.keep_finished",
-                "must be at least 1m (or unset to keep everything)".into(),
-            );
+            bad("retention.keep_finished", e);
         }
         if let Err(e) = check_http_url(&self.api_base_url()) {
             bad("api.base_url", e);

@@ -255,6 +255,14 @@ impl fmt::Display for Tracking {
 
 /// Formats a time the way the database stores it: UTC RFC 3339 with milliseconds and `Z`,
 /// fixed width so that text order is time order.
+/// `d` before now, or `None` when that is before 1970 (which no timestamp here can name:
+/// `--since 100000y` is an input error, not a panic).
+pub fn time_ago(d: Duration) -> Option<SystemTime> {
+    SystemTime::now()
+        .checked_sub(d)
+        .filter(|t| *t >= SystemTime::UNIX_EPOCH)
+}
+
 pub fn format_time(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }

@@ -21,7 +21,9 @@ pub fn parse_since(s: &str) -> Result<SystemTime, String> {
         return Ok(t);
     }
     match parse_duration(s) {
-        Ok(d) => Ok(SystemTime::now() - d),
+        Ok(d) => {
+            crate::domain::time_ago(d).ok_or_else(|| format!("'{s}' reaches back before 1970"))
+        }
         Err(_) => Err(format!(
             "'{s}' is neither a time (2026-11-28T00:00:00Z) nor a duration back from now (7d, 12h)"
         )),

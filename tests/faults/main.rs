@@ -324,3 +324,82 @@ async fn a_second_daemon_through_a_hard_link_or_symlink_is_refused_naming_the_pi
     signal(&first, nix::sys::signal::Signal::SIGTERM);
     assert!(first.wait().await.unwrap().success());
 }
+
+/// Finding 4: `prune --keep 0s` deleted every finished action although the config refuses
+/// `keep_finished = "0s"`. The flag now has the same floor, and deleting more than 1,000
+/// actions from a terminal asks for `--yes` (scripts, without a terminal, are not asked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_from_a_terminal_asks_for_yes_before_deleting_more_than_a_thousand() {
+    use mde_actiond::domain::{ActionId, Tracking};
+    use mde_actiond::store::{NextStep, Observation, OpenMode, PollResult, PollWrite, Store};
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: `script` (util-linux) is needed to give prune a terminal");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let store = Store::open(&db, OpenMode::ReadWrite).await.unwrap();
+    let mut rng = fastrand::Rng::with_seed(4);
+    let ids: Vec<_> = (0..1_001).map(|_| ActionId::random(&mut rng)).collect();
+    let now = std::time::SystemTime::now();
+    store.enqueue(&ids, now).await.unwrap();
+    let writes: Vec<_> = ids
+        .iter()
+        .map(|id| PollWrite {
+            id: id.clone(),
+            result: PollResult::Observed(Box::new(Observation {
+                status: Some(ActionStatus::Succeeded),
+                raw: "{}".into(),
+                ..Observation::default()
+            })),
+            next: NextStep::Finish(Tracking::Done),
+        })
+        .collect();
+    store.record_polls(&writes, now).await.unwrap();
+    store.close().await;
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE actions SET finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-2 days')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM actions")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let in_terminal = |extra: &str| {
+        let line = format!(
+            "{} --db {} prune --keep 1d {extra}",
+            env!("CARGO_BIN_EXE_mde-actiond"),
+            db.display()
+        );
+        std::process::Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .output()
+            .unwrap()
+    };
+    let asked = in_terminal("");
+    let text = String::from_utf8_lossy(&asked.stdout);
+    assert!(
+        text.contains("would delete 1001 actions") && text.contains("--yes"),
+        "{text}"
+    );
+    assert_eq!(count().await, 1_001, "nothing deleted without --yes");
+    let done = in_terminal("--yes");
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stdout)
+    );
+    assert_eq!(count().await, 0);
+    pool.close().await;
+}

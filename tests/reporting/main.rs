@@ -378,6 +378,34 @@ async fn prune_removes_old_finished_actions_and_reclaims_space() {
     wait_finished(&daemon.store, &ids, LIMIT).await;
     daemon.shutdown().await;
     let db = env.db();
+    // A day passes for the finished ones (retention is at least a minute).
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE actions SET finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day')
+         WHERE finished_at IS NOT NULL",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    // The floor the config has holds for the flag too: 0s would delete every finished one.
+    for keep in ["0s", "59s", "100000y"] {
+        let refused = bin()
+            .arg("--db")
+            .arg(&db)
+            .args(["prune", "--keep", keep])
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(2), "--keep {keep}: {err}");
+        assert!(
+            err.contains("at least 1m") || err.contains("before 1970"),
+            "{err}"
+        );
+    }
 
     let nothing = bin()
         .arg("--db")
@@ -390,7 +418,7 @@ async fn prune_removes_old_finished_actions_and_reclaims_space() {
     let dry = bin()
         .arg("--db")
         .arg(&db)
-        .args(["prune", "--dry-run", "--keep", "1ms"])
+        .args(["prune", "--dry-run", "--keep", "1h"])
         .output()
         .await
         .unwrap();
@@ -418,7 +446,7 @@ async fn prune_removes_old_finished_actions_and_reclaims_space() {
         .arg("--db")
         .arg(&db)
         .env("MDE_ACTIOND_RETENTION__KEEP_FINISHED", "1m")
-        .args(["prune", "--keep", "1ms"])
+        .args(["prune", "--keep", "1h"])
         .output()
         .await
         .unwrap();
