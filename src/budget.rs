@@ -333,4 +333,28 @@ mod tests {
         // The oldest seeded call (12 s ago) leaves the window 48 s from now.
         assert_eq!(Instant::now() - start, Duration::from_secs(48));
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_dated_in_the_future_and_years_of_retry_after_are_not_restored() {
+        let budget = RateBudget::new(3, 1000);
+        let now = SystemTime::now();
+        // Logged before the clock stepped back a day: "sent" tomorrow.
+        let past: Vec<PastCall> = (0..3)
+            .map(|i| PastCall {
+                sent_at: now + Duration::from_secs(86_400 - i),
+                retry_not_before: None,
+            })
+            .collect();
+        budget.seed(&past, now);
+        assert_eq!(budget.remaining().this_minute, 3);
+        budget.seed(
+            &[PastCall {
+                sent_at: now - Duration::from_secs(1),
+                retry_not_before: Some(now + Duration::from_secs(315_360_000)),
+            }],
+            now,
+        );
+        let paused = budget.remaining().paused_for.unwrap();
+        assert!(paused <= crate::domain::MAX_RETRY_AFTER, "{paused:?}");
+    }
 }

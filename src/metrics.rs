@@ -92,6 +92,8 @@ pub struct Metrics {
     last_error: Mutex<Option<(String, SystemTime)>>,
     /// Actions that had ended `not_found` and showed up in a listing later.
     pub revived: AtomicU64,
+    /// Times the wall clock was seen stepping back (next polls were moved back with it).
+    pub clock_steps_back: AtomicU64,
     /// 404s that were not the API's (HTML or empty body, or to a list call).
     pub not_api_answers: AtomicU64,
     /// Status and type values this version does not know, by field and value.
@@ -153,6 +155,7 @@ impl Default for Metrics {
             db_write_seconds: Histogram::new(FAST_BUCKETS),
             last_error: Mutex::new(None),
             revived: AtomicU64::new(0),
+            clock_steps_back: AtomicU64::new(0),
             not_api_answers: AtomicU64::new(0),
             unknown_values: Mutex::new(BTreeMap::new()),
             blockers: Mutex::new(BTreeMap::new()),
@@ -456,6 +459,12 @@ impl Metrics {
             "mde_actiond_revived_total",
             "Actions that had ended not_found and showed up in a listing later.",
             Self::get(&self.revived),
+        );
+        counter(
+            &mut out,
+            "mde_actiond_clock_steps_back_total",
+            "Times the wall clock stepped back by more than 2s; next polls moved back with it.",
+            Self::get(&self.clock_steps_back),
         );
         counter(
             &mut out,

@@ -124,7 +124,13 @@ pub struct Poller {
     check_window: std::sync::Mutex<CheckWindow>,
     /// Whether a 404 that was not the API's has been logged at error level.
     not_api_logged: AtomicBool,
+    /// Both clocks as of the last step, to notice the wall clock stepping back.
+    clocks: std::sync::Mutex<(tokio::time::Instant, SystemTime)>,
 }
+
+/// A wall clock that fell behind the monotonic one by more than this stepped back (NTP
+/// slews by far less; a VM restored from a snapshot or a hand-set clock steps).
+const CLOCK_STEP: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 enum CallError {
@@ -181,6 +187,7 @@ impl Poller {
                 checks: 0,
             }),
             not_api_logged: AtomicBool::new(false),
+            clocks: std::sync::Mutex::new((tokio::time::Instant::now(), SystemTime::now())),
         }
     }
 
@@ -299,6 +306,37 @@ impl Poller {
         }
     }
 
+    /// Next polls are wall-clock times in the database: a wall clock that steps back by a
+    /// day would leave every action a day from due. When it fell behind the monotonic clock
+    /// since the last step, every active action's next poll moves back by as much (a step
+    /// forward needs nothing: what is due is polled).
+    async fn follow_clock_steps(&self) -> Result<(), Halt> {
+        let (mono_now, wall_now) = (tokio::time::Instant::now(), SystemTime::now());
+        let (mono_then, wall_then) = *self.clocks.lock().unwrap_or_else(|e| e.into_inner());
+        let mono = mono_now - mono_then;
+        let back = match wall_now.duration_since(wall_then) {
+            Ok(wall) => mono.saturating_sub(wall),
+            Err(behind) => mono + behind.duration(),
+        };
+        if back > CLOCK_STEP {
+            let moved = self
+                .store
+                .shift_schedule_back(back, wall_now)
+                .await
+                .map_err(Halt::Store)?;
+            self.metrics
+                .clock_steps_back
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(
+                step_back_s = back.as_secs(),
+                rescheduled = moved,
+                "the wall clock stepped back; next polls moved back by as much"
+            );
+        }
+        *self.clocks.lock().unwrap_or_else(|e| e.into_inner()) = (mono_now, wall_now);
+        Ok(())
+    }
+
     fn effective_batch(&self) -> u32 {
         if self.list_supported.load(Ordering::Relaxed) {
             self.settings.batch_size.max(1)
@@ -314,6 +352,7 @@ impl Poller {
     /// One step: a sweep when one is due (or cheaper than the pass it would replace), else a
     /// pass. `Ok(Some(d))`: nothing was due, sleep up to `d`; `Ok(None)`: work was done.
     async fn step(self: Arc<Self>, cancel: &CancellationToken) -> Result<Option<Duration>, Halt> {
+        self.follow_clock_steps().await?;
         let active = self.store.active_count().await.map_err(Halt::Store)?;
         self.measure_checks(active);
         if active == 0 {

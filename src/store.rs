@@ -502,6 +502,22 @@ impl Store {
         rows.iter().map(due_from_row).collect()
     }
 
+    /// Moves every active action's next poll `back` earlier (the wall clock stepped back by
+    /// that much), never before `now`'s view of due: returns how many moved.
+    pub async fn shift_schedule_back(&self, back: Duration, now: SystemTime) -> Result<u64> {
+        let modifier = format!("-{:.3} seconds", back.as_secs_f64());
+        Ok(sqlx::query(
+            "UPDATE actions SET next_poll_at =
+               max(?2, strftime('%Y-%m-%dT%H:%M:%fZ', next_poll_at, ?1))
+             WHERE tracking = 'active' AND next_poll_at > ?2",
+        )
+        .bind(modifier)
+        .bind(format_time(now))
+        .execute(self.writer())
+        .await?
+        .rows_affected())
+    }
+
     /// Brings back to `active` (due now) the actions among `ids` that had ended `not_found`:
     /// a listing holds them, so MDE knows them after all (new ids become visible late).
     /// Returns the ids revived.

@@ -403,3 +403,77 @@ async fn prune_from_a_terminal_asks_for_yes_before_deleting_more_than_a_thousand
     assert_eq!(count().await, 0);
     pool.close().await;
 }
+
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// Finding 5: next polls are wall-clock times, so a clock stepping back a day left every
+/// action a day from due (0 calls in 20 s with 99 active). Now the loop notices the wall
+/// clock falling behind the monotonic one and moves next polls back by as much. The real
+/// binary runs under libfaketime, its wall clock set back a day mid-run (monotonic untouched).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wall_clock_stepping_back_a_day_does_not_stall_tracking() {
+    if !Path::new(LIBFAKETIME).exists() {
+        eprintln!("skipped: libfaketime is not installed (Debian package faketime)");
+        return;
+    }
+    let env = TestEnv::new(SimConfig::default()).await;
+    let stamp = env.dir.path().join("faketime");
+    std::fs::write(&stamp, "+0\n").unwrap();
+    let s = Duration::from_secs;
+    let ids: Vec<_> = (0..20)
+        .map(|i| {
+            env.sim.create_action(Lifecycle::new(vec![
+                (Duration::ZERO, ActionStatus::Pending),
+                (s(1), ActionStatus::InProgress),
+                (
+                    s(8) + Duration::from_millis(100 * i),
+                    ActionStatus::Succeeded,
+                ),
+            ]))
+        })
+        .collect();
+    enqueue_with_cli(&env.db(), &ids).await;
+    let mut daemon = spawn_daemon(
+        &env,
+        &[
+            ("LD_PRELOAD", LIBFAKETIME.to_string()),
+            ("FAKETIME_TIMESTAMP_FILE", stamp.display().to_string()),
+            ("FAKETIME_NO_CACHE", "1".to_string()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
+            ("MDE_ACTIOND_POLL__MAX_INTERVAL", "1s".to_string()),
+        ],
+        &[],
+    );
+    let store = env.reader().await;
+    eventually(LIMIT, "every action seen in progress", || async {
+        let mut all = true;
+        for id in &ids {
+            all &= row(&store, id).await.status.as_deref() == Some("InProgress");
+        }
+        all
+    })
+    .await;
+    std::fs::write(&stamp, "-1d\n").unwrap();
+    wait_finished(&store, &ids, LIMIT).await;
+    for id in &ids {
+        let r = row(&store, id).await;
+        let truth = env.sim.terminal_status(id).unwrap();
+        assert_eq!(
+            (r.tracking.as_str(), r.status.as_deref()),
+            ("done", Some(truth.as_str()))
+        );
+        let log: Vec<_> = store
+            .transitions(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.to_status)
+            .collect();
+        assert_eq!(log, ["Pending", "InProgress", "Succeeded"], "{id}");
+    }
+    store.close().await;
+    signal(&daemon, nix::sys::signal::Signal::SIGTERM);
+    let stderr = read_all(daemon.stderr.take().unwrap()).await;
+    assert!(daemon.wait().await.unwrap().success(), "{stderr}");
+    assert!(stderr.contains("the wall clock stepped back"), "{stderr}");
+}
