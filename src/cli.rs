@@ -1,6 +1,6 @@
 //! Command line: argument parsing and the commands' output. Business logic lives elsewhere.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -423,6 +423,10 @@ impl StopSignals {
     }
 }
 
+/// The longest line `enqueue --file` reads: an id with a CSV row's other columns fits
+/// many times over.
+const MAX_ID_LINE: usize = 4096;
+
 /// Reads ids from arguments and/or a file; refusals carry the value and line.
 fn collect_ids(args: &EnqueueArgs) -> anyhow::Result<(Vec<ActionId>, Vec<String>)> {
     let mut ids = Vec::new();
@@ -444,8 +448,27 @@ fn collect_ids(args: &EnqueueArgs) -> anyhow::Result<(Vec<ActionId>, Vec<String>
                 path.display().to_string(),
             )
         };
-        for (n, line) in reader.lines().enumerate() {
-            let line = line.with_context(|| format!("cannot read {name}"))?;
+        let mut reader = reader;
+        let mut buf = Vec::new();
+        for n in 1.. {
+            buf.clear();
+            // Bounded: `--file /dev/zero` (or a binary file) has no line end to wait for.
+            let read = (&mut reader)
+                .take(MAX_ID_LINE as u64 + 1)
+                .read_until(b'\n', &mut buf)
+                .with_context(|| format!("cannot read {name}"))?;
+            if read == 0 {
+                break;
+            }
+            if buf.len() > MAX_ID_LINE && buf.last() != Some(&b'\n') {
+                anyhow::bail!(
+                    "{name}:{n}: a line longer than {MAX_ID_LINE} bytes; expected one action id per line (nothing was enqueued)"
+                );
+            }
+            let Ok(line) = std::str::from_utf8(&buf) else {
+                refused.push(format!("{name}:{n}: refused: not UTF-8 text"));
+                continue;
+            };
             let content = line.split('#').next().unwrap_or("").trim();
             if content.is_empty() {
                 continue;
@@ -454,7 +477,7 @@ fn collect_ids(args: &EnqueueArgs) -> anyhow::Result<(Vec<ActionId>, Vec<String>
             let first = content.split([',', '\t', ' ']).next().unwrap_or(content);
             match ActionId::parse(first) {
                 Ok(id) => ids.push(id),
-                Err(e) => refused.push(format!("{name}:{}: refused: {e}", n + 1)),
+                Err(e) => refused.push(format!("{name}:{n}: refused: {e}")),
             }
         }
     }

@@ -478,9 +478,9 @@ impl Settings {
     ) -> Result<Self, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            let text = crate::textfile::read(path).map_err(|message| ConfigError::File {
                 path: path.to_path_buf(),
-                message: e.to_string(),
+                message,
             })?;
             builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }

@@ -24,6 +24,9 @@ use crate::store::{Enqueued, Store};
 
 /// Largest intake body: about 20,000 ids.
 pub const MAX_BODY: usize = 1024 * 1024;
+/// How long a client may take to send a request's headers, then its body.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `/readyz` waits for the database write lock.
 const READY_DB_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -45,15 +48,46 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .with_state(state)
 }
 
-/// Serves until `stop` fires.
+/// Serves until `stop` fires. Our own accept loop rather than `axum::serve`, which sets no
+/// timer: a client that sends half its headers and then nothing held a connection (and its
+/// task) forever.
 pub async fn serve(listener: TcpListener, state: Arc<HttpState>, stop: CancellationToken) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
     let app = router(state);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-    {
-        tracing::error!(error = %e, "HTTP listener failed");
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, typically: wait rather than spin.
+                    tracing::warn!(error = %e, "HTTP listener cannot accept");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
     }
+    while connections.join_next().await.is_some() {}
 }
 
 fn problem(status: StatusCode, message: impl Into<String>) -> Response {
@@ -162,10 +196,25 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-async fn enqueue(State(s): State<Arc<HttpState>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Some(refusal) = authorized(&s, &headers) {
+async fn enqueue(State(s): State<Arc<HttpState>>, request: axum::extract::Request) -> Response {
+    use axum::extract::FromRequest;
+    if let Some(refusal) = authorized(&s, request.headers()) {
         return refusal;
     }
+    // A body shorter than its Content-Length would otherwise be waited on forever.
+    let body = match tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(request, &())).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(rejection)) => return rejection.into_response(),
+        Err(_) => {
+            return problem(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {}s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            );
+        }
+    };
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Intake {

@@ -27,3 +27,4 @@ pub mod schedule;
 pub mod secret;
 pub mod sim;
 pub mod store;
+pub mod textfile;

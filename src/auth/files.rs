@@ -37,7 +37,7 @@ pub fn check_private(path: &Path, key: &str) -> Result<(), String> {
 /// Reads a secret file after `check_private`; trailing newlines are not part of the secret.
 pub fn read_private(path: &Path, key: &str) -> Result<String, String> {
     check_private(path, key)?;
-    let text = std::fs::read_to_string(path)
+    let text = crate::textfile::read(path)
         .map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
     let value = text.trim_end_matches(['\r', '\n']);
     if value.trim().is_empty() {

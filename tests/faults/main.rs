@@ -477,3 +477,90 @@ async fn a_wall_clock_stepping_back_a_day_does_not_stall_tracking() {
     assert!(daemon.wait().await.unwrap().success(), "{stderr}");
     assert!(stderr.contains("the wall clock stepped back"), "{stderr}");
 }
+
+/// Finding 6: unbounded input. `enqueue --file /dev/zero` grew to 8.9 GB (no line bound),
+/// `report --since 100000y` panicked, `--config` on a FIFO waited forever, and an HTTP body
+/// shorter than its Content-Length (or half a request's headers) held a connection forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbounded_input_is_refused_with_a_clear_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut env = TestEnv::new(SimConfig::default()).await;
+    env.settings.http.listen = Some("127.0.0.1:0".into());
+    let daemon = RunningDaemon::start(&env.settings).await.unwrap();
+    let addr = daemon.http_addr.unwrap();
+    // Both slow clients at once; each must be answered or cut off by the daemon.
+    let half_headers = tokio::spawn(async move {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(LIMIT, c.read_to_end(&mut buf))
+            .await
+            .expect("the daemon cut the connection")
+            .ok();
+        buf
+    });
+    let short_body = tokio::spawn(async move {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(
+            b"POST /v1/actions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"ids\": [",
+        )
+        .await
+        .unwrap();
+        let mut buf = vec![0; 4096];
+        let n = tokio::time::timeout(LIMIT, c.read(&mut buf))
+            .await
+            .expect("the daemon answered")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    let db = env.db();
+    let out = bin()
+        .arg("--db")
+        .arg(&db)
+        .args(["enqueue", "--file", "/dev/zero"])
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("/dev/zero:1:") && err.contains("longer than 4096 bytes"),
+        "{err}"
+    );
+    let out = bin()
+        .arg("--db")
+        .arg(&db)
+        .args(["report", "--since", "100000y"])
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("before 1970"), "{err}");
+    let fifo = env.dir.path().join("config.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let out = tokio::time::timeout(
+        LIMIT,
+        bin()
+            .arg("--config")
+            .arg(&fifo)
+            .arg("check-config")
+            .output(),
+    )
+    .await
+    .expect("check-config on a FIFO returns")
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("not a regular file"), "{err}");
+
+    let answer = short_body.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let cut = half_headers.await.unwrap();
+    assert!(!cut.starts_with(b"HTTP/1.1 200"), "{cut:?}");
+    // The listener still serves everyone else.
+    assert_eq!(get(&format!("http://{addr}/healthz")).await.0, 200);
+    daemon.shutdown().await;
+}
