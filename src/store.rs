@@ -19,7 +19,15 @@ use tracing::instrument;
 
 use crate::domain::{ActionId, ActionStatus, Tracking, format_time, parse_time};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// The schema major this version reads and writes; minors are additive (docs/schema.md).
+pub const SCHEMA_MAJOR: u32 = 1;
+
+fn migrator() -> sqlx::migrate::Migrator {
+    let mut m = sqlx::migrate!("./migrations");
+    // A newer minor's migrations are additive: this version keeps working on that file.
+    m.set_ignore_missing(true);
+    m
+}
 
 /// How long a statement waits for another process's lock before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -45,6 +53,18 @@ pub enum StoreError {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
+    #[error(
+        "{path} is not an mde-actiond database (it has tables of its own and no schema_info); refusing to touch it: check --db / [database] path"
+    )]
+    Foreign { path: PathBuf },
+    #[error(
+        "{path} holds schema {found}, written by a newer mde-actiond; this version reads schema {SCHEMA_MAJOR}.x only: run the newer version (the file is left untouched)"
+    )]
+    FromTheFuture { path: PathBuf, found: String },
+    #[error(
+        "{path} is damaged: {detail}; restore it from a backup or move it aside (the file is left untouched)"
+    )]
+    Damaged { path: PathBuf, detail: String },
     #[error("database error: {0}")]
     Sql(#[from] sqlx::Error),
     #[error("database holds a value this version cannot read: {0}")]
@@ -357,6 +377,9 @@ fn connect_options(path: &Path, mode: OpenMode) -> SqliteConnectOptions {
 }
 
 impl Store {
+    /// Opens the file, after refusing one that is not ours, from a newer major, or damaged
+    /// (`PRAGMA quick_check`, so a page-corrupted file is neither polled on, written to, nor
+    /// reported from as if it were empty).
     pub async fn open(path: &Path, mode: OpenMode) -> Result<Self> {
         if mode == OpenMode::ReadOnly && !path.exists() {
             return Err(StoreError::Missing {
@@ -367,6 +390,8 @@ impl Store {
             path: path.to_path_buf(),
             source,
         };
+        // Before anything that could write (even the WAL switch changes the file's header).
+        inspect(path).await?;
         let writer = match mode {
             OpenMode::ReadWrite => {
                 let pool = open_writer(path).await.map_err(open_err)?;
@@ -1098,6 +1123,78 @@ impl Store {
     }
 }
 
+/// Refuses, untouched, a file that is not ours, is from a newer major, or cannot be read
+/// (another application's database, a page-corrupted file). A missing or empty file is a new
+/// database.
+async fn inspect(path: &Path) -> Result<()> {
+    if std::fs::metadata(path)
+        .map(|m| m.len() == 0)
+        .unwrap_or(true)
+    {
+        return Ok(());
+    }
+    let damaged = |detail: String| StoreError::Damaged {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .busy_timeout(BUSY_TIMEOUT);
+    let mut conn = sqlx::ConnectOptions::connect(&options)
+        .await
+        .map_err(|e| damaged(format!("cannot be opened as SQLite ({e})")))?;
+    let result = async {
+        let tables: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM sqlite_schema WHERE type = 'table'")
+                .fetch_all(&mut conn)
+                .await
+                .map_err(|e| damaged(format!("its schema cannot be read ({e})")))?;
+        let has = |t: &str| tables.iter().any(|n| n == t);
+        if !has("schema_info") {
+            // Ours before schema 1.1 (migration 1 only), or one being created by another
+            // process this moment, has the migrations table (whose checksums the migrator
+            // then compares with ours).
+            return if tables.is_empty() || has("_sqlx_migrations") {
+                Ok(())
+            } else {
+                Err(StoreError::Foreign {
+                    path: path.to_path_buf(),
+                })
+            };
+        }
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT name, CAST(value AS TEXT) FROM schema_info WHERE name IN ('major', 'minor')",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .map_err(|e| damaged(format!("schema_info cannot be read ({e})")))?;
+        let get = |name: &str| rows.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+        let major = get("major").ok_or_else(|| damaged("schema_info has no major".into()))?;
+        let major: u32 = major
+            .trim()
+            .parse()
+            .map_err(|_| damaged(format!("schema_info major is '{major}', not a number")))?;
+        if major > SCHEMA_MAJOR {
+            return Err(StoreError::FromTheFuture {
+                path: path.to_path_buf(),
+                found: format!("{major}.{}", get("minor").unwrap_or_else(|| "?".into())),
+            });
+        }
+        let problems: Vec<String> = sqlx::query_scalar("PRAGMA quick_check(5)")
+            .fetch_all(&mut conn)
+            .await
+            .map_err(|e| damaged(format!("quick_check failed ({e})")))?;
+        if problems != ["ok"] {
+            return Err(damaged(format!("quick_check: {}", problems.join("; "))));
+        }
+        Ok(())
+    }
+    .await;
+    let _ = sqlx::Connection::close(conn).await;
+    result
+}
+
 /// Opens the writer pool. Two processes creating the same new file at once (a CLI enqueue
 /// and a starting daemon) can meet SQLITE_BUSY while one switches it to WAL, which SQLite
 /// reports without waiting; a short retry lets the first finish.
@@ -1144,7 +1241,7 @@ async fn migrate(pool: &SqlitePool, path: &Path) -> Result<()> {
     // fresh file. The loser's attempt fails and a retry finds the work done.
     let mut attempt = 0;
     loop {
-        match MIGRATOR.run(pool).await {
+        match migrator().run(pool).await {
             Ok(()) => return Ok(()),
             Err(e) if attempt < 3 => {
                 attempt += 1;

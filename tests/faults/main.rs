@@ -564,3 +564,124 @@ async fn unbounded_input_is_refused_with_a_clear_error() {
     assert_eq!(get(&format!("http://{addr}/healthz")).await.0, 200);
     daemon.shutdown().await;
 }
+
+/// Finding 7: a database that is not ours, or from the future, or page-corrupted was
+/// accepted: tables were added to a stranger's file, `run` polled a corrupt file, `report`
+/// answered 0. Each is now refused at open with a message, exit 1, the file untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn databases_that_are_not_ours_or_from_the_future_or_corrupt_are_refused_untouched() {
+    use mde_actiond::domain::ActionId;
+    use mde_actiond::store::{OpenMode, Store};
+    let env = TestEnv::new(SimConfig::default()).await;
+    let dir = env.dir.path();
+    let sql = |path: PathBuf, statements: &'static [&'static str]| async move {
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+            .await
+            .unwrap();
+        for s in statements {
+            sqlx::query(*s).execute(&pool).await.unwrap();
+        }
+        pool.close().await;
+    };
+    // Ours, with a few actions, to bend into the other cases.
+    let ours = |name: &str| {
+        let path = dir.join(name);
+        async move {
+            let store = Store::open(&path, OpenMode::ReadWrite).await.unwrap();
+            let mut rng = fastrand::Rng::with_seed(7);
+            let ids: Vec<_> = (0..2_000).map(|_| ActionId::random(&mut rng)).collect();
+            store
+                .enqueue(&ids, std::time::SystemTime::now())
+                .await
+                .unwrap();
+            store.checkpoint().await.unwrap();
+            store.close().await;
+            path
+        }
+    };
+    let foreign = dir.join("foreign.db");
+    sql(
+        foreign.clone(),
+        &["CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)"],
+    )
+    .await;
+    let future = ours("future.db").await;
+    sql(
+        future.clone(),
+        &["UPDATE schema_info SET value = '2' WHERE name = 'major'"],
+    )
+    .await;
+    let garbled = ours("garbled.db").await;
+    sql(
+        garbled.clone(),
+        &["UPDATE schema_info SET value = 'one' WHERE name = 'major'"],
+    )
+    .await;
+    let corrupt = ours("corrupt.db").await;
+    {
+        // Scribble over a data page in the middle of the file (not page 1, the header).
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&corrupt)
+            .unwrap();
+        let len = f.metadata().unwrap().len();
+        f.seek(SeekFrom::Start((len / 2) / 4096 * 4096)).unwrap();
+        f.write_all(&[0xA5; 4096]).unwrap();
+    }
+    let cases = [
+        (&foreign, "not an mde-actiond database"),
+        (&future, "newer mde-actiond"),
+        (&garbled, "not a number"),
+        (&corrupt, "damaged"),
+    ];
+    for (path, says) in cases {
+        let before = std::fs::read(path).unwrap();
+        let commands: [&[&str]; 4] = [
+            &["report"],
+            &["list"],
+            &["enqueue", "2e9da30d-27f6-4208-81f2-9cd3d67893ba"],
+            &["run"],
+        ];
+        for args in commands {
+            let out = bin()
+                .envs(daemon_env(&env))
+                .env("MDE_ACTIOND_DATABASE__PATH", path)
+                .args(args)
+                .output()
+                .await
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{args:?} {}: {err}",
+                path.display()
+            );
+            assert!(err.contains(says), "{args:?} {}: {err}", path.display());
+        }
+        assert!(
+            std::fs::read(path).unwrap() == before,
+            "{} was changed",
+            path.display()
+        );
+    }
+
+    // A newer minor is additive: this version keeps working on it.
+    let newer_minor = ours("newer-minor.db").await;
+    sql(
+        newer_minor.clone(),
+        &[
+            "UPDATE schema_info SET value = '9' WHERE name = 'minor'",
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES (99, 'from a newer version', 1, x'00', 0)",
+            "CREATE TABLE added_by_a_newer_version (x)",
+        ],
+    )
+    .await;
+    enqueue_with_cli(
+        &newer_minor,
+        &env.sim.create_random_actions(1, Duration::from_secs(1)),
+    )
+    .await;
+}
