@@ -463,7 +463,58 @@ fn parse_page(body: &str) -> Result<ListPage, MdeError> {
             Err(e) => out.unreadable.push(e),
         }
     }
+    out.actions = resolve_duplicates(std::mem::take(&mut out.actions), &mut out.unreadable);
     Ok(out)
+}
+
+/// One answer listing an id more than once: the copy updated last is the one to believe.
+/// Copies updated at the same moment that disagree on the status say nothing reliable, so
+/// none is kept (the id counts as not listed this time) and the conflict goes to `problems`.
+fn resolve_duplicates(
+    actions: Vec<FetchedAction>,
+    problems: &mut Vec<String>,
+) -> Vec<FetchedAction> {
+    let mut copies: HashMap<ActionId, Vec<usize>> = HashMap::with_capacity(actions.len());
+    for (i, a) in actions.iter().enumerate() {
+        copies.entry(a.id.clone()).or_default().push(i);
+    }
+    if copies.len() == actions.len() {
+        return actions;
+    }
+    let updated = |a: &FetchedAction| {
+        a.observation
+            .updated_at
+            .as_deref()
+            .and_then(crate::domain::parse_time)
+    };
+    let mut keep = vec![false; actions.len()];
+    for (id, at) in &copies {
+        let latest = at.iter().map(|&i| updated(&actions[i])).max().flatten();
+        let newest: Vec<usize> = at
+            .iter()
+            .copied()
+            .filter(|&i| updated(&actions[i]) == latest)
+            .collect();
+        let status = &actions[newest[0]].status;
+        if newest.iter().all(|&i| actions[i].status == *status) {
+            keep[newest[0]] = true;
+        } else {
+            problems.push(format!(
+                "{id} is listed {} times with conflicting statuses ({}) and the same update time; nothing recorded for it from this answer",
+                at.len(),
+                newest
+                    .iter()
+                    .map(|&i| actions[i].status.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    actions
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(a, k)| k.then_some(a))
+        .collect()
 }
 
 fn parse_list(body: &str, ids: &[ActionId]) -> Result<ListAnswer, MdeError> {
@@ -920,6 +971,43 @@ mod tests {
         assert_eq!(parse_retry_after(&h, now), Some(Duration::ZERO));
         h.insert(RETRY_AFTER, "soon".parse().unwrap());
         assert_eq!(parse_retry_after(&h, now), None);
+    }
+
+    #[test]
+    fn duplicate_entries_resolve_to_the_latest_update_or_to_nothing() {
+        let entry = |status: &str, updated: &str| {
+            format!(
+                r#"{{"id": "{ID}", "type": "Isolate", "status": "{status}", "lastUpdateDateTimeUtc": "{updated}"}}"#
+            )
+        };
+        let page = |entries: &[String]| format!(r#"{{"value": [{}]}}"#, entries.join(","));
+        let later = page(&[
+            entry("Pending", "2026-11-28T10:00:00Z"),
+            entry("Succeeded", "2026-11-28T10:00:09.5Z"),
+            entry("InProgress", "2026-11-28T10:00:05Z"),
+        ]);
+        let p = parse_page(&later).unwrap();
+        assert_eq!(p.entries, 3);
+        assert_eq!(p.actions.len(), 1);
+        assert_eq!(p.actions[0].status.as_str(), "Succeeded");
+        assert!(p.unreadable.is_empty());
+        let same = page(&[
+            entry("InProgress", "2026-11-28T10:00:05Z"),
+            entry("InProgress", "2026-11-28T10:00:05Z"),
+        ]);
+        assert_eq!(parse_page(&same).unwrap().actions.len(), 1);
+        let conflict = page(&[
+            entry("Failed", "2026-11-28T10:00:05Z"),
+            entry("Succeeded", "2026-11-28T10:00:05Z"),
+            entry("Pending", "2026-11-28T10:00:00Z"),
+        ]);
+        let p = parse_page(&conflict).unwrap();
+        assert!(p.actions.is_empty());
+        assert!(
+            p.unreadable[0].contains("conflicting"),
+            "{:?}",
+            p.unreadable
+        );
     }
 
     #[test]

@@ -87,6 +87,10 @@ pub struct SimConfig {
     /// The `Retry-After` header sent verbatim with a `TooManyRequests` fault instead of
     /// `fault_retry_after` (a hostile or broken gateway: ten years, 10^23 s, a date in 2100).
     pub fault_retry_after_header: Option<String>,
+    /// Id-list answers repeat each action as it looked at its earlier steps, after the
+    /// current entry: one answer, one id, several statuses (seen from gateways that merge
+    /// replicas).
+    pub stale_copies: bool,
     /// `$filter` forms answered with a 400 (`ODataError`), as the service answers forms it
     /// does not support.
     pub rejected_filters: Vec<FilterForm>,
@@ -148,6 +152,7 @@ impl Default for SimConfig {
             slow_delay: Duration::from_millis(1500),
             fault_retry_after: Duration::from_secs(1),
             fault_retry_after_header: None,
+            stale_copies: false,
             rejected_filters: Vec::new(),
             ignored_filters: Vec::new(),
             visibility_delay: Duration::ZERO,
@@ -750,6 +755,10 @@ impl Simulator {
         self.lock().config.faults = faults;
     }
 
+    pub fn set_stale_copies(&self, on: bool) {
+        self.lock().config.stale_copies = on;
+    }
+
     /// Sends this `Retry-After` value verbatim with `TooManyRequests` faults (`None`: the
     /// simulator's own).
     pub fn set_retry_after_header(&self, raw: Option<&str>) {
@@ -1236,6 +1245,13 @@ impl Tenant {
                             && value.len() < top
                         {
                             value.push(a.to_json(now, false));
+                            if s.config.stale_copies {
+                                let (step, _) = a.lifecycle.at(now.duration_since(a.created));
+                                for earlier in 0..step {
+                                    let then = a.created + a.lifecycle.steps[earlier].0;
+                                    value.push(a.to_json(then, false));
+                                }
+                            }
                         }
                     }
                 } else {

@@ -685,3 +685,31 @@ async fn databases_that_are_not_ours_or_from_the_future_or_corrupt_are_refused_u
     )
     .await;
 }
+
+/// Finding 8: one list answer holding an id three times with different statuses: the last
+/// copy won silently (a stale one, so the log went backwards). Now the copy updated last is
+/// believed, and every transition log stays exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_duplicate_entries_in_a_list_answer_do_not_rewind_the_log() {
+    let env = TestEnv::new(SimConfig {
+        stale_copies: true,
+        ..SimConfig::default()
+    })
+    .await;
+    let ms = Duration::from_millis;
+    let ids: Vec<_> = (0..20)
+        .map(|i| {
+            env.sim.create_action(Lifecycle::new(vec![
+                (Duration::ZERO, ActionStatus::Pending),
+                (ms(300 + 50 * i), ActionStatus::InProgress),
+                (ms(1500 + 50 * i), ActionStatus::Succeeded),
+            ]))
+        })
+        .collect();
+    let daemon = env.start_daemon().await;
+    daemon.enqueue(&ids).await;
+    wait_finished(&daemon.store, &ids, LIMIT).await;
+    daemon.shutdown().await;
+    env.assert_all_true(&ids).await;
+    assert!(env.sim.stats().list_calls > 0, "the answers were lists");
+}
