@@ -945,6 +945,18 @@ impl Poller {
             if result.is_ok() && self.metrics.set_blocker(Blocker::ApiForbidden, None) {
                 info!("MDE accepts the app's calls again");
             }
+            // Answers only an authenticated caller gets: the token was good.
+            let authenticated = matches!(
+                result,
+                Ok(_)
+                    | Err(MdeError::NotFound
+                        | MdeError::Forbidden(_)
+                        | MdeError::FilterRejected(_))
+            );
+            if authenticated && self.tokens.accepted() {
+                self.metrics.set_blocker(Blocker::TokensRejected, None);
+                info!("MDE accepts our tokens again");
+            }
             let (status, outcome, retry_after) = match &result {
                 Ok(_) => (Some(200), "ok", None),
                 Err(e) => (
@@ -967,13 +979,28 @@ impl Poller {
                 warn!(error = %e, "cannot record an API call's outcome");
             }
             match result {
-                Err(MdeError::Unauthorized(detail)) if !retried => {
+                // While fresh tokens are being refused, the token this call used was fresh.
+                Err(MdeError::Unauthorized(detail)) if !retried && !self.tokens.rejecting() => {
                     debug!(
                         detail,
                         "token refused; fetching a new one and retrying once"
                     );
                     self.tokens.invalidate(&token).await;
                     retried = true;
+                }
+                Err(MdeError::Unauthorized(detail)) => {
+                    let wait = self.tokens.rejected(&token, &detail).await;
+                    let why = format!(
+                        "MDE rejects our tokens (401 to a freshly issued one: {detail}); token requests back off, next in {}",
+                        crate::domain::format_duration(wait)
+                    );
+                    if self
+                        .metrics
+                        .set_blocker(Blocker::TokensRejected, Some(why.clone()))
+                    {
+                        error!("{why}; check auth.tenant_id, auth.scope and the app's consent");
+                    }
+                    return Err(CallError::Auth(AuthError::BackingOff { wait, last: why }));
                 }
                 Err(MdeError::RateLimited { .. }) => {
                     let wait = retry_after.unwrap_or(DEFAULT_RETRY_AFTER);

@@ -345,6 +345,8 @@ pub struct TokenProvider {
     state: Mutex<State>,
     refreshes: AtomicU64,
     failures: AtomicU64,
+    /// Fresh tokens the API refused (401) in a row, until it accepts one.
+    rejections: std::sync::atomic::AtomicU32,
 }
 
 #[derive(Default)]
@@ -372,7 +374,36 @@ impl TokenProvider {
             state: Mutex::new(State::default()),
             refreshes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            rejections: std::sync::atomic::AtomicU32::new(0),
         }
+    }
+
+    /// The API refused a token that was fetched for the retry of a refused call: new tokens
+    /// will not help at once (wrong tenant or resource, missing consent), and fetching one
+    /// per call spun (hundreds of token requests in seconds). Backs off token requests as
+    /// for the identity platform's own failures; returns how long.
+    pub async fn rejected(&self, token: &Secret, detail: &str) -> Duration {
+        let n = self.rejections.fetch_add(1, Ordering::Relaxed);
+        let delay = next_delay(n, &failure_backoff(), fastrand::f64());
+        let mut state = self.state.lock().await;
+        if state.token.as_ref().is_some_and(|t| &t.secret == token) {
+            state.token = None;
+        }
+        state.retry_at = Some((
+            Instant::now() + delay,
+            format!("MDE refused a freshly issued token (401): {detail}"),
+        ));
+        delay
+    }
+
+    /// Whether the API has been refusing fresh tokens (no point in an immediate retry).
+    pub fn rejecting(&self) -> bool {
+        self.rejections.load(Ordering::Relaxed) > 0
+    }
+
+    /// The API accepted a token: rejections are over. True when some had been counted.
+    pub fn accepted(&self) -> bool {
+        self.rejections.swap(0, Ordering::Relaxed) > 0
     }
 
     /// A token valid for a while yet. Holding the lock across the fetch is what makes the

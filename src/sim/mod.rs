@@ -91,6 +91,9 @@ pub struct SimConfig {
     /// current entry: one answer, one id, several statuses (seen from gateways that merge
     /// replicas).
     pub stale_copies: bool,
+    /// The API answers 401 to every token, fresh ones too (an app registered in another
+    /// tenant, a token for the wrong resource, a key rollover gone wrong).
+    pub reject_all_tokens: bool,
     /// `$filter` forms answered with a 400 (`ODataError`), as the service answers forms it
     /// does not support.
     pub rejected_filters: Vec<FilterForm>,
@@ -153,6 +156,7 @@ impl Default for SimConfig {
             fault_retry_after: Duration::from_secs(1),
             fault_retry_after_header: None,
             stale_copies: false,
+            reject_all_tokens: false,
             rejected_filters: Vec::new(),
             ignored_filters: Vec::new(),
             visibility_delay: Duration::ZERO,
@@ -755,6 +759,10 @@ impl Simulator {
         self.lock().config.faults = faults;
     }
 
+    pub fn set_reject_all_tokens(&self, on: bool) {
+        self.lock().config.reject_all_tokens = on;
+    }
+
     pub fn set_stale_copies(&self, on: bool) {
         self.lock().config.stale_copies = on;
     }
@@ -1040,7 +1048,7 @@ impl Tenant {
             .header("authorization")
             .and_then(|h| h.strip_prefix("Bearer "))
             .unwrap_or("");
-        match s.tokens.get(token) {
+        match s.tokens.get(token).filter(|_| !s.config.reject_all_tokens) {
             None => {
                 s.stats.unknown_token_calls += 1;
                 return (

@@ -713,3 +713,46 @@ async fn stale_duplicate_entries_in_a_list_answer_do_not_rewind_the_log() {
     env.assert_all_true(&ids).await;
     assert!(env.sim.stats().list_calls > 0, "the answers were lists");
 }
+
+/// Finding 9: an API that answers 401 to fresh tokens too made 229 token requests and 456
+/// calls in 30 s. Now one refresh-and-retry, then token requests back off, /readyz says
+/// "MDE rejects our tokens", and it all clears by itself once a token is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_the_api_rejects_back_off_and_readiness_says_so() {
+    let mut env = TestEnv::new(SimConfig {
+        reject_all_tokens: true,
+        ..SimConfig::default()
+    })
+    .await;
+    env.settings.http.listen = Some("127.0.0.1:0".into());
+    let ids = env.sim.create_random_actions(5, Duration::from_secs(1));
+    let daemon = RunningDaemon::start(&env.settings).await.unwrap();
+    daemon.enqueue(&ids).await;
+    let base = format!("http://{}", daemon.http_addr.unwrap());
+    eventually(LIMIT, "readyz names the rejection", || async {
+        let (code, text) = get(&format!("{base}/readyz")).await;
+        code == 503 && text.contains("MDE rejects our tokens")
+    })
+    .await;
+    // A measured window: what the daemon spends while every token is refused.
+    let before = env.sim.stats();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = env.sim.stats();
+    let tokens = after.token_requests - before.token_requests;
+    let calls = after.api_calls - before.api_calls;
+    eprintln!("in 5 s of rejected tokens: {tokens} token requests, {calls} API calls");
+    // Backing off 1 s, 2 s, 4 s...: at most three token requests and three calls in 5 s.
+    assert!(
+        tokens <= 4 && calls <= 4,
+        "{tokens} token requests, {calls} calls"
+    );
+
+    env.sim.set_reject_all_tokens(false);
+    wait_finished(&daemon.store, &ids, LIMIT).await;
+    eventually(LIMIT, "readyz back to 200", || async {
+        get(&format!("{base}/readyz")).await.0 == 200
+    })
+    .await;
+    daemon.shutdown().await;
+    env.assert_all_true(&ids).await;
+}
