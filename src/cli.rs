@@ -311,12 +311,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
 
 fn check_config(cli: &Cli) -> Result<ExitCode, CliError> {
     let settings = load_settings(cli)?;
-    let mut problems = settings.problems();
-    problems.extend(settings.credential_problems());
+    let problems = crate::daemon::run_problems(&settings);
     // Show what the daemon will use, cloud presets and inferred method filled in.
     let mut shown = settings.clone();
-    shown.api.base_url = Some(settings.api_base_url());
-    shown.auth.authority = Some(settings.authority());
+    shown.api.base_url = Some(crate::secret::redact_userinfo(&settings.api_base_url()));
+    shown.auth.authority = Some(crate::secret::redact_userinfo(&settings.authority()));
     shown.auth.scope = Some(settings.scope());
     shown.auth.method = settings.auth_method().ok();
     print!("{}", shown.to_toml());

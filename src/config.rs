@@ -629,6 +629,15 @@ impl Settings {
         if r.per_hour == 0 {
             bad("rate_limit.per_hour", "must be at least 1".into());
         }
+        if r.per_minute > r.per_hour {
+            bad(
+                "rate_limit.per_minute",
+                format!(
+                    "{} is above rate_limit.per_hour ({}): a minute cannot allow more calls than the hour it is in",
+                    r.per_minute, r.per_hour
+                ),
+            );
+        }
         out
     }
 

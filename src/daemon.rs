@@ -298,6 +298,36 @@ pub async fn status_line(store: &Store, poller: &Poller) -> String {
     parts.join(" · ")
 }
 
+/// Every check `run` makes before it starts (exit 78 when any fails), without starting:
+/// what `check-config` reports, so it never says valid when `run` would refuse.
+pub fn run_problems(settings: &Settings) -> Vec<crate::config::Problem> {
+    let mut problems = settings.problems();
+    problems.extend(settings.credential_problems());
+    if !problems.is_empty() {
+        return problems;
+    }
+    if let Some(path) = &settings.http.api_token_file
+        && let Err(message) = crate::auth::files::read_private(path, "http.api_token_file")
+    {
+        problems.push(crate::config::Problem {
+            key: "http.api_token_file",
+            message,
+        });
+    }
+    match http_client(settings.api.timeout, settings.api.connect_timeout) {
+        Ok(http) => {
+            if let Err(p) = crate::auth::build_source(settings, http) {
+                problems.push(p);
+            }
+        }
+        Err(e) => problems.push(crate::config::Problem {
+            key: "api",
+            message: e.to_string(),
+        }),
+    }
+    problems
+}
+
 fn read_secret_file(path: &Path, key: &'static str) -> Result<Secret, DaemonError> {
     crate::auth::files::read_private(path, key)
         .map(Secret::new)

@@ -53,8 +53,8 @@ pub async fn run(settings: &Settings) -> ExitCode {
         &format!(
             "method {}, API {}, identity platform {}, tenant {}, scope {}",
             method.as_str(),
-            settings.api_base_url(),
-            settings.authority(),
+            crate::secret::redact_userinfo(&settings.api_base_url()),
+            crate::secret::redact_userinfo(&settings.authority()),
             settings.auth.tenant_id.as_deref().unwrap_or("-"),
             settings.scope()
         ),

@@ -31,6 +31,13 @@ impl Housekeeping {
                 last_prune = Some(tokio::time::Instant::now());
                 self.prune(&stop).await;
             }
+            match self.store.recover_deleted_wal().await {
+                Ok(true) => warn!(
+                    "the database's -wal file was deleted while in use; its contents were checkpointed into the database and every connection reopened"
+                ),
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "cannot recover from a deleted -wal file"),
+            }
             match self.store.checkpoint_quietly().await {
                 Ok(true) => debug!("WAL checkpointed and truncated"),
                 Ok(false) => {}

@@ -580,9 +580,10 @@ fn is_api_error(body: &str) -> bool {
 
 /// A URL for messages: list calls carry up to 150 ids in their query, which says nothing.
 fn redact_query(url: &str) -> String {
+    let url = crate::secret::redact_userinfo(url);
     match url.split_once('?') {
         Some((path, _)) => format!("{path}?…"),
-        None => url.to_string(),
+        None => url,
     }
 }
 
@@ -694,7 +695,8 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         }
         source = cause.source();
     }
-    s
+    // reqwest names the URL it failed on, userinfo and all.
+    crate::secret::redact_userinfo(&s)
 }
 
 /// `Retry-After` as delay-seconds or an HTTP date, at most `MAX_RETRY_AFTER` (with a warning

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -115,6 +116,42 @@ pub struct Store {
     writer: Option<SqlitePool>,
     reader: SqlitePool,
     path: PathBuf,
+    connections: Arc<ConnectionEpoch>,
+}
+
+/// Connections opened before `renew` are closed when next taken from their pool, so every
+/// connection of this process reopens the file: how a deleted `-wal` is replaced (each
+/// connection holds the unlinked one open, and another process would start a second).
+#[derive(Debug)]
+struct ConnectionEpoch {
+    origin: std::time::Instant,
+    /// Milliseconds after `origin` of the last renewal; 0: none.
+    renewed_ms: std::sync::atomic::AtomicU64,
+}
+
+impl ConnectionEpoch {
+    fn new() -> Self {
+        Self {
+            origin: std::time::Instant::now(),
+            renewed_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn renew(&self) {
+        let ms = (self.origin.elapsed().as_millis() as u64).max(1);
+        self.renewed_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a connection `age` old was opened before the last renewal.
+    fn outdated(&self, age: Duration) -> bool {
+        let renewed = self.renewed_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if renewed == 0 {
+            return false;
+        }
+        let opened = self.origin.elapsed().saturating_sub(age);
+        opened < Duration::from_millis(renewed)
+    }
 }
 
 /// What `enqueue` did with one id.
@@ -392,20 +429,29 @@ impl Store {
         };
         // Before anything that could write (even the WAL switch changes the file's header).
         inspect(path).await?;
+        let connections = Arc::new(ConnectionEpoch::new());
         let writer = match mode {
             OpenMode::ReadWrite => {
-                let pool = open_writer(path).await.map_err(open_err)?;
+                let pool = open_writer(path, connections.clone())
+                    .await
+                    .map_err(open_err)?;
                 migrate(&pool, path).await?;
                 Some(pool)
             }
             OpenMode::ReadOnly => None,
         };
+        let epoch = connections.clone();
         let reader = SqlitePoolOptions::new()
             .max_connections(READERS)
+            .before_acquire(move |_, meta| {
+                let outdated = epoch.outdated(meta.age);
+                Box::pin(async move { Ok(!outdated) })
+            })
             .connect_with(connect_options(path, OpenMode::ReadOnly))
             .await
             .map_err(open_err)?;
         Ok(Self {
+            connections,
             writer,
             reader,
             path: path.to_path_buf(),
@@ -1074,6 +1120,28 @@ impl Store {
 
     /// A checkpoint that never waits for readers; when it caught up with the whole WAL, the
     /// file is truncated too, so a reader that held it open leaves nothing large behind.
+    /// Whether the `-wal` this process writes to was deleted under it (by hand, or a
+    /// cleanup job): every connection keeps writing to the unlinked file, which a crash
+    /// would lose, while other processes start a new one. When so, a full checkpoint moves
+    /// what the unlinked log holds into the database file and every connection is reopened
+    /// (creating a new `-wal`). Returns true when that happened.
+    pub async fn recover_deleted_wal(&self) -> Result<bool> {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        // The writer pool keeps a connection open, so while the file is ours it exists
+        // (a TRUNCATE checkpoint leaves it empty, not gone).
+        if Path::new(&wal).exists() {
+            return Ok(false);
+        }
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(self.writer())
+            .await?;
+        self.connections.renew();
+        // Take the writer once now, so the new -wal exists before the next check.
+        sqlx::query("SELECT 1").execute(self.writer()).await?;
+        Ok(true)
+    }
+
     pub async fn checkpoint_quietly(&self) -> Result<bool> {
         let (busy, log, done): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
             .fetch_one(self.writer())
@@ -1198,10 +1266,18 @@ async fn inspect(path: &Path) -> Result<()> {
 /// Opens the writer pool. Two processes creating the same new file at once (a CLI enqueue
 /// and a starting daemon) can meet SQLITE_BUSY while one switches it to WAL, which SQLite
 /// reports without waiting; a short retry lets the first finish.
-async fn open_writer(path: &Path) -> std::result::Result<SqlitePool, sqlx::Error> {
+async fn open_writer(
+    path: &Path,
+    connections: Arc<ConnectionEpoch>,
+) -> std::result::Result<SqlitePool, sqlx::Error> {
     let mut attempt = 0u64;
     loop {
+        let epoch = connections.clone();
         let result = SqlitePoolOptions::new()
+            .before_acquire(move |_, meta| {
+                let outdated = epoch.outdated(meta.age);
+                Box::pin(async move { Ok(!outdated) })
+            })
             .max_connections(1)
             .min_connections(1)
             .idle_timeout(None)

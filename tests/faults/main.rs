@@ -756,3 +756,130 @@ async fn tokens_the_api_rejects_back_off_and_readiness_says_so() {
     daemon.shutdown().await;
     env.assert_all_true(&ids).await;
 }
+
+/// Finding 10b: a deleted `-wal` went unnoticed: every connection kept writing to the
+/// unlinked file (lost on a crash) while other processes started a new one. Now the next
+/// checkpoint sees it, moves the unlinked log into the database and reopens every
+/// connection; ids enqueued by another process afterwards are tracked too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_wal_is_noticed_checkpointed_and_replaced() {
+    let mut env = TestEnv::new(SimConfig::default()).await;
+    env.settings.database.checkpoint_interval = Duration::from_millis(200);
+    let s = Duration::from_secs;
+    let life = || {
+        Lifecycle::new(vec![
+            (Duration::ZERO, ActionStatus::Pending),
+            (s(1), ActionStatus::InProgress),
+            (s(4), ActionStatus::Succeeded),
+        ])
+    };
+    let ids: Vec<_> = (0..10).map(|_| env.sim.create_action(life())).collect();
+    let daemon = RunningDaemon::start(&env.settings).await.unwrap();
+    daemon.enqueue(&ids).await;
+    let mut wal = env.db().into_os_string();
+    wal.push("-wal");
+    let wal = PathBuf::from(wal);
+    eventually(LIMIT, "first transitions", || async {
+        row(&daemon.store, &ids[0]).await.status.is_some()
+    })
+    .await;
+    std::fs::remove_file(&wal).unwrap();
+    eventually(LIMIT, "a new -wal", || async { wal.exists() }).await;
+    let later: Vec<_> = (0..5).map(|_| env.sim.create_action(life())).collect();
+    enqueue_with_cli(&env.db(), &later).await;
+    let all: Vec<_> = ids.iter().chain(&later).cloned().collect();
+    wait_finished(&daemon.store, &all, LIMIT).await;
+    daemon.shutdown().await;
+    env.assert_all_true(&all).await;
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", env.db().display()))
+        .await
+        .unwrap();
+    let integrity: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(integrity, "ok");
+}
+
+/// Finding 10a and 10c: `check-config` said valid when `run` would exit 78 (a missing,
+/// empty or world-readable http.api_token_file; per_minute above per_hour), and printed a
+/// password from api.base_url's userinfo. Now both run the same checks, and userinfo is
+/// redacted in check-config's output and in recorded errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_makes_every_check_run_makes_and_redacts_userinfo() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = TestEnv::new(SimConfig::default()).await;
+    let dir = env.dir.path();
+    let open = dir.join("open-token");
+    std::fs::write(&open, "t0ken").unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let empty = dir.join("empty-token");
+    std::fs::write(&empty, "").unwrap();
+    std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let token_file = |p: &Path| {
+        vec![
+            ("MDE_ACTIOND_HTTP__LISTEN", "127.0.0.1:0".to_string()),
+            ("MDE_ACTIOND_HTTP__API_TOKEN_FILE", p.display().to_string()),
+        ]
+    };
+    let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
+        (token_file(&dir.join("missing")), "http.api_token_file"),
+        (token_file(&open), "readable by other users"),
+        (token_file(&empty), "empty"),
+        (
+            vec![
+                ("MDE_ACTIOND_RATE_LIMIT__PER_MINUTE", "200".to_string()),
+                ("MDE_ACTIOND_RATE_LIMIT__PER_HOUR", "100".to_string()),
+            ],
+            "rate_limit.per_minute",
+        ),
+    ];
+    for (vars, says) in cases {
+        for command in ["check-config", "run"] {
+            let out = bin()
+                .envs(daemon_env(&env))
+                .envs(vars.iter().cloned())
+                .arg(command)
+                .output()
+                .await
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(78), "{command} {vars:?}: {err}");
+            assert!(err.contains(says), "{command} {vars:?}: {err}");
+        }
+    }
+
+    // A password in the base URL's userinfo (a proxy's, say) is printed nowhere.
+    let closed = free_port();
+    let with_password = format!("http://bob:hunter2@127.0.0.1:{closed}");
+    let out = bin()
+        .envs(daemon_env(&env))
+        .env("MDE_ACTIOND_API__BASE_URL", &with_password)
+        .arg("check-config")
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        !text.contains("hunter2") && text.contains("[redacted]@127.0.0.1"),
+        "{text}"
+    );
+    let mut settings = env.settings.clone();
+    settings.api.base_url = Some(with_password);
+    settings.api.connect_timeout = Duration::from_millis(200);
+    let id = env.sim.create_random_actions(1, Duration::from_secs(1));
+    let daemon = RunningDaemon::start(&settings).await.unwrap();
+    daemon.enqueue(&id).await;
+    eventually(LIMIT, "a failed poll recorded", || async {
+        row(&daemon.store, &id[0]).await.last_error.is_some()
+    })
+    .await;
+    let error = row(&daemon.store, &id[0]).await.last_error.unwrap();
+    daemon.shutdown().await;
+    assert!(!error.contains("hunter2"), "{error}");
+}
