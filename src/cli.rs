@@ -44,6 +44,18 @@ pub struct Cli {
     /// Database file; overrides [database] path.
     #[arg(long, global = true, env = "MDE_ACTIOND_DB", value_name = "PATH")]
     pub db: Option<PathBuf>,
+    /// One tenant's instance (mde-actiond@NAME.service): its configuration
+    /// /etc/mde-actiond/NAME.toml and, unless that sets one, its database
+    /// /var/lib/mde-actiond/NAME/mde-actiond.db.
+    #[arg(
+        long,
+        global = true,
+        env = "MDE_ACTIOND_TENANT",
+        value_name = "NAME",
+        conflicts_with = "config",
+        value_parser = parse_tenant
+    )]
+    pub tenant: Option<String>,
     /// Log format on stderr.
     #[arg(
         long,
@@ -256,9 +268,58 @@ impl From<crate::store::StoreError> for CliError {
     }
 }
 
+/// Where the packaged service keeps its configuration.
+pub const SYSTEM_CONFIG_DIR: &str = "/etc/mde-actiond";
+/// Where the packaged service keeps its databases.
+pub const SYSTEM_STATE_DIR: &str = "/var/lib/mde-actiond";
+
+fn parse_tenant(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "'{s}' is not an instance name (letters, digits, '-' and '_', as in mde-actiond@NAME)"
+        ))
+    }
+}
+
+/// The configuration file a command reads: `--config`, the tenant's, or, when nothing says
+/// where the database is, the installed service's (so `mde-actiond enqueue ID` on a host
+/// running the service reaches its database rather than a stray one here).
+fn config_file(cli: &Cli) -> Option<PathBuf> {
+    let db_in_env = std::env::var_os("MDE_ACTIOND_DATABASE__PATH").is_some();
+    config_file_in(cli, Path::new(SYSTEM_CONFIG_DIR), db_in_env)
+}
+
+fn config_file_in(cli: &Cli, etc: &Path, db_in_env: bool) -> Option<PathBuf> {
+    if let Some(c) = &cli.config {
+        return Some(c.clone());
+    }
+    if let Some(t) = &cli.tenant {
+        return Some(etc.join(format!("{t}.toml")));
+    }
+    let told = cli.db.is_some() || db_in_env;
+    let system = etc.join("mde-actiond.toml");
+    (!told && system.exists()).then_some(system)
+}
+
 /// Loads settings for any command: file, environment, then `--db`.
 pub fn load_settings(cli: &Cli) -> Result<Settings, ConfigError> {
-    let mut settings = Settings::load(cli.config.as_deref())?;
+    let file = config_file(cli);
+    let mut settings = Settings::load(file.as_deref())?;
+    // An instance's configuration often starts as a copy of the single service's: its path
+    // (or none) means "this instance's own".
+    let single = Path::new(SYSTEM_STATE_DIR).join("mde-actiond.db");
+    if let Some(t) = &cli.tenant
+        && (settings.database.path == crate::config::DatabaseSettings::default().path
+            || settings.database.path == single)
+    {
+        settings.database.path = Path::new(SYSTEM_STATE_DIR).join(t).join("mde-actiond.db");
+    }
     if let Some(db) = &cli.db {
         settings.database.path = db.clone();
     }
@@ -499,7 +560,7 @@ async fn enqueue(db: &Path, args: &EnqueueArgs) -> Result<ExitCode, CliError> {
     let mut added = 0usize;
     let mut known = 0usize;
     if !ids.is_empty() {
-        let store = Store::open(db, OpenMode::ReadWrite).await?;
+        let store = Store::open(db, OpenMode::WriteExisting).await?;
         let results = store.enqueue(&ids, SystemTime::now()).await?;
         store.close().await;
         let mut out = std::io::stdout().lock();
@@ -746,7 +807,7 @@ async fn prune(
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let store = Store::open(db, OpenMode::ReadWrite).await?;
+    let store = Store::open(db, OpenMode::WriteExisting).await?;
     let (actions, transitions) = store.prunable(cutoff).await?;
     // A slip of the finger at a prompt should not cost a year of records; scripts (no
     // terminal) and the daemon's own retention are not asked.
@@ -853,7 +914,7 @@ async fn wait(db: &Path, args: &WaitArgs) -> Result<ExitCode, CliError> {
         ids.push(parse_id_arg(raw)?);
     }
     if args.enqueue {
-        let store = Store::open(db, OpenMode::ReadWrite).await?;
+        let store = Store::open(db, OpenMode::WriteExisting).await?;
         store.enqueue(&ids, SystemTime::now()).await?;
         store.close().await;
     }
@@ -902,4 +963,48 @@ async fn wait(db: &Path, args: &WaitArgs) -> Result<ExitCode, CliError> {
     } else {
         ExitCode::from(1)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("mde-actiond").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn commands_find_the_installed_service_unless_told_otherwise() {
+        let etc = tempfile::tempdir().unwrap();
+        let installed = etc.path().join("mde-actiond.toml");
+        // Nothing installed: no file.
+        assert_eq!(config_file_in(&cli(&["list"]), etc.path(), false), None);
+        std::fs::write(&installed, "").unwrap();
+        assert_eq!(
+            config_file_in(&cli(&["list"]), etc.path(), false),
+            Some(installed.clone())
+        );
+        // --db, MDE_ACTIOND_DATABASE__PATH or --config say where to look instead.
+        assert_eq!(
+            config_file_in(&cli(&["--db", "x.db", "list"]), etc.path(), false),
+            None
+        );
+        assert_eq!(config_file_in(&cli(&["list"]), etc.path(), true), None);
+        assert_eq!(
+            config_file_in(
+                &cli(&["--config", "/tmp/c.toml", "list"]),
+                etc.path(),
+                false
+            ),
+            Some(PathBuf::from("/tmp/c.toml"))
+        );
+        assert_eq!(
+            config_file_in(&cli(&["--tenant", "contoso", "list"]), etc.path(), false),
+            Some(etc.path().join("contoso.toml"))
+        );
+        assert!(Cli::try_parse_from(["mde-actiond", "--tenant", "../x", "list"]).is_err());
+        assert!(
+            Cli::try_parse_from(["mde-actiond", "--tenant", "a", "--config", "b", "list"]).is_err()
+        );
+    }
 }

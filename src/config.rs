@@ -241,6 +241,32 @@ pub struct AuthSettings {
 
 pub const IMDS_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
 
+impl AuthSettings {
+    /// The client secret comes from one place. Precedence (file < environment) applies to
+    /// that choice as a whole: a source named in the environment (the shipped unit names
+    /// its credential) replaces the file's, instead of making two and a refusal to start.
+    fn secret_source_from_environment(&mut self, env: &HashMap<String, String>) {
+        let var = |key: &str| env.contains_key(&format!("{ENV_PREFIX}_AUTH__{key}"));
+        let (inline, file, credential) = (
+            var("CLIENT_SECRET"),
+            var("CLIENT_SECRET_FILE"),
+            var("CLIENT_SECRET_CREDENTIAL"),
+        );
+        if !(inline || file || credential) {
+            return;
+        }
+        if !inline {
+            self.client_secret = None;
+        }
+        if !file {
+            self.client_secret_file = None;
+        }
+        if !credential {
+            self.client_secret_credential = None;
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PollSettings {
@@ -504,6 +530,7 @@ impl Settings {
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::Load(describe_load_error(e)))?;
         settings.apply_azure_environment(&all);
+        settings.auth.secret_source_from_environment(&all);
         Ok(settings)
     }
 

@@ -135,19 +135,21 @@ impl ActionStatus {
         ActionStatus::Cancelled,
     ];
 
+    /// The documented statuses, in lifecycle order.
+    pub const KNOWN: [ActionStatus; 6] = [
+        ActionStatus::Pending,
+        ActionStatus::InProgress,
+        ActionStatus::Succeeded,
+        ActionStatus::Failed,
+        ActionStatus::TimeOut,
+        ActionStatus::Cancelled,
+    ];
+
     pub fn parse(s: &str) -> Self {
-        const KNOWN: [(&str, ActionStatus); 6] = [
-            ("Pending", ActionStatus::Pending),
-            ("InProgress", ActionStatus::InProgress),
-            ("Succeeded", ActionStatus::Succeeded),
-            ("Failed", ActionStatus::Failed),
-            ("TimeOut", ActionStatus::TimeOut),
-            ("Cancelled", ActionStatus::Cancelled),
-        ];
-        KNOWN
+        Self::KNOWN
             .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(s))
-            .map(|(_, status)| status.clone())
+            .find(|status| status.as_str().eq_ignore_ascii_case(s))
+            .cloned()
             .unwrap_or_else(|| ActionStatus::Other(s.to_string()))
     }
 

@@ -51,6 +51,7 @@ impl InstanceLock {
         };
         // An empty file is a new database to SQLite; creating it here lets the lock exist
         // before anything is written.
+        crate::store::create_private(db).map_err(io(db))?;
         let database = OpenOptions::new()
             .read(true)
             .write(true)
@@ -62,7 +63,9 @@ impl InstanceLock {
         let mut name = canonical.clone().into_os_string();
         name.push(".lock");
         let pid_path = PathBuf::from(name);
+        use std::os::unix::fs::OpenOptionsExt;
         let mut pid_file = OpenOptions::new()
+            .mode(0o640)
             .create(true)
             .truncate(false)
             .read(true)

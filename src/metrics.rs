@@ -130,6 +130,26 @@ impl Blocker {
     }
 }
 
+/// `counts` with every `known` label present (0 when absent), known ones first in their
+/// order, then the others as counted.
+fn with_known<'a>(
+    counts: &[(String, i64)],
+    known: impl Iterator<Item = &'a str>,
+) -> Vec<(String, i64)> {
+    let mut out: Vec<(String, i64)> = known
+        .map(|k| {
+            let n = counts.iter().find(|(c, _)| c == k).map_or(0, |(_, n)| *n);
+            (k.to_string(), n)
+        })
+        .collect();
+    for (c, n) in counts {
+        if !out.iter().any(|(k, _)| k == c) {
+            out.push((c.clone(), *n));
+        }
+    }
+    out
+}
+
 /// Distinct unknown values counted by name; beyond this they add up under `(other)`, so
 /// a service that sends garbage cannot grow the metrics without bound.
 const UNKNOWN_VALUES_KEPT: usize = 32;
@@ -310,18 +330,32 @@ impl Metrics {
             out,
             "# HELP mde_actiond_actions Tracked actions by tracking state.\n# TYPE mde_actiond_actions gauge"
         );
-        for (t, n) in &snap.by_tracking {
-            let _ = writeln!(out, "mde_actiond_actions{{tracking=\"{}\"}} {n}", escape(t));
+        // Every known label value is exported, 0 included: a series that vanishes at zero
+        // leaves alerts and dashboards with gaps instead of a 0.
+        for (t, n) in with_known(
+            &snap.by_tracking,
+            crate::domain::Tracking::ALL.iter().map(|t| t.as_str()),
+        ) {
+            let _ = writeln!(
+                out,
+                "mde_actiond_actions{{tracking=\"{}\"}} {n}",
+                escape(&t)
+            );
         }
         let _ = writeln!(
             out,
             "# HELP mde_actiond_actions_by_status Tracked actions by last MDE status.\n# TYPE mde_actiond_actions_by_status gauge"
         );
-        for (s, n) in &snap.by_status {
+        for (s, n) in with_known(
+            &snap.by_status,
+            crate::domain::ActionStatus::KNOWN
+                .iter()
+                .map(|s| s.as_str()),
+        ) {
             let _ = writeln!(
                 out,
                 "mde_actiond_actions_by_status{{status=\"{}\"}} {n}",
-                escape(s)
+                escape(&s)
             );
         }
         let _ = writeln!(
@@ -544,6 +578,9 @@ mod tests {
         assert!(text.contains("mde_actiond_api_calls_total{endpoint=\"list\",code=\"200\"} 2"));
         assert!(text.contains("mde_actiond_api_calls_total{endpoint=\"get\",code=\"none\"} 1"));
         assert!(text.contains("mde_actiond_actions{tracking=\"active\"} 3"));
+        // Known values that nothing has are there at 0, not missing.
+        assert!(text.contains("mde_actiond_actions{tracking=\"gave_up\"} 0"));
+        assert!(text.contains("mde_actiond_actions_by_status{status=\"TimeOut\"} 0"));
         assert!(text.contains("status=\"Pen\\\"ding\""));
         assert!(text.contains("mde_actiond_detection_lag_seconds_bucket{le=\"5\"} 1"));
         assert!(text.contains("mde_actiond_detection_lag_seconds_bucket{le=\"+Inf\"} 2"));

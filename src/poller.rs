@@ -357,6 +357,14 @@ impl Poller {
         self.measure_checks(active);
         if active == 0 {
             self.floor_ms.store(0, Ordering::Relaxed);
+            // Readiness must not be blind while idle: keep a token at hand (one request per
+            // token lifetime), so an unreadable secret or a revoked app shows in /readyz
+            // before the first id arrives, not after.
+            if let Err(e) = self.tokens.token().await
+                && e.wait().is_none()
+            {
+                warn!(error = %e, "cannot get an access token while idle; polls will wait for one");
+            }
             return Ok(Some(INTAKE_CHECK));
         }
         let batch = u64::from(self.effective_batch());

@@ -39,7 +39,7 @@ const READERS: u32 = 4;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
-        "database {path} does not exist (run `mde-actiond enqueue` or `run` first, or pass --db)"
+        "database {path} does not exist: the daemon creates it when it first starts (`systemctl start mde-actiond`, or `mde-actiond run`); to reach an existing one pass --db PATH, --config FILE or --tenant NAME"
     )]
     Missing { path: PathBuf },
     #[error("cannot open database {path}: {source}")]
@@ -105,8 +105,12 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpenMode {
-    /// Create the file if needed and apply migrations.
+    /// Create the file if needed and apply migrations (the daemon).
     ReadWrite,
+    /// Write to a file that exists already, never creating one: CLI commands, so a command
+    /// pointed at the wrong place says so instead of starting a stray database the daemon
+    /// never reads.
+    WriteExisting,
     /// Existing file only; never writes (status, list, wait).
     ReadOnly,
 }
@@ -400,7 +404,7 @@ fn connect_options(path: &Path, mode: OpenMode) -> SqliteConnectOptions {
         .busy_timeout(BUSY_TIMEOUT)
         .foreign_keys(true);
     match mode {
-        OpenMode::ReadWrite => options
+        OpenMode::ReadWrite | OpenMode::WriteExisting => options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // An acknowledged enqueue or transition must survive power loss.
@@ -418,7 +422,7 @@ impl Store {
     /// (`PRAGMA quick_check`, so a page-corrupted file is neither polled on, written to, nor
     /// reported from as if it were empty).
     pub async fn open(path: &Path, mode: OpenMode) -> Result<Self> {
-        if mode == OpenMode::ReadOnly && !path.exists() {
+        if mode != OpenMode::ReadWrite && !path.exists() {
             return Err(StoreError::Missing {
                 path: path.to_path_buf(),
             });
@@ -429,9 +433,15 @@ impl Store {
         };
         // Before anything that could write (even the WAL switch changes the file's header).
         inspect(path).await?;
+        if mode == OpenMode::ReadWrite {
+            create_private(path).map_err(|e| StoreError::Open {
+                path: path.to_path_buf(),
+                source: sqlx::Error::Io(e),
+            })?;
+        }
         let connections = Arc::new(ConnectionEpoch::new());
         let writer = match mode {
-            OpenMode::ReadWrite => {
+            OpenMode::ReadWrite | OpenMode::WriteExisting => {
                 let pool = open_writer(path, connections.clone())
                     .await
                     .map_err(open_err)?;
@@ -1188,6 +1198,27 @@ impl Store {
             w.close().await;
         }
         self.reader.close().await;
+    }
+}
+
+/// Creates the database file (when missing) readable by its owner and group only, whatever
+/// the umask (a container has none): SQLite gives the `-wal` and `-shm` the same mode.
+pub fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o640)
+        .open(path)
+    {
+        Ok(f) => {
+            use std::os::unix::fs::PermissionsExt;
+            // `mode` is filtered by the umask; a umask of 0077 is stricter and kept.
+            let mode = f.metadata()?.permissions().mode() & 0o777;
+            f.set_permissions(std::fs::Permissions::from_mode(mode & 0o640))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

@@ -37,8 +37,14 @@ pub fn check_private(path: &Path, key: &str) -> Result<(), String> {
 /// Reads a secret file after `check_private`; trailing newlines are not part of the secret.
 pub fn read_private(path: &Path, key: &str) -> Result<String, String> {
     check_private(path, key)?;
-    let text = crate::textfile::read(path)
-        .map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
+    let text = crate::textfile::read(path).map_err(|e| {
+        let who = if e.contains("ermission denied") {
+            permission_hint(path)
+        } else {
+            String::new()
+        };
+        format!("{key}: cannot read {}: {e}{who}", path.display())
+    })?;
     let value = text.trim_end_matches(['\r', '\n']);
     if value.trim().is_empty() {
         return Err(format!("{key}: {} is empty", path.display()));
@@ -46,10 +52,27 @@ pub fn read_private(path: &Path, key: &str) -> Result<String, String> {
     Ok(value.to_string())
 }
 
+/// Who needs access, and the usual ways to give it: a container's uid (65532 in our image)
+/// rarely owns a file bind-mounted from the host.
+fn permission_hint(path: &Path) -> String {
+    let Some(uid) = effective_id("Uid:") else {
+        return String::new();
+    };
+    let p = path.display();
+    format!(
+        "; this process runs as uid {uid}, which needs read access: chown {uid} {p} (rootless podman: podman unshare chown {uid}:{uid} {p}), or pass it as a podman/docker secret, or on Kubernetes set fsGroup"
+    )
+}
+
 /// This process's effective group id, from /proc (no libc call needed).
 fn effective_gid() -> Option<u32> {
+    effective_id("Gid:")
+}
+
+/// The effective id on a `Uid:`/`Gid:` line of /proc/self/status (real, effective, ...).
+fn effective_id(field: &str) -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("Gid:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(2)?.parse().ok()
 }
 

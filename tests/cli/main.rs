@@ -36,6 +36,23 @@ async fn enqueue_takes_valid_ids_refuses_the_rest_and_names_them() {
         "# ids from the playbook\n11111111-2222-3333-4444-555555555555\n\nnot-a-guid\n{AAAAAAAA-2222-3333-4444-555555555555}, extra column\n",
     )
     .unwrap();
+    // No command but `run` creates a database: pointed at the wrong place, enqueue says so
+    // instead of starting a stray file the daemon never reads.
+    let stray = output(
+        bin()
+            .arg("--db")
+            .arg(&db)
+            .args(["enqueue", "2E9DA30D-27F6-4208-81F2-9CD3D67893BA"]),
+    )
+    .await;
+    let err = text(&stray.stderr);
+    assert_eq!(stray.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&db.display().to_string()) && err.contains("--tenant NAME"),
+        "{err}"
+    );
+    assert!(!db.exists(), "enqueue created a database");
+    create_db(&db).await;
     let out = output(
         bin()
             .arg("--db")
@@ -143,6 +160,7 @@ async fn status_explains_unknown_and_invalid_ids() {
     );
     assert!(!db.exists(), "a read-only command created the database");
 
+    create_db(&db).await;
     output(
         bin()
             .arg("--db")
@@ -258,6 +276,8 @@ async fn run_serves_wait_and_stops_cleanly_on_sigterm() {
     ));
     let mut daemon = spawn_daemon(&env, &[], &[]);
     let db = env.db();
+    // The daemon creates the database as it starts (systemd's start returns after that).
+    eventually(LIMIT, "the daemon's database", || async { db.exists() }).await;
 
     let out = wait_cmd(&db, &["--enqueue", "--timeout", "30s", ok.as_str()]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));

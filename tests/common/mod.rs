@@ -266,7 +266,12 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_mde-actiond");
 /// The binary with a clean environment: none of the caller's MDE_ACTIOND_*, RUST_LOG,
 /// systemd or Azure variables leak in.
 pub fn bin() -> tokio::process::Command {
-    let mut c = tokio::process::Command::new(BIN);
+    bin_at(std::path::Path::new(BIN))
+}
+
+/// `bin()` for a copy of the binary elsewhere (another uid may not traverse `target/`).
+pub fn bin_at(exe: &std::path::Path) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(exe);
     for (k, _) in std::env::vars() {
         if k.starts_with("MDE_ACTIOND_")
             || k.starts_with("AZURE_")
@@ -314,7 +319,21 @@ pub async fn read_all(mut r: impl tokio::io::AsyncRead + Unpin) -> String {
 
 /// `mde-actiond --db DB enqueue IDS...` through the binary, as a playbook would; panics with
 /// its stderr unless it succeeds.
+/// Creates the database as the daemon does at its first start (CLI commands never create
+/// one), for tests that enqueue before any daemon ran.
+pub async fn create_db(db: &std::path::Path) {
+    Store::open(db, OpenMode::ReadWrite)
+        .await
+        .expect("database created")
+        .close()
+        .await;
+}
+
+/// Enqueues through the binary; creates the database first if no daemon did yet.
 pub async fn enqueue_with_cli(db: &std::path::Path, ids: &[ActionId]) {
+    if !db.exists() {
+        create_db(db).await;
+    }
     let out = bin()
         .arg("--db")
         .arg(db)

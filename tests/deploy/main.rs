@@ -86,6 +86,91 @@ fn systemd_unit_declares_what_the_daemon_needs() {
     );
 }
 
+/// What a user gets who follows the README: the example configuration with only tenant_id
+/// and client_id edited, under the unit's environment, is a configuration `run` accepts
+/// (it used to name two secret sources and exit 78).
+#[test]
+fn the_example_configuration_under_the_unit_is_valid() {
+    let unit = read("deploy/systemd/mde-actiond.service");
+    let config = read("config/mde-actiond.toml")
+        .replace(
+            "tenant_id = \"00000000-0000-0000-0000-000000000000\"",
+            "tenant_id = \"contoso.onmicrosoft.com\"",
+        )
+        .replace(
+            "client_id = \"00000000-0000-0000-0000-000000000000\"",
+            "client_id = \"11111111-2222-3333-4444-555555555555\"",
+        );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mde-actiond.toml");
+    std::fs::write(&file, config).unwrap();
+    let env: Vec<(String, String)> = unit_values(&unit, "Environment")
+        .iter()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    assert!(!env.is_empty());
+    let settings = mde_actiond::config::Settings::load_from(Some(&file), env).unwrap();
+    // (The credential itself needs systemd's $CREDENTIALS_DIRECTORY: the real-runtime test
+    // covers it; here, every check of the configuration.)
+    let mut problems = settings.problems();
+    problems.extend(settings.credential_problems());
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(
+        settings.auth.client_secret_credential.as_deref(),
+        Some("client-secret")
+    );
+    assert_eq!(settings.auth.client_secret_file, None);
+    // The database is the configuration's, so CLI commands reading it find the daemon's.
+    assert_eq!(
+        settings.database.path,
+        Path::new("/var/lib/mde-actiond/mde-actiond.db")
+    );
+    assert!(
+        !unit.contains("MDE_ACTIOND_DATABASE__PATH"),
+        "the unit must not move the database away from the configuration's path"
+    );
+}
+
+/// The per-tenant template differs from the single unit only where an instance must.
+#[test]
+fn the_per_tenant_template_is_the_unit_with_instance_paths() {
+    let single = read("deploy/systemd/mde-actiond.service");
+    let template = read("deploy/systemd/mde-actiond@.service");
+    let one = |k: &str| {
+        unit_values(&template, k)
+            .last()
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        one("ExecStart"),
+        "/usr/local/bin/mde-actiond --tenant %i run"
+    );
+    assert_eq!(
+        one("LoadCredential"),
+        "client-secret:/etc/mde-actiond/client-secret-%i"
+    );
+    assert_eq!(one("StateDirectory"), "mde-actiond/%i");
+    let settings = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains('='))
+            .filter(|l| {
+                ![
+                    "Description=",
+                    "ExecStart=",
+                    "LoadCredential=",
+                    "StateDirectory=",
+                ]
+                .iter()
+                .any(|k| l.starts_with(k))
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(settings(&single), settings(&template));
+}
+
 /// `systemd-analyze verify` is clean and the exposure score is 2.0 or lower.
 #[test]
 fn systemd_analyze_accepts_the_unit() {
@@ -97,13 +182,25 @@ fn systemd_analyze_accepts_the_unit() {
         eprintln!("skipped: systemd-analyze is not installed (.ci/run installs it where it can)");
         return;
     }
+    for (file, name) in [
+        ("deploy/systemd/mde-actiond.service", "mde-actiond.service"),
+        (
+            "deploy/systemd/mde-actiond@.service",
+            "mde-actiond@contoso.service",
+        ),
+    ] {
+        analyze(file, name);
+    }
+}
+
+fn analyze(file: &str, name: &str) {
     let dir = tempfile::tempdir().unwrap();
     // verify wants ExecStart's binary to exist: point it at the one under test.
-    let unit = read("deploy/systemd/mde-actiond.service").replace(
+    let unit = read(file).replace(
         "/usr/local/bin/mde-actiond",
         env!("CARGO_BIN_EXE_mde-actiond"),
     );
-    let path = dir.path().join("mde-actiond.service");
+    let path = dir.path().join(name);
     std::fs::write(&path, unit).unwrap();
 
     let verify = Command::new("systemd-analyze")
@@ -132,7 +229,7 @@ fn systemd_analyze_accepts_the_unit() {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no exposure score in:\n{report}"));
-    eprintln!("systemd-analyze security exposure: {score}");
+    eprintln!("systemd-analyze security exposure of {name}: {score}");
     assert!(score <= 2.0, "exposure {score}:\n{report}");
 }
 

@@ -525,6 +525,10 @@ async fn runs_unprivileged_with_only_the_database_directory_writable() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let db = data.join("mde-actiond.db");
+    // A checkout under a private directory (/root, a mktemp -d folder) is not traversable by
+    // that uid: it runs a copy of the binary from the test's own directory.
+    let exe = env.dir.path().join("mde-actiond");
+    std::fs::copy(BIN, &exe).unwrap();
     let ids = env.sim.create_random_actions(4, Duration::from_secs(1));
     let unprivileged = |cmd: &mut Command| {
         cmd.uid(65532)
@@ -533,7 +537,22 @@ async fn runs_unprivileged_with_only_the_database_directory_writable() {
             .env("HOME", "/nonexistent")
             .env("MDE_ACTIOND_DATABASE__PATH", &db);
     };
-    let mut enqueue = bin();
+    // No umask in a container (0000): the daemon makes its files private to its group itself.
+    let mut run = bin_at(std::path::Path::new("/bin/sh"));
+    run.envs(daemon_env(&env));
+    unprivileged(&mut run);
+    let mut daemon = run
+        .args(["-c", "umask 0000; exec \"$0\" run"])
+        .arg(&exe)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = tokio::spawn(read_all(daemon.stderr.take().unwrap()));
+    eventually(LIMIT, "the daemon created its database", || async {
+        db.exists()
+    })
+    .await;
+    let mut enqueue = bin_at(&exe);
     unprivileged(&mut enqueue);
     let out = enqueue
         .envs(daemon_env(&env))
@@ -548,11 +567,6 @@ async fn runs_unprivileged_with_only_the_database_directory_writable() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut run = bin();
-    run.envs(daemon_env(&env));
-    unprivileged(&mut run);
-    let mut daemon = run.arg("run").stderr(Stdio::piped()).spawn().unwrap();
-    let stderr = tokio::spawn(read_all(daemon.stderr.take().unwrap()));
     let reader = mde_actiond::store::Store::open(&db, mde_actiond::store::OpenMode::ReadOnly)
         .await
         .unwrap();
@@ -564,10 +578,65 @@ async fn runs_unprivileged_with_only_the_database_directory_writable() {
         "{}",
         stderr.await.unwrap()
     );
-    // Everything it wrote is in the database directory, owned by that uid.
+    // Everything it wrote is in the database directory, owned by that uid, and readable by
+    // no one outside its group.
     for entry in std::fs::read_dir(&data).unwrap() {
-        let meta = entry.unwrap().metadata().unwrap();
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
         use std::os::unix::fs::MetadataExt;
         assert_eq!(meta.uid(), 65532);
+        assert_eq!(
+            meta.mode() & 0o007,
+            0,
+            "{:?} is mode {:o}",
+            entry.path(),
+            meta.mode()
+        );
     }
+}
+
+/// Readiness proves the credential while idle: an unreadable secret with nothing to track
+/// used to read "ready" until the first id arrived. Metrics read 0 for every known state
+/// instead of dropping the series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_daemon_proves_its_credential_and_exports_zeros() {
+    let env = TestEnv::new(SimConfig::default()).await;
+    let mut settings = env.settings.clone();
+    settings.http.listen = Some("127.0.0.1:0".into());
+    settings.auth.client_secret = None;
+    let secret = env.dir.path().join("client-secret");
+    settings.auth.client_secret_file = Some(secret.clone());
+    let daemon = RunningDaemon::start(&settings).await.unwrap();
+    let base = format!("http://{}", daemon.http_addr.unwrap());
+    let get = |path: &'static str| {
+        let url = format!("{base}{path}");
+        async move {
+            let r = reqwest::get(url).await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    eventually(LIMIT, "readyz refuses with nothing enqueued", || async {
+        let (code, text) = get("/readyz").await;
+        code == 503 && text.contains("no access token")
+    })
+    .await;
+    let (_, metrics) = get("/metrics").await;
+    for line in [
+        "mde_actiond_actions{tracking=\"active\"} 0",
+        "mde_actiond_actions{tracking=\"done\"} 0",
+        "mde_actiond_actions_by_status{status=\"Succeeded\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+    // The secret arrives: ready without anything to track.
+    std::fs::write(&secret, mde_actiond::sim::SIM_CLIENT_SECRET).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    eventually(
+        LIMIT,
+        "readyz ready once the secret is readable",
+        || async { get("/readyz").await.0 == 200 },
+    )
+    .await;
+    daemon.shutdown().await;
 }
