@@ -147,6 +147,20 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
         Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
     let budget = s.poller.budget().remaining();
+    let (oldest, stuck) =
+        match tokio::try_join!(s.store.oldest_active_created(), s.store.stuck_count()) {
+            Ok(v) => v,
+            Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        };
+    let oldest_active_seconds = oldest
+        .as_deref()
+        .and_then(crate::domain::parse_time)
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .map_or(0.0, |d| d.as_secs_f64());
+    let ready = s.poller.tokens().refusal().is_none()
+        && s.poller.metrics().blockers().is_empty()
+        && budget.paused_for.is_none()
+        && s.poller.is_alive();
     let snapshot = Snapshot {
         by_tracking: counts.by_tracking,
         by_status: counts.by_status,
@@ -157,6 +171,11 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
         token_refreshes: s.poller.tokens().refreshes(),
         token_failures: s.poller.tokens().failures(),
         up_seconds: s.started.elapsed().as_secs_f64(),
+        ready,
+        since_progress_seconds: s.poller.since_progress().as_secs_f64(),
+        stall_limit_seconds: s.poller.stall_limit().as_secs_f64(),
+        oldest_active_seconds,
+        stuck,
     };
     (
         [(

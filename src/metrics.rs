@@ -195,6 +195,14 @@ pub struct Snapshot {
     pub token_refreshes: u64,
     pub token_failures: u64,
     pub up_seconds: f64,
+    /// What `/readyz` would say, less its database-lock probe (a scrape must not wait on it).
+    pub ready: bool,
+    pub since_progress_seconds: f64,
+    pub stall_limit_seconds: f64,
+    /// Age of the oldest active action (from MDE's creation time); 0 when none.
+    pub oldest_active_seconds: f64,
+    /// Active actions older than `report.stuck_after` (the `stuck_actions` view).
+    pub stuck: i64,
 }
 
 impl Metrics {
@@ -545,6 +553,36 @@ impl Metrics {
             "mde_actiond_up_seconds",
             "Seconds since the daemon started.",
             format!("{:.0}", snap.up_seconds),
+        );
+        gauge(
+            &mut out,
+            "mde_actiond_ready",
+            "1 when /readyz would answer 200 (its database lock probe aside).",
+            u8::from(snap.ready).to_string(),
+        );
+        gauge(
+            &mut out,
+            "mde_actiond_seconds_since_progress",
+            "Seconds since the poll loop last showed progress.",
+            format!("{:.0}", snap.since_progress_seconds),
+        );
+        gauge(
+            &mut out,
+            "mde_actiond_stall_limit_seconds",
+            "poll.stall_after: beyond it /healthz fails and the watchdog is not fed.",
+            format!("{:.0}", snap.stall_limit_seconds),
+        );
+        gauge(
+            &mut out,
+            "mde_actiond_oldest_active_seconds",
+            "Age of the oldest active action since MDE created it (0 when none).",
+            format!("{:.0}", snap.oldest_active_seconds),
+        );
+        gauge(
+            &mut out,
+            "mde_actiond_stuck_actions",
+            "Active actions older than report.stuck_after.",
+            snap.stuck.to_string(),
         );
         out
     }

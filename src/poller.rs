@@ -210,6 +210,10 @@ impl Poller {
         self.started.elapsed().saturating_sub(last)
     }
 
+    pub fn stall_limit(&self) -> Duration {
+        self.stall_limit
+    }
+
     /// True while the loop shows progress within the longest legitimate wait.
     pub fn is_alive(&self) -> bool {
         self.since_progress() < self.stall_limit

@@ -571,6 +571,13 @@ impl Store {
         .await?)
     }
 
+    /// Rows of the `stuck_actions` view: active past `report.stuck_after`.
+    pub async fn stuck_count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM stuck_actions")
+            .fetch_one(&self.reader)
+            .await?)
+    }
+
     /// The active actions among `ids` (one page of a sweep), as the scheduler needs them.
     // `+tracking` keeps SQLite from walking every active row through the tracking index:
     // looking up each listed id by key is what scales to a 10,000-action page.

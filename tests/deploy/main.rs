@@ -2,8 +2,14 @@
 //! where it is installed. (No container engine runs on our build machines; the image's
 //! promises are proven on the binary in tests/ops.)
 
+#[path = "../common/mod.rs"]
+mod common;
+mod operators;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+const LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 use yaml_rust2::{Yaml, YamlLoader};
 
