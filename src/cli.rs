@@ -185,6 +185,16 @@ pub enum Command {
     /// Run the daemon against the built-in simulated tenant and show it working.
     #[command(after_help = "Example:\n  cargo run --release -- demo --actions 40")]
     Demo(crate::demo::DemoArgs),
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  mde-actiond completions bash > /usr/share/bash-completion/completions/mde-actiond\n  mde-actiond completions zsh > /usr/share/zsh/vendor-completions/_mde-actiond\n  mde-actiond completions fish > /usr/share/fish/vendor_completions.d/mde-actiond.fish"
+    )]
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff), for man(1).
+    #[command(
+        after_help = "Example:\n  mde-actiond man | gzip > /usr/share/man/man1/mde-actiond.1.gz"
+    )]
+    Man,
 }
 
 #[derive(Debug, Args)]
@@ -329,6 +339,18 @@ pub fn load_settings(cli: &Cli) -> Result<Settings, ConfigError> {
 pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match &cli.command {
         Command::Demo(args) => return crate::demo::run(&cli, args).await,
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "mde-actiond", &mut std::io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command)
+                .render(&mut std::io::stdout())
+                .context("cannot write the manual page")?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::CheckConfig => return check_config(&cli),
         Command::Doctor => {
             let settings = load_settings(&cli)?;
@@ -364,7 +386,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             stats,
         } => export(&db, what, format, since, stats).await,
         Command::Wait(args) => wait(&db, &args).await,
-        Command::CheckConfig | Command::Demo(_) | Command::Healthcheck { .. } | Command::Doctor => {
+        Command::CheckConfig
+        | Command::Demo(_)
+        | Command::Healthcheck { .. }
+        | Command::Doctor
+        | Command::Completions { .. }
+        | Command::Man => {
             unreachable!("handled above")
         }
     }

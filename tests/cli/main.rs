@@ -448,3 +448,51 @@ async fn help_lists_every_command_with_examples() {
         );
     }
 }
+
+#[tokio::test]
+async fn completions_and_the_manual_page_cover_every_command() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = output(bin().args(["completions", shell])).await;
+        assert_eq!(out.status.code(), Some(0), "{shell}");
+        let script = text(&out.stdout);
+        for cmd in ["enqueue", "status", "report", "prune", "doctor", "tenant"] {
+            assert!(script.contains(cmd), "{shell} completion lacks {cmd}");
+        }
+    }
+    let bad = output(bin().args(["completions", "tcsh"])).await;
+    assert_eq!(bad.status.code(), Some(2));
+    let out = output(bin().arg("man")).await;
+    assert_eq!(out.status.code(), Some(0));
+    let page = text(&out.stdout);
+    assert!(page.contains(".TH mde-actiond 1"), "{page}");
+    for cmd in [
+        "enqueue",
+        "wait",
+        "report",
+        "export",
+        "prune",
+        "completions",
+    ] {
+        assert!(page.contains(cmd), "man page lacks {cmd}");
+    }
+    // man(1) renders it without complaint, where it is installed.
+    if std::process::Command::new("man")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mde-actiond.1");
+        std::fs::write(&file, &page).unwrap();
+        let rendered = std::process::Command::new("man")
+            .args(["--warnings", "-l"])
+            .arg(&file)
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "80")
+            .output()
+            .unwrap();
+        let warnings = String::from_utf8_lossy(&rendered.stderr);
+        assert!(rendered.status.success(), "{warnings}");
+        assert!(String::from_utf8_lossy(&rendered.stdout).contains("mde-actiond"));
+    }
+}
