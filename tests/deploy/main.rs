@@ -149,10 +149,7 @@ fn the_per_tenant_template_is_the_unit_with_instance_paths() {
             .cloned()
             .unwrap_or_default()
     };
-    assert_eq!(
-        one("ExecStart"),
-        "/usr/local/bin/mde-actiond --tenant %i run"
-    );
+    assert_eq!(one("ExecStart"), "/usr/bin/mde-actiond --tenant %i run");
     assert_eq!(
         one("LoadCredential"),
         "client-secret:/etc/mde-actiond/client-secret-%i"
@@ -202,10 +199,7 @@ fn systemd_analyze_accepts_the_unit() {
 fn analyze(file: &str, name: &str) {
     let dir = tempfile::tempdir().unwrap();
     // verify wants ExecStart's binary to exist: point it at the one under test.
-    let unit = read(file).replace(
-        "/usr/local/bin/mde-actiond",
-        env!("CARGO_BIN_EXE_mde-actiond"),
-    );
+    let unit = read(file).replace("/usr/bin/mde-actiond", env!("CARGO_BIN_EXE_mde-actiond"));
     let path = dir.path().join(name);
     std::fs::write(&path, unit).unwrap();
 
