@@ -215,7 +215,14 @@ pub fn http_client(
         .pool_idle_timeout(Duration::from_secs(50))
         .tcp_nodelay(true)
         .build()
-        .map_err(|e| BuildError(e.to_string()))
+        .map_err(|e| {
+            // reqwest says only "builder error"; the usual cause in a slim image is a missing
+            // trust store, which TLS to Microsoft's endpoints needs.
+            BuildError(format!(
+                "{}; TLS needs the system's CA certificates (/etc/ssl/certs/ca-certificates.crt, package ca-certificates)",
+                error_chain(&e)
+            ))
+        })
 }
 
 impl MdeClient {

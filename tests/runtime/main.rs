@@ -391,3 +391,297 @@ async fn the_package_runs_under_systemd_as_the_readme_says() {
         timer.elapsed().as_secs_f64()
     );
 }
+
+/// The distroless base cannot be pulled here: a stand-in of the same name made from the
+/// Debian packages distroless `cc` is built from (glibc, libgcc, OpenSSL, tzdata, netbase,
+/// CA certificates) and a nonroot user 65532.
+const BASE_IMAGE: &str = "gcr.io/distroless/cc-debian12:nonroot";
+
+fn podman(args: &[&str]) -> Command {
+    let mut c = Command::new("podman");
+    c.args(args);
+    c
+}
+
+fn stand_in_base(conf: &Path) -> Result<(), String> {
+    let exists = run(podman(&["image", "exists", BASE_IMAGE]).env("CONTAINERS_CONF", conf));
+    if exists.status.success() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let debs = dir.path().join("debs");
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&debs).unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    let got = run(Command::new("apt-get")
+        .args([
+            "download",
+            "libc6",
+            "libgcc-s1",
+            "libssl3",
+            "tzdata",
+            "netbase",
+            "ca-certificates",
+        ])
+        .current_dir(&debs));
+    if !got.status.success() {
+        return Err(format!(
+            "cannot download the base image's Debian packages: {}",
+            String::from_utf8_lossy(&got.stderr).trim()
+        ));
+    }
+    for deb in std::fs::read_dir(&debs).unwrap() {
+        ok(Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(deb.unwrap().path())
+            .arg(&root));
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\nnonroot:x:65532:\n").unwrap();
+    // The trust store distroless carries (update-ca-certificates' bundle).
+    let mut bundle = String::new();
+    for cert in std::fs::read_dir(root.join("usr/share/ca-certificates/mozilla")).unwrap() {
+        bundle.push_str(&std::fs::read_to_string(cert.unwrap().path()).unwrap());
+    }
+    std::fs::create_dir_all(root.join("etc/ssl/certs")).unwrap();
+    std::fs::write(root.join("etc/ssl/certs/ca-certificates.crt"), bundle).unwrap();
+    ok(Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "tar -C {} -c . | podman import - {BASE_IMAGE}",
+            root.display()
+        ))
+        .env("CONTAINERS_CONF", conf));
+    Ok(())
+}
+
+/// Removes the test's container and volume, whatever happens.
+struct Cleanup {
+    conf: PathBuf,
+    name: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ =
+            run(podman(&["rm", "-f", "-t", "0", &self.name]).env("CONTAINERS_CONF", &self.conf));
+        let _ = run(podman(&["volume", "rm", "-f", &self.name]).env("CONTAINERS_CONF", &self.conf));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_runs_in_podman_as_the_readme_says() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: the container test runs rootful podman (root)");
+        return;
+    }
+    if !have("podman") || !have("runc") {
+        eprintln!("skipped: podman or runc is not installed");
+        return;
+    }
+    let target = Path::new(env!("CARGO_BIN_EXE_mde-actiond"))
+        .parent()
+        .and_then(Path::parent)
+        .unwrap();
+    let binary = target.join("release/mde-actiond");
+    if !binary.exists() {
+        eprintln!("skipped: no release binary (deploy/debian/build-deb.sh builds it)");
+        return;
+    }
+    let timer = Instant::now();
+    let work = tempfile::tempdir().unwrap();
+    // This host: crun refuses its hybrid cgroups (runc works), there is no systemd for
+    // podman's cgroup manager or event log, and podman's default ulimits exceed the hard
+    // limits here.
+    let conf = work.path().join("containers.conf");
+    std::fs::write(
+        &conf,
+        "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n[engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n",
+    )
+    .unwrap();
+    let p = |args: &[&str]| {
+        let mut c = podman(args);
+        c.env("CONTAINERS_CONF", &conf);
+        c
+    };
+    if let Err(why) = tokio::task::spawn_blocking({
+        let conf = conf.clone();
+        move || stand_in_base(&conf)
+    })
+    .await
+    .unwrap()
+    {
+        eprintln!("skipped: {why}");
+        return;
+    }
+
+    // The Containerfile's runtime stage as it is, its build stage's output put in the
+    // context instead (its base, the Rust image, cannot be pulled here either).
+    let context = work.path().join("context");
+    std::fs::create_dir_all(context.join("var/lib/mde-actiond")).unwrap();
+    std::fs::copy(&binary, context.join("mde-actiond")).unwrap();
+    let containerfile = std::fs::read_to_string(repo("deploy/container/Containerfile")).unwrap();
+    let runtime_stage = &containerfile[containerfile
+        .find("FROM gcr.io/distroless/")
+        .expect("a distroless runtime stage")..];
+    let runtime_stage = runtime_stage
+        .replace("COPY --from=build /out/mde-actiond ", "COPY mde-actiond ")
+        .replace(
+            "COPY --from=build --chown=65532:65532 /out/var/lib/mde-actiond ",
+            "COPY --chown=65532:65532 var/lib/mde-actiond ",
+        );
+    assert!(!runtime_stage.contains("--from=build"), "{runtime_stage}");
+    std::fs::write(context.join("Containerfile"), runtime_stage).unwrap();
+    let name = format!("mde-actiond-test-{}", std::process::id());
+    let _cleanup = Cleanup {
+        conf: conf.clone(),
+        name: name.clone(),
+    };
+    // As the README builds it: --format docker keeps the HEALTHCHECK.
+    ok(p(&["build", "--format", "docker", "-q", "-t", &name, "-f"])
+        .arg(context.join("Containerfile"))
+        .arg(&context));
+    let inspect = ok(&mut p(&["image", "inspect", &name]));
+    assert!(
+        inspect.contains("Healthcheck"),
+        "the image lost its HEALTHCHECK"
+    );
+
+    // As the README runs it; the simulated tenant is on the host's loopback.
+    let env = TestEnv::new(SimConfig::default()).await;
+    let secret = work.path().join("client-secret");
+    std::fs::write(&secret, SIM_CLIENT_SECRET).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&secret, Some(65532), Some(65532)).unwrap();
+    let port = free_port();
+    let e = |k: &str, v: &str| format!("{k}={v}");
+    let args: Vec<String> = vec![
+        "run".into(),
+        "-d".into(),
+        "--read-only".into(),
+        "--name".into(),
+        name.clone(),
+        "--network".into(),
+        "host".into(),
+        "-v".into(),
+        format!("{name}:/var/lib/mde-actiond"),
+        "-v".into(),
+        format!(
+            "{}:/run/secrets/mde-actiond/client-secret:ro",
+            secret.display()
+        ),
+        "-e".into(),
+        e(
+            "MDE_ACTIOND_AUTH__CLIENT_SECRET_FILE",
+            "/run/secrets/mde-actiond/client-secret",
+        ),
+        "-e".into(),
+        e("MDE_ACTIOND_AUTH__TENANT_ID", SIM_TENANT),
+        "-e".into(),
+        e("MDE_ACTIOND_AUTH__CLIENT_ID", SIM_CLIENT_ID),
+        "-e".into(),
+        e("MDE_ACTIOND_AUTH__AUTHORITY", &env.sim.authority()),
+        "-e".into(),
+        e("MDE_ACTIOND_AUTH__SCOPE", SIM_SCOPE),
+        "-e".into(),
+        e("MDE_ACTIOND_API__BASE_URL", &env.sim.base_url()),
+        "-e".into(),
+        e("MDE_ACTIOND_HTTP__LISTEN", &format!("127.0.0.1:{port}")),
+        "-e".into(),
+        e("MDE_ACTIOND_POLL__INITIAL_INTERVAL", "300ms"),
+        "-e".into(),
+        e("MDE_ACTIOND_POLL__MAX_INTERVAL", "1s"),
+        name.clone(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&mut p(&args));
+    let healthy = || {
+        run(p(&["healthcheck", "run", &name]).stderr(Stdio::null()))
+            .status
+            .success()
+    };
+    let started = Instant::now();
+    while !healthy() {
+        assert!(
+            started.elapsed() < LIMIT,
+            "never healthy:\n{}",
+            String::from_utf8_lossy(&run(&mut p(&["logs", &name])).stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Intake over HTTP, as a sidecar's neighbour does.
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let track = |id: ActionId| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let r = http
+                .post(format!("{base}/v1/actions"))
+                .header("content-type", "application/json")
+                .body(serde_json::json!({ "ids": [id.as_str()] }).to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+        }
+    };
+    let done = |id: ActionId| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            eventually(LIMIT, "the action ends", || async {
+                let Ok(r) = http.get(format!("{base}/v1/actions/{id}")).send().await else {
+                    return false;
+                };
+                let text = r.text().await.unwrap_or_default();
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                v["action"]["tracking"] == "done"
+            })
+            .await;
+        }
+    };
+    let quick = action(&env, 1);
+    track(quick.clone()).await;
+    done(quick).await;
+
+    // Stop within the grace with exit 0; a restart resumes from the volume.
+    let long = action(&env, 12);
+    track(long.clone()).await;
+    let stopping = Instant::now();
+    ok(&mut p(&["stop", "-t", "30", &name]));
+    let stop_took = stopping.elapsed();
+    assert_eq!(
+        ok(&mut p(&["inspect", "-f", "{{.State.ExitCode}}", &name])).trim(),
+        "0"
+    );
+    assert!(
+        stop_took < Duration::from_secs(15),
+        "stop took {stop_took:?}"
+    );
+    ok(&mut p(&["start", &name]));
+    done(long).await;
+    // Its files on the volume are not world-readable (containers have no umask).
+    let mount = ok(&mut p(&[
+        "volume",
+        "inspect",
+        "-f",
+        "{{.Mountpoint}}",
+        &name,
+    ]));
+    for entry in std::fs::read_dir(mount.trim()).unwrap() {
+        let entry = entry.unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let mode = entry.metadata().unwrap().mode();
+        assert_eq!(mode & 0o007, 0, "{:?} is {mode:o}", entry.path());
+    }
+    eprintln!(
+        "podman test took {:.1}s (stop {:.1}s)",
+        timer.elapsed().as_secs_f64(),
+        stop_took.as_secs_f64()
+    );
+}
