@@ -1,6 +1,6 @@
 //! The files in deploy/: checked for the fields that matter, and by systemd's own analyzer
-//! where it is installed. (No container engine runs on our build machines; the image's
-//! promises are proven on the binary in tests/ops.)
+//! where it is installed. (tests/runtime runs the image in podman; the image's
+//! promises are also proven on the binary in tests/ops.)
 
 #[path = "../common/mod.rs"]
 mod common;
