@@ -10,8 +10,6 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::PastCall;
-
 const MINUTE: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -35,6 +33,15 @@ struct Inner {
     sent: VecDeque<Instant>,
     paused_until: Option<Instant>,
     paused_total: Duration,
+}
+
+/// An API call as the rate budget needs to know it after a restart (read from the call
+/// log).
+#[derive(Debug, Clone)]
+pub struct PastCall {
+    pub sent_at: SystemTime,
+    /// When a 429 asked us to wait, the moment the wait ends.
+    pub retry_not_before: Option<SystemTime>,
 }
 
 /// What is left right now, for status lines and metrics.

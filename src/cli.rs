@@ -14,7 +14,7 @@ use crate::daemon::{Daemon, DaemonError};
 use crate::domain::{ActionId, Tracking, parse_duration};
 use crate::logging::LogFormat;
 use crate::report::{Format, Report};
-use crate::store::{ActionRow, Enqueued, OpenMode, Store};
+use crate::store::{Enqueued, OpenMode, Store};
 
 /// Exit status for configuration errors (sysexits EX_CONFIG); systemd units can refuse to
 /// restart on it.
@@ -338,7 +338,14 @@ pub fn load_settings(cli: &Cli) -> Result<Settings, ConfigError> {
 
 pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match &cli.command {
-        Command::Demo(args) => return crate::demo::run(&cli, args).await,
+        Command::Demo(args) => {
+            return crate::demo::run(cli.db.clone(), args)
+                .await
+                .map_err(|e| match e {
+                    crate::demo::DemoError::Usage(m) => CliError::Usage(m),
+                    crate::demo::DemoError::Other(e) => CliError::Other(e),
+                });
+        }
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(*shell, &mut command, "mde-actiond", &mut std::io::stdout());
@@ -645,7 +652,7 @@ async fn status(db: &Path, raw: &str, format: Format) -> Result<ExitCode, CliErr
     }
     if format == Format::Json {
         let doc = serde_json::json!({
-            "action": action_json(&row),
+            "action": crate::report::action_json(&row),
             "transitions": transitions,
         });
         let _ = writeln!(
@@ -731,15 +738,6 @@ async fn status(db: &Path, raw: &str, format: Format) -> Result<ExitCode, CliErr
 }
 
 /// An action row as JSON, with the last MDE answer embedded as JSON rather than a string.
-pub fn action_json(row: &ActionRow) -> serde_json::Value {
-    let mut v = serde_json::to_value(row).unwrap_or_default();
-    if let Some(raw) = &row.last_response {
-        v["last_response"] =
-            serde_json::from_str(raw).unwrap_or_else(|_| serde_json::Value::String(raw.clone()));
-    }
-    v
-}
-
 async fn list(
     db: &Path,
     tracking: Option<Tracking>,
@@ -751,16 +749,8 @@ async fn list(
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {
-            let docs: Vec<serde_json::Value> = rows
-                .iter()
-                .map(|r| {
-                    let mut v = serde_json::to_value(r).unwrap_or_default();
-                    if let Some(o) = v.as_object_mut() {
-                        o.remove("last_response");
-                    }
-                    v
-                })
-                .collect();
+            let docs: Vec<serde_json::Value> =
+                rows.iter().map(crate::report::action_list_json).collect();
             let _ = writeln!(
                 out,
                 "{}",
@@ -883,7 +873,7 @@ async fn export(
             {
                 match format {
                     ExportFormat::Jsonl => {
-                        serde_json::to_writer(&mut out, &action_json(&row))
+                        serde_json::to_writer(&mut out, &crate::report::action_json(&row))
                             .map_err(|e| write_err(e.into()))?;
                         out.write_all(b"\n").map_err(write_err)?;
                     }

@@ -15,10 +15,10 @@ use crate::housekeeping::Housekeeping;
 use crate::http::HttpState;
 use crate::lock::{InstanceLock, LockError};
 use crate::mde::{MdeClient, http_client};
-use crate::notify::Notifier;
 use crate::poller::Poller;
 use crate::secret::Secret;
 use crate::store::{OpenMode, Store, StoreError};
+use crate::systemd::Notifier;
 use tokio::net::TcpListener;
 
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,6 @@ use anyhow::Context;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{Cli, CliError};
 use crate::daemon::Daemon;
 use crate::domain::{ActionId, Tracking};
 use crate::sim::{SimConfig, SimRateLimit, Simulator, settings_for};
@@ -37,16 +36,35 @@ pub struct DemoArgs {
     pub token_lifetime: Duration,
 }
 
-pub async fn run(cli: &Cli, args: &DemoArgs) -> Result<ExitCode, CliError> {
+/// Why the demo could not run: a usage error (the CLI exits 2) or anything else.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl From<crate::daemon::DaemonError> for DemoError {
+    fn from(e: crate::daemon::DaemonError) -> Self {
+        DemoError::Other(e.into())
+    }
+}
+
+impl From<crate::store::StoreError> for DemoError {
+    fn from(e: crate::store::StoreError) -> Self {
+        DemoError::Other(e.into())
+    }
+}
+
+/// Runs the demo on `db` (default `mde-actiond-demo.db` here).
+pub async fn run(db: Option<PathBuf>, args: &DemoArgs) -> Result<ExitCode, DemoError> {
     if !(0.0..=1.0).contains(&args.fault_rate) {
-        return Err(CliError::Usage(
+        return Err(DemoError::Usage(
             "--fault-rate must be between 0 and 1".into(),
         ));
     }
-    let db = cli
-        .db
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_DEMO_DB));
+    let db = db.unwrap_or_else(|| PathBuf::from(DEFAULT_DEMO_DB));
     fresh_demo_db(&db).await?;
 
     let sim = Simulator::start(SimConfig {
@@ -218,7 +236,7 @@ fn join_counts(counts: &[(String, i64)]) -> String {
 }
 
 /// Starts from an empty database, but never deletes a file that is not ours.
-async fn fresh_demo_db(db: &Path) -> Result<(), CliError> {
+async fn fresh_demo_db(db: &Path) -> Result<(), DemoError> {
     if !db.exists() {
         return Ok(());
     }
@@ -231,7 +249,7 @@ async fn fresh_demo_db(db: &Path) -> Result<(), CliError> {
         Err(_) => false,
     };
     if !ours {
-        return Err(CliError::Usage(format!(
+        return Err(DemoError::Usage(format!(
             "{} exists and is not an mde-actiond database; pass another --db",
             db.display()
         )));

@@ -292,6 +292,45 @@ pub fn format_duration(d: Duration) -> String {
     humantime::format_duration(ms).to_string()
 }
 
+/// The API endpoint a call went to, as the call log names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Get,
+    List,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Get => "get",
+            Endpoint::List => "list",
+        }
+    }
+}
+
+/// The fields of a MachineAction the database keeps, already normalized.
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    pub status: Option<ActionStatus>,
+    pub action_type: Option<String>,
+    pub machine_id: Option<String>,
+    pub computer_dns_name: Option<String>,
+    pub requestor: Option<String>,
+    pub requestor_comment: Option<String>,
+    pub external_id: Option<String>,
+    pub created_at: Option<String>,
+    pub updated_at: Option<String>,
+    pub title: Option<String>,
+    pub scope: Option<String>,
+    pub request_source: Option<String>,
+    pub error_hresult: Option<i64>,
+    pub cancellation_requestor: Option<String>,
+    pub cancellation_comment: Option<String>,
+    pub cancelled_at: Option<String>,
+    /// The JSON object exactly as MDE sent it.
+    pub raw: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

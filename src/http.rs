@@ -344,7 +344,7 @@ async fn action(
         Ok(t) => t,
         Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
-    axum::Json(json!({"action": crate::cli::action_json(&row), "transitions": transitions}))
+    axum::Json(json!({"action": crate::report::action_json(&row), "transitions": transitions}))
         .into_response()
 }
 

@@ -10,9 +10,9 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::domain::Observation;
 use crate::domain::{ActionId, ActionStatus, MAX_RETRY_AFTER, normalize_time};
 use crate::secret::Secret;
-use crate::store::Observation;
 
 pub const USER_AGENT: &str = concat!("mde-actiond/", env!("CARGO_PKG_VERSION"));
 /// How much of an error body is kept in messages.

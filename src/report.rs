@@ -239,6 +239,26 @@ pub fn transition_fields(t: &TransitionExport) -> Vec<String> {
     ]
 }
 
+/// One action as JSON (`status --json`, `export`, the HTTP API): every column, MDE's last
+/// answer embedded as JSON rather than as a string.
+pub fn action_json(row: &ActionRow) -> serde_json::Value {
+    let mut v = serde_json::to_value(row).unwrap_or_default();
+    if let Some(raw) = &row.last_response {
+        v["last_response"] =
+            serde_json::from_str(raw).unwrap_or_else(|_| serde_json::Value::String(raw.clone()));
+    }
+    v
+}
+
+/// One action in `list --json`: the columns without MDE's last answer (a list stays small).
+pub fn action_list_json(row: &ActionRow) -> serde_json::Value {
+    let mut v = serde_json::to_value(row).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("last_response");
+    }
+    v
+}
+
 /// The `list` table: the columns a person scans, shortened to fit.
 pub fn action_table(rows: &[ActionRow]) -> Table {
     let mut t = Table::new(

@@ -18,7 +18,9 @@ use sqlx::sqlite::{
 use sqlx::{FromRow, Row};
 use tracing::instrument;
 
-use crate::domain::{ActionId, ActionStatus, Tracking, format_time, parse_time};
+use crate::budget::PastCall;
+use crate::domain::{ActionId, Tracking, format_time, parse_time};
+pub use crate::domain::{Endpoint, Observation};
 
 /// The schema major this version reads and writes; minors are additive (docs/schema.md).
 pub const SCHEMA_MAJOR: u32 = 1;
@@ -200,29 +202,6 @@ pub struct PollWrite {
     pub next: NextStep,
 }
 
-/// The fields of a MachineAction the database keeps, already normalized.
-#[derive(Debug, Clone, Default)]
-pub struct Observation {
-    pub status: Option<ActionStatus>,
-    pub action_type: Option<String>,
-    pub machine_id: Option<String>,
-    pub computer_dns_name: Option<String>,
-    pub requestor: Option<String>,
-    pub requestor_comment: Option<String>,
-    pub external_id: Option<String>,
-    pub created_at: Option<String>,
-    pub updated_at: Option<String>,
-    pub title: Option<String>,
-    pub scope: Option<String>,
-    pub request_source: Option<String>,
-    pub error_hresult: Option<i64>,
-    pub cancellation_requestor: Option<String>,
-    pub cancellation_comment: Option<String>,
-    pub cancelled_at: Option<String>,
-    /// The JSON object exactly as MDE sent it.
-    pub raw: String,
-}
-
 /// What a sweep did, for its row in `sweeps`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SweepRecord {
@@ -372,29 +351,6 @@ impl Counts {
 
     pub fn total(&self) -> i64 {
         self.by_tracking.iter().map(|(_, n)| n).sum()
-    }
-}
-
-/// An API call as the rate budget needs to know it after a restart.
-#[derive(Debug, Clone)]
-pub struct PastCall {
-    pub sent_at: SystemTime,
-    /// When a 429 asked us to wait, the moment the wait ends.
-    pub retry_not_before: Option<SystemTime>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    Get,
-    List,
-}
-
-impl Endpoint {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Endpoint::Get => "get",
-            Endpoint::List => "list",
-        }
     }
 }
 
