@@ -1,0 +1,185 @@
+//! The call gate every API call goes through: a budget slot, a token, its row in the call
+//! log before it is sent, one retry with a fresh token on a 401, the tenant-wide pause on a
+//! 429; and what a failed call means for the loop.
+
+use super::*;
+
+impl Poller {
+    /// Runs `f`, beating every second while it waits (budget and Retry-After waits can last
+    /// minutes and are progress, not a hang).
+    pub(super) async fn beating<F: std::future::Future>(&self, f: F) -> F::Output {
+        tokio::pin!(f);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                out = &mut f => return out,
+                _ = tick.tick() => self.beat(),
+            }
+        }
+    }
+
+    /// Turns a failed call into the error text to record, or a reason to stop the chunk.
+    pub(super) fn halt_or_error(&self, e: CallError) -> Result<String, Halt> {
+        match e {
+            CallError::Api(MdeError::RateLimited { .. }) => Err(Halt::RateLimited),
+            CallError::Api(e) => {
+                self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.set_last_error(&e.to_string());
+                match &e {
+                    MdeError::Forbidden(detail) => {
+                        error!(error = %e, "MDE refuses the app; grant it the application permission Machine.Read.All (WindowsDefenderATP) with admin consent");
+                        self.metrics
+                            .set_blocker(Blocker::ApiForbidden, Some(describe_refusal(detail)));
+                    }
+                    MdeError::NotApi { .. } => {
+                        self.metrics.not_api_answers.fetch_add(1, Ordering::Relaxed);
+                        // Every call would say the same: once is enough.
+                        if !self.not_api_logged.swap(true, Ordering::Relaxed) {
+                            error!(error = %e, "an answer did not come from the MDE API; nothing ends tracking while this lasts");
+                        } else {
+                            debug!(error = %e, "not an MDE API answer");
+                        }
+                    }
+                    MdeError::Rejected { .. } | MdeError::Unauthorized(_) => {
+                        error!(error = %e, "MDE refused the call");
+                    }
+                    _ => warn!(error = %e, "poll failed; will retry with backoff"),
+                }
+                Ok(e.to_string())
+            }
+            CallError::Auth(e) => Err(Halt::Auth(e)),
+            CallError::Cancelled => Err(Halt::Cancelled),
+            CallError::Store(e) => Err(Halt::Store(e)),
+        }
+    }
+
+    /// Sends one API call within the budget, with a token; on a 401 gets a new token and
+    /// tries once more; on a 429 pauses every call for the Retry-After.
+    pub(super) async fn call<T, F, Fut>(
+        &self,
+        endpoint: Endpoint,
+        count: usize,
+        sweep: Option<i64>,
+        cancel: &CancellationToken,
+        send: F,
+    ) -> Result<T, CallError>
+    where
+        F: Fn(crate::secret::Secret) -> Fut,
+        Fut: std::future::Future<Output = Result<T, MdeError>>,
+    {
+        let mut retried = false;
+        loop {
+            self.beating(self.budget.acquire(cancel))
+                .await
+                .map_err(|_| CallError::Cancelled)?;
+            let token = self.tokens.token().await.map_err(CallError::Auth)?;
+            let call_id = self
+                .store
+                .start_api_call(endpoint, count, sweep, SystemTime::now())
+                .await
+                .map_err(CallError::Store)?;
+            // Recording the call took a moment; a 429 seen meanwhile by another call holds
+            // this one too.
+            self.beating(self.budget.wait_while_paused(cancel))
+                .await
+                .map_err(|_| CallError::Cancelled)?;
+            self.metrics.api_calls.fetch_add(1, Ordering::Relaxed);
+            let started = tokio::time::Instant::now();
+            let result = send(token.clone()).await;
+            if let Err(MdeError::RateLimited { retry_after }) = &result {
+                // Pause before anything else (even the write below) so other calls stop now.
+                self.budget
+                    .pause(retry_after.unwrap_or(DEFAULT_RETRY_AFTER));
+            }
+            if result.is_ok() && self.metrics.set_blocker(Blocker::ApiForbidden, None) {
+                info!("MDE accepts the app's calls again");
+            }
+            // Answers only an authenticated caller gets: the token was good.
+            let authenticated = matches!(
+                result,
+                Ok(_)
+                    | Err(MdeError::NotFound
+                        | MdeError::Forbidden(_)
+                        | MdeError::FilterRejected(_))
+            );
+            if authenticated && self.tokens.accepted() {
+                self.metrics.set_blocker(Blocker::TokensRejected, None);
+                info!("MDE accepts our tokens again");
+            }
+            let (status, outcome, retry_after) = match &result {
+                Ok(_) => (Some(200), "ok", None),
+                Err(e) => (
+                    e.http_status(),
+                    e.outcome(),
+                    match e {
+                        MdeError::RateLimited { retry_after } => {
+                            Some(retry_after.unwrap_or(DEFAULT_RETRY_AFTER))
+                        }
+                        _ => None,
+                    },
+                ),
+            };
+            self.metrics.count_call(endpoint.as_str(), status);
+            if let Err(e) = self
+                .store
+                .finish_api_call(call_id, status, outcome, retry_after, started.elapsed())
+                .await
+            {
+                warn!(error = %e, "cannot record an API call's outcome");
+            }
+            match result {
+                // While fresh tokens are being refused, the token this call used was fresh.
+                Err(MdeError::Unauthorized(detail)) if !retried && !self.tokens.rejecting() => {
+                    debug!(
+                        detail,
+                        "token refused; fetching a new one and retrying once"
+                    );
+                    self.tokens.invalidate(&token).await;
+                    retried = true;
+                }
+                Err(MdeError::Unauthorized(detail)) => {
+                    let wait = self.tokens.rejected(&token, &detail).await;
+                    let why = format!(
+                        "MDE rejects our tokens (401 to a freshly issued one: {detail}); token requests back off, next in {}",
+                        crate::domain::format_duration(wait)
+                    );
+                    if self
+                        .metrics
+                        .set_blocker(Blocker::TokensRejected, Some(why.clone()))
+                    {
+                        error!("{why}; check auth.tenant_id, auth.scope and the app's consent");
+                    }
+                    return Err(CallError::Auth(AuthError::BackingOff { wait, last: why }));
+                }
+                Err(MdeError::RateLimited { .. }) => {
+                    let wait = retry_after.unwrap_or(DEFAULT_RETRY_AFTER);
+                    self.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        retry_after_ms = wait.as_millis() as u64,
+                        "MDE rate limit (429); pausing every call"
+                    );
+                    return Err(CallError::Api(MdeError::RateLimited {
+                        retry_after: Some(wait),
+                    }));
+                }
+                other => return other.map_err(CallError::Api),
+            }
+        }
+    }
+}
+
+/// A 403's message in a line for `/readyz`: the roles it names, when it names them.
+pub(super) fn describe_refusal(detail: &str) -> String {
+    match crate::mde::roles_in_refusal(detail) {
+        Some((required, has)) => format!(
+            "MDE refuses the app (403): it needs one of the application roles {}{}",
+            required.join(", "),
+            if has.is_empty() {
+                String::new()
+            } else {
+                format!("; it has {}", has.join(", "))
+            }
+        ),
+        None => format!("MDE refuses the app (403): {detail}"),
+    }
+}

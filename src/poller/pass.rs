@@ -1,0 +1,159 @@
+//! Passes: the due actions in list calls of up to `batch_size` ids (`concurrency` at once),
+//! each call's findings written in one transaction.
+
+use super::*;
+
+impl Poller {
+    /// One pass over the due actions. `covered`: the sweep interval while sweeps run.
+    pub(super) async fn pass(
+        self: Arc<Self>,
+        cancel: &CancellationToken,
+        covered: Option<Duration>,
+    ) -> Result<Option<Duration>, Halt> {
+        let now = SystemTime::now();
+        let batch = self.effective_batch() as usize;
+        let limit = batch * self.settings.concurrency.max(1) as usize;
+        let candidates = self
+            .store
+            .due_actions(now + self.settings.ride_along, limit as u32)
+            .await
+            .map_err(Halt::Store)?;
+        let due = candidates.iter().filter(|a| a.next_poll_at <= now).count();
+        if due == 0 {
+            let until_first = candidates
+                .first()
+                .and_then(|a| a.next_poll_at.duration_since(now).ok())
+                .unwrap_or(INTAKE_CHECK);
+            return Ok(Some(until_first.min(INTAKE_CHECK)));
+        }
+        self.metrics.passes.fetch_add(1, Ordering::Relaxed);
+        let pass_started = tokio::time::Instant::now();
+        // Only as many calls as the due actions need; nearly-due ones fill the last call.
+        let calls = due.div_ceil(batch);
+        let mut chunks: Vec<Vec<DueAction>> = Vec::with_capacity(calls);
+        let mut rest = candidates.into_iter().take(calls * batch);
+        loop {
+            let chunk: Vec<DueAction> = rest.by_ref().take(batch).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            chunks.push(chunk);
+        }
+        let mut tasks = JoinSet::new();
+        for chunk in chunks {
+            let this = self.clone();
+            let cancel = cancel.clone();
+            tasks.spawn(async move { this.poll_chunk(chunk, covered, &cancel).await });
+        }
+        let mut halt = None;
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(h)) => halt = Some(h),
+                Err(e) => error!(error = %e, "a poll task failed"),
+            }
+        }
+        self.metrics.pass_seconds.observe(pass_started.elapsed());
+        match halt {
+            Some(h) => Err(h),
+            None => Ok(None),
+        }
+    }
+
+    /// Polls one chunk and writes its findings in one transaction.
+    pub(super) async fn poll_chunk(
+        &self,
+        chunk: Vec<DueAction>,
+        covered: Option<Duration>,
+        cancel: &CancellationToken,
+    ) -> Result<(), Halt> {
+        let mut writes = Vec::with_capacity(chunk.len());
+        let mut halt = None;
+        let singles: Vec<&DueAction> = if chunk.len() > 1
+            && self.list_supported.load(Ordering::Relaxed)
+        {
+            let ids: Vec<ActionId> = chunk.iter().map(|a| a.id.clone()).collect();
+            let result = self
+                .call(Endpoint::List, ids.len(), None, cancel, |token| {
+                    let ids = ids.clone();
+                    async move { self.client.list_actions(&token, &ids).await }
+                })
+                .await;
+            match result {
+                Ok(mut answer) => {
+                    for problem in &answer.unreadable {
+                        warn!(problem, "skipped an unreadable action in a list answer");
+                    }
+                    let mut missing = Vec::new();
+                    for a in &chunk {
+                        match answer.actions.remove(&a.id) {
+                            Some(found) => writes.push(self.observed(a, found, covered)),
+                            // Absent from a list answer is not proof of a 404.
+                            None => missing.push(a),
+                        }
+                    }
+                    missing
+                }
+                Err(CallError::Api(
+                    e @ (MdeError::FilterRejected(_) | MdeError::FilterIgnored(_)),
+                )) => {
+                    if self.list_supported.swap(false, Ordering::Relaxed) {
+                        warn!(
+                            error = %e,
+                            "MDE does not support the id list filter; polling with one GET per action from now on"
+                        );
+                    }
+                    chunk.iter().collect()
+                }
+                Err(e) => match self.halt_or_error(e) {
+                    Ok(message) => {
+                        for a in &chunk {
+                            writes.push(self.failed(a, &message, covered));
+                        }
+                        Vec::new()
+                    }
+                    Err(h) => {
+                        halt = Some(h);
+                        Vec::new()
+                    }
+                },
+            }
+        } else {
+            chunk.iter().collect()
+        };
+
+        for a in singles {
+            if halt.is_some() {
+                break;
+            }
+            let result = self
+                .call(Endpoint::Get, 1, None, cancel, |token| {
+                    let id = a.id.clone();
+                    async move { self.client.get_action(&token, &id).await }
+                })
+                .await;
+            match result {
+                Ok(found) => writes.push(self.observed(a, found, covered)),
+                Err(CallError::Api(MdeError::NotFound)) => writes.push(self.unknown(a, covered)),
+                Err(e) => match self.halt_or_error(e) {
+                    Ok(message) => writes.push(self.failed(a, &message, covered)),
+                    Err(h) => halt = Some(h),
+                },
+            }
+        }
+
+        let checked = writes
+            .iter()
+            .filter(|w| matches!(w.result, PollResult::Observed(_)))
+            .count();
+        // Written even when stopping: these answers were paid for.
+        self.write(&writes).await?;
+        self.metrics
+            .checks
+            .fetch_add(checked as u64, Ordering::Relaxed);
+        match halt {
+            Some(h) => Err(h),
+            None => Ok(()),
+        }
+    }
+}

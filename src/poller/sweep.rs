@@ -1,0 +1,395 @@
+//! Sweeps: planning which listing to use and how often, and paging through the tenant
+//! with it, checking every tracked action found (one transaction per page).
+
+use super::*;
+
+/// What the loop knows about sweeping this tenant.
+#[derive(Debug, Default)]
+pub(super) struct SweepState {
+    /// Filter forms the service refused with a 400 (until restart).
+    pub(super) rejected: Vec<SweepFilter>,
+    /// Calls the last `CreatedSince` sweep cost, and the creation time it listed from.
+    pub(super) window_cost: Option<(String, u32)>,
+    /// Calls the last status sweep cost, fetches of what it did not list included.
+    pub(super) unfinished_cost: Option<u32>,
+    /// Window sweeps since the status listing was last measured: its cost drifts as actions
+    /// finish, so it is measured again every `REMEASURE_AFTER`.
+    pub(super) window_sweeps_since_status: u32,
+    pub(super) last_started: Option<tokio::time::Instant>,
+    /// Whether the last step planned sweeps (actions then carry long safety nets).
+    pub(super) sweeping: bool,
+    /// The last sweep made the actions it did not list due: a pass must fetch them before
+    /// another sweep may be called for by a crowd of due actions (which would not list them
+    /// either, and would spin).
+    pub(super) pass_owed: bool,
+}
+
+/// How a sweep's listing ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Listing {
+    Complete,
+    /// The service refused the filter (HTTP 400): that form is not tried again.
+    Refused,
+    /// A call failed; the next sweep comes at its time.
+    Failed,
+}
+
+/// The sweep the loop would run now.
+#[derive(Debug, Clone)]
+pub(super) struct SweepPlan {
+    pub(super) filter: SweepFilter,
+    pub(super) since: Option<String>,
+    /// Calls it is expected to cost.
+    pub(super) cost: u32,
+    /// Time between sweeps: `sweep_interval`, or longer when the budget cannot pay for it.
+    pub(super) interval: Duration,
+}
+
+impl Poller {
+    pub(super) fn sweep_state(&self) -> std::sync::MutexGuard<'_, SweepState> {
+        self.sweep.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The sweep to run, or `None` when passes by id are as cheap (few actions tracked) or
+    /// the service accepts no sweep filter.
+    pub(super) async fn sweep_plan(
+        &self,
+        active: u64,
+        batch: u64,
+    ) -> Result<Option<SweepPlan>, Halt> {
+        if self.settings.sweep == SweepMode::Off {
+            return Ok(None);
+        }
+        let (window_allowed, status_form) = {
+            let st = self.sweep_state();
+            (
+                !st.rejected.contains(&SweepFilter::CreatedSince),
+                [SweepFilter::StatusIn, SweepFilter::StatusEqOr]
+                    .into_iter()
+                    .find(|f| !st.rejected.contains(f)),
+            )
+        };
+        let since = if window_allowed {
+            self.store
+                .oldest_active_created()
+                .await
+                .map_err(Halt::Store)?
+        } else {
+            None
+        };
+        let chosen = {
+            let st = self.sweep_state();
+            let window_cost = match (&st.window_cost, &since) {
+                (Some((from, cost)), Some(since)) if from == since => Some(*cost),
+                _ => None,
+            };
+            choose_filter(
+                since.is_some(),
+                window_cost,
+                status_form,
+                st.unfinished_cost,
+            )
+        };
+        let Some((filter, cost)) = chosen else {
+            return Ok(None);
+        };
+        // A sweep must be cheaper than asking for every action by id.
+        if active.div_ceil(batch) <= u64::from(cost) {
+            return Ok(None);
+        }
+        let interval = self
+            .settings
+            .sweep_interval
+            .max(self.budget.sustainable_interval(cost, SWEEP_SHARE));
+        Ok(Some(SweepPlan {
+            filter,
+            since: since.filter(|_| filter == SweepFilter::CreatedSince),
+            cost,
+            interval,
+        }))
+    }
+
+    /// Lists the tenant page by page and checks every tracked action listed; makes the
+    /// tracked actions it did not list due for a fetch by id.
+    pub(super) async fn sweep_tenant(
+        &self,
+        plan: &SweepPlan,
+        cancel: &CancellationToken,
+    ) -> Result<(), Halt> {
+        let started_at = SystemTime::now();
+        let started = tokio::time::Instant::now();
+        self.sweep_state().last_started = Some(started);
+        let sweep_id = self
+            .store
+            .start_sweep(plan.filter.as_str(), started_at)
+            .await
+            .map_err(Halt::Store)?;
+        let mut record = SweepRecord {
+            outcome: "failed",
+            ..SweepRecord::default()
+        };
+        let mut seen = std::collections::HashSet::new();
+        let result = self
+            .list_tenant(plan, sweep_id, &mut record, &mut seen, cancel)
+            .await;
+        if matches!(result, Ok(Listing::Complete)) {
+            let marking = tokio::time::Instant::now();
+            match self
+                .store
+                .make_unseen_due(&seen, started_at, SystemTime::now())
+                .await
+            {
+                Ok(missing) => {
+                    debug!(
+                        missing,
+                        ms = marking.elapsed().as_millis() as u64,
+                        "marked the unlisted actions due"
+                    );
+                    record.missing = missing;
+                    record.outcome = "complete";
+                    self.sweep_state().pass_owed = missing > 0;
+                }
+                Err(e) => warn!(error = %e, "cannot mark the actions the sweep did not list"),
+            }
+            let fetches = if plan.filter.lists_finished() {
+                0
+            } else {
+                u32::try_from(record.missing.div_ceil(u64::from(self.effective_batch())))
+                    .unwrap_or(u32::MAX)
+            };
+            let cost = record.pages.max(1) + fetches;
+            let mut st = self.sweep_state();
+            match &plan.since {
+                Some(since) => {
+                    st.window_cost = Some((since.clone(), cost));
+                    st.window_sweeps_since_status += 1;
+                    if st.window_sweeps_since_status >= REMEASURE_AFTER {
+                        st.unfinished_cost = None;
+                    }
+                }
+                None => {
+                    st.unfinished_cost = Some(cost);
+                    st.window_sweeps_since_status = 0;
+                }
+            }
+        }
+        if let Ok(Listing::Refused) = result {
+            record.outcome = "rejected";
+            // Try the next form at once.
+            self.sweep_state().last_started = None;
+        }
+        if let Err(Halt::Cancelled) = result {
+            record.outcome = "stopped";
+        }
+        seen.clear();
+        if let Err(e) = self
+            .store
+            .finish_sweep(sweep_id, &record, SystemTime::now())
+            .await
+        {
+            warn!(error = %e, "cannot record the end of a sweep");
+        }
+        self.metrics
+            .observe_sweep(plan.filter.as_str(), record.pages, started.elapsed());
+        debug!(
+            filter = plan.filter.as_str(),
+            pages = record.pages,
+            listed = record.listed,
+            checked = record.checked,
+            changed = record.changed,
+            missing = record.missing,
+            outcome = record.outcome,
+            "sweep"
+        );
+        result.map(|_| ())
+    }
+
+    /// The pages of one sweep, to the end or to the first call that fails.
+    pub(super) async fn list_tenant(
+        &self,
+        plan: &SweepPlan,
+        sweep_id: i64,
+        record: &mut SweepRecord,
+        seen: &mut std::collections::HashSet<ActionId>,
+        cancel: &CancellationToken,
+    ) -> Result<Listing, Halt> {
+        let since = plan.since.clone().unwrap_or_default();
+        let top = self.settings.sweep_page_size.max(1);
+        let mut skip = 0u64;
+        loop {
+            let asked = tokio::time::Instant::now();
+            let page = self
+                .call(Endpoint::List, 0, Some(sweep_id), cancel, |token| {
+                    let since = since.clone();
+                    async move {
+                        self.client
+                            .list_page(&token, plan.filter, &since, top, skip)
+                            .await
+                    }
+                })
+                .await;
+            let page = match page {
+                Ok(page) => page,
+                Err(CallError::Api(
+                    e @ (MdeError::FilterRejected(_) | MdeError::FilterIgnored(_)),
+                )) => {
+                    warn!(
+                        filter = plan.filter.as_str(),
+                        error = %e, "MDE does not support this sweep filter; trying the next form"
+                    );
+                    self.sweep_state().rejected.push(plan.filter);
+                    return Ok(Listing::Refused);
+                }
+                Err(e) => {
+                    let problem = self.halt_or_error(e)?;
+                    debug!(
+                        filter = plan.filter.as_str(),
+                        problem, "a sweep stopped early"
+                    );
+                    return Ok(Listing::Failed);
+                }
+            };
+            self.beat();
+            record.pages += 1;
+            record.listed += page.entries as u64;
+            for problem in &page.unreadable {
+                warn!(problem, "skipped an unreadable action in a sweep page");
+            }
+            let answered = asked.elapsed();
+            let ids: Vec<ActionId> = page.actions.iter().map(|a| a.id.clone()).collect();
+            let matching = tokio::time::Instant::now();
+            let (mut tracked, lost) = self.store.tracked_among(&ids).await.map_err(Halt::Store)?;
+            if !lost.is_empty() {
+                tracked.extend(self.revive(&lost).await?);
+            }
+            let matched = matching.elapsed();
+            let mut found: std::collections::HashMap<ActionId, FetchedAction> = page
+                .actions
+                .into_iter()
+                .map(|a| (a.id.clone(), a))
+                .collect();
+            // Rows are written only when something changed or the action would come due
+            // before the next sweep; the rest stay as they are.
+            let horizon = SystemTime::now() + plan.interval;
+            let mut writes = Vec::new();
+            let checked_before = record.checked;
+            for a in tracked {
+                // A page shifted by new actions can list one twice.
+                if !seen.insert(a.id.clone()) {
+                    continue;
+                }
+                let Some(f) = found.remove(&a.id) else {
+                    continue;
+                };
+                record.checked += 1;
+                let changed = a.status.as_deref() != Some(f.status.as_str());
+                record.changed += u64::from(changed);
+                if changed || a.next_poll_at <= horizon {
+                    writes.push(self.observed(&a, f, Some(plan.interval)));
+                }
+            }
+            let writing = tokio::time::Instant::now();
+            self.write(&writes).await?;
+            self.metrics
+                .checks
+                .fetch_add(record.checked - checked_before, Ordering::Relaxed);
+            debug!(
+                page = record.pages,
+                entries = page.entries,
+                writes = writes.len(),
+                answer_ms = answered.as_millis() as u64,
+                match_ms = matched.as_millis() as u64,
+                write_ms = writing.elapsed().as_millis() as u64,
+                "sweep page"
+            );
+            if page.entries < top as usize {
+                return Ok(Listing::Complete);
+            }
+            skip += u64::from(top);
+        }
+    }
+
+    /// Brings back actions that had ended `not_found` and are listed after all; returns
+    /// them ready to be checked from the page in hand.
+    pub(super) async fn revive(&self, ids: &[ActionId]) -> Result<Vec<DueAction>, Halt> {
+        let revived = self
+            .store
+            .revive_among(ids, SystemTime::now())
+            .await
+            .map_err(Halt::Store)?;
+        for id in &revived {
+            info!(action_id = %id, "revived: MDE lists an action that had ended not_found; tracking it again");
+        }
+        self.metrics
+            .revived
+            .fetch_add(revived.len() as u64, Ordering::Relaxed);
+        self.store.active_among(&revived).await.map_err(Halt::Store)
+    }
+}
+
+/// Which sweep filter to use and what it is expected to cost: the listing from the oldest
+/// tracked action's creation (nothing to fetch afterwards) unless the unfinished-status
+/// listing was measured cheaper; an unmeasured form is tried when the other costs more than a
+/// page.
+pub(super) fn choose_filter(
+    window_possible: bool,
+    window_cost: Option<u32>,
+    status_form: Option<SweepFilter>,
+    unfinished_cost: Option<u32>,
+) -> Option<(SweepFilter, u32)> {
+    let window = window_possible.then_some(SweepFilter::CreatedSince);
+    match (window, status_form) {
+        (None, None) => None,
+        (Some(w), None) => Some((w, window_cost.unwrap_or(1))),
+        (None, Some(s)) => Some((s, unfinished_cost.unwrap_or(1))),
+        (Some(w), Some(s)) => match (window_cost, unfinished_cost) {
+            (None, u) => Some((w, u.unwrap_or(1))),
+            (Some(wc), None) if wc > 1 => Some((s, wc)),
+            (Some(wc), None) => Some((w, wc)),
+            (Some(wc), Some(uc)) if uc < wc => Some((s, uc)),
+            (Some(wc), Some(_)) => Some((w, wc)),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_choice_prefers_the_cheaper_measured_listing() {
+        use SweepFilter::*;
+        // Nothing seen yet: no creation time to list from.
+        assert_eq!(
+            choose_filter(false, None, Some(StatusIn), None),
+            Some((StatusIn, 1))
+        );
+        // The window is tried first: it needs no fetches afterwards.
+        assert_eq!(
+            choose_filter(true, None, Some(StatusIn), Some(3)),
+            Some((CreatedSince, 3))
+        );
+        assert_eq!(
+            choose_filter(true, Some(1), Some(StatusIn), None),
+            Some((CreatedSince, 1))
+        );
+        // A window of several pages: measure the status listing once.
+        assert_eq!(
+            choose_filter(true, Some(7), Some(StatusIn), None),
+            Some((StatusIn, 7))
+        );
+        assert_eq!(
+            choose_filter(true, Some(7), Some(StatusIn), Some(2)),
+            Some((StatusIn, 2))
+        );
+        assert_eq!(
+            choose_filter(true, Some(2), Some(StatusEqOr), Some(2)),
+            Some((CreatedSince, 2))
+        );
+        assert_eq!(
+            choose_filter(true, Some(4), None, None),
+            Some((CreatedSince, 4))
+        );
+        assert_eq!(choose_filter(false, None, None, None), None);
+    }
+}
