@@ -1,0 +1,248 @@
+//! The queue: what intake adds, what the loop takes when due, and the one transaction
+//! that records each answer (transitions decided in SQL, returned with `RETURNING`).
+
+use super::*;
+
+impl Store {
+    /// Adds ids to the queue in one transaction; known ids are left as they are.
+    #[instrument(skip_all, fields(count = ids.len()))]
+    pub async fn enqueue(&self, ids: &[ActionId], now: SystemTime) -> Result<Vec<Enqueued>> {
+        // One statement per chunk rather than per id: 100,000 ids go in within a second
+        // instead of a quarter of a minute of per-row round trips.
+        const CHUNK: usize = 10_000;
+        let now = format_time(now);
+        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(CHUNK) {
+            let list = id_list(chunk);
+            let before: Vec<(String, String)> = sqlx::query_as(
+                "SELECT action_id, tracking FROM actions
+                 WHERE action_id IN (SELECT value FROM json_each(?1))",
+            )
+            .bind(&list)
+            .fetch_all(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO actions (action_id, tracking, enqueued_at, next_poll_at)
+                 SELECT value, 'active', ?2, ?2 FROM json_each(?1) WHERE true ORDER BY value
+                 ON CONFLICT (action_id) DO NOTHING",
+            )
+            .bind(&list)
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
+            let mut known: HashMap<&str, Tracking> = HashMap::with_capacity(before.len());
+            for (id, tracking) in &before {
+                known.insert(id.as_str(), parse_tracking(tracking)?);
+            }
+            for id in chunk {
+                // A repeat within the input finds the row its first occurrence added.
+                match known.entry(id.as_str()) {
+                    std::collections::hash_map::Entry::Occupied(e) => {
+                        out.push(Enqueued::Known(*e.get()))
+                    }
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(Tracking::Active);
+                        out.push(Enqueued::Added);
+                    }
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Active actions due by `horizon`, soonest first.
+    #[instrument(skip_all)]
+    pub async fn due_actions(&self, horizon: SystemTime, limit: u32) -> Result<Vec<DueAction>> {
+        let rows = sqlx::query(
+            "SELECT action_id, status, poll_count, enqueued_at, next_poll_at FROM actions
+             WHERE tracking = 'active' AND next_poll_at <= ?1
+             ORDER BY next_poll_at LIMIT ?2",
+        )
+        .bind(format_time(horizon))
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(due_from_row).collect()
+    }
+
+    /// How many active actions are due by `horizon`, counting no further than `cap`.
+    pub async fn count_due(&self, horizon: SystemTime, cap: u32) -> Result<u32> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT 1 FROM actions
+               WHERE tracking = 'active' AND next_poll_at <= ?1 LIMIT ?2)",
+        )
+        .bind(format_time(horizon))
+        .bind(cap)
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    pub async fn active_count(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM actions WHERE tracking = 'active'")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// The active actions among `ids` (one page of a sweep), as the scheduler needs them.
+    // `+tracking` keeps SQLite from walking every active row through the tracking index:
+    // looking up each listed id by key is what scales to a 10,000-action page.
+    pub async fn active_among(&self, ids: &[ActionId]) -> Result<Vec<DueAction>> {
+        let list = id_list(ids);
+        let rows = sqlx::query(ACTIVE_AMONG)
+            .bind(list)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(due_from_row).collect()
+    }
+
+    /// Moves every active action's next poll `back` earlier (the wall clock stepped back by
+    /// that much), never before `now`'s view of due: returns how many moved.
+    pub async fn shift_schedule_back(&self, back: Duration, now: SystemTime) -> Result<u64> {
+        let modifier = format!("-{:.3} seconds", back.as_secs_f64());
+        Ok(sqlx::query(
+            "UPDATE actions SET next_poll_at =
+               max(?2, strftime('%Y-%m-%dT%H:%M:%fZ', next_poll_at, ?1))
+             WHERE tracking = 'active' AND next_poll_at > ?2",
+        )
+        .bind(modifier)
+        .bind(format_time(now))
+        .execute(self.writer())
+        .await?
+        .rows_affected())
+    }
+
+    /// Brings back to `active` (due now) the actions among `ids` that had ended `not_found`:
+    /// a listing holds them, so MDE knows them after all (new ids become visible late).
+    /// Returns the ids revived.
+    pub async fn revive_among(&self, ids: &[ActionId], now: SystemTime) -> Result<Vec<ActionId>> {
+        let revived: Vec<String> = sqlx::query_scalar(
+            "UPDATE actions SET tracking = 'active', next_poll_at = ?2, finished_at = NULL,
+               revived_at = ?2
+             WHERE action_id IN (SELECT value FROM json_each(?1)) AND +tracking = 'not_found'
+             RETURNING action_id",
+        )
+        .bind(id_list(ids))
+        .bind(format_time(now))
+        .fetch_all(self.writer())
+        .await?;
+        revived
+            .iter()
+            .map(|id| ActionId::parse(id).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .collect()
+    }
+
+    /// For one sweep page: the active actions among `ids`, and the ones that had ended
+    /// `not_found` (listed after all, so to be revived).
+    pub async fn tracked_among(&self, ids: &[ActionId]) -> Result<(Vec<DueAction>, Vec<ActionId>)> {
+        let rows = sqlx::query(TRACKED_AMONG)
+            .bind(id_list(ids))
+            .fetch_all(&self.reader)
+            .await?;
+        let mut active = Vec::with_capacity(rows.len());
+        let mut lost = Vec::new();
+        for row in &rows {
+            let tracking: String = row.try_get("tracking")?;
+            if tracking == Tracking::Active.as_str() {
+                active.push(due_from_row(row)?);
+            } else {
+                let id: String = row.try_get("action_id")?;
+                lost.push(ActionId::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+            }
+        }
+        Ok((active, lost))
+    }
+
+    /// Makes due now every active action enqueued before `before` that is not in `seen`: a
+    /// sweep did not list them, so each needs a fetch by id. Returns how many.
+    pub async fn make_unseen_due(
+        &self,
+        seen: &std::collections::HashSet<ActionId>,
+        before: SystemTime,
+        now: SystemTime,
+    ) -> Result<u64> {
+        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
+        let active: Vec<String> = sqlx::query_scalar(
+            "SELECT action_id FROM actions WHERE tracking = 'active' AND enqueued_at < ?1",
+        )
+        .bind(format_time(before))
+        .fetch_all(&mut *tx)
+        .await?;
+        let unseen: Vec<&str> = active
+            .iter()
+            .map(String::as_str)
+            .filter(|id| !seen.contains(*id))
+            .collect();
+        if !unseen.is_empty() {
+            let list = json_array(&unseen);
+            sqlx::query(
+                "UPDATE actions SET next_poll_at = ?2
+                 WHERE action_id IN (SELECT value FROM json_each(?1)) AND +tracking = 'active'",
+            )
+            .bind(list)
+            .bind(format_time(now))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(unseen.len() as u64)
+    }
+
+    /// Brings every active action polled later than `later_than` forward to `now`.
+    pub async fn pull_in_polls(&self, later_than: SystemTime, now: SystemTime) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE actions SET next_poll_at = ?2 WHERE tracking = 'active' AND next_poll_at > ?1",
+        )
+        .bind(format_time(later_than))
+        .bind(format_time(now))
+        .execute(self.writer())
+        .await?
+        .rows_affected())
+    }
+
+    /// Writes what a batch of polls found: status, transition and schedule of each action
+    /// commit together, so a crash can neither lose nor duplicate a transition.
+    #[instrument(skip_all, fields(count = writes.len()))]
+    pub async fn record_polls(
+        &self,
+        writes: &[PollWrite],
+        now: SystemTime,
+    ) -> Result<WriteSummary> {
+        let now_text = format_time(now);
+        let mut summary = WriteSummary::default();
+        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
+        // A handful of statements per batch, each taking the whole batch as one JSON array:
+        // per-row statements cost a round trip to the database thread each, which made
+        // writing the answers of a 10,000-action sweep page take most of a second.
+        for group in distinct_groups(writes) {
+            let (observed, failed) = rows_to_write(&group, &now_text);
+            if let Some(list) = &observed {
+                let mut recorded: Vec<CommittedTransition> = sqlx::query_as(RECORD_TRANSITIONS)
+                    .bind(list)
+                    .bind(&now_text)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                summary.transitions.append(&mut recorded);
+                let tracking: Vec<String> = sqlx::query_scalar(RECORD_OBSERVED)
+                    .bind(list)
+                    .bind(&now_text)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                summary.finished += finished_among(&tracking);
+            }
+            if let Some(list) = &failed {
+                let tracking: Vec<String> = sqlx::query_scalar(RECORD_FAILED)
+                    .bind(list)
+                    .bind(&now_text)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                summary.finished += finished_among(&tracking);
+            }
+        }
+        tx.commit().await?;
+        Ok(summary)
+    }
+}
