@@ -584,33 +584,32 @@ async fn enqueue(db: &Path, args: &EnqueueArgs) -> Result<ExitCode, CliError> {
             "give action ids as arguments or with --file PATH (or --file - for stdin)".into(),
         ));
     }
-    let (mut ids, refused) = collect_ids(args)?;
+    let (ids, refused) = collect_ids(args)?;
     for r in &refused {
         eprintln!("{r}");
     }
-    // The same id twice in one command is one enqueue.
-    let mut seen = std::collections::HashSet::new();
-    ids.retain(|id| seen.insert(id.clone()));
     let mut added = 0usize;
     let mut known = 0usize;
     if !ids.is_empty() {
         let store = Store::open(db, OpenMode::WriteExisting).await?;
-        let results = store.enqueue(&ids, SystemTime::now()).await?;
+        let taken = crate::intake::enqueue(&store, &ids, SystemTime::now()).await?;
         store.close().await;
         let mut out = std::io::stdout().lock();
-        let verbose = ids.len() <= 1000;
-        for (id, r) in ids.iter().zip(&results) {
-            match r {
+        // The same id twice in one command is one enqueue, told once.
+        let firsts: Vec<_> = taken.iter().filter(|t| !t.repeat).collect();
+        let verbose = firsts.len() <= 1000;
+        for t in firsts {
+            match &t.outcome {
                 Enqueued::Added => {
                     added += 1;
                     if verbose {
-                        let _ = writeln!(out, "added {id}");
+                        let _ = writeln!(out, "added {}", t.id);
                     }
                 }
-                Enqueued::Known(t) => {
+                Enqueued::Known(state) => {
                     known += 1;
                     if verbose {
-                        let _ = writeln!(out, "known {id} (tracking {t})");
+                        let _ = writeln!(out, "known {} (tracking {state})", t.id);
                     }
                 }
             }

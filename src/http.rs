@@ -273,11 +273,8 @@ async fn enqueue(State(s): State<Arc<HttpState>>, request: axum::extract::Reques
             }
         }
     }
-    let mut unique = valid.clone();
-    unique.sort();
-    unique.dedup();
-    let outcomes = match s.store.enqueue(&unique, SystemTime::now()).await {
-        Ok(o) => o,
+    let taken = match crate::intake::enqueue(&s.store, &valid, SystemTime::now()).await {
+        Ok(t) => t,
         Err(e) => {
             return problem(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -288,26 +285,20 @@ async fn enqueue(State(s): State<Arc<HttpState>>, request: axum::extract::Reques
     s.poller.wake();
     let (mut added, mut known, mut refused) = (0, 0, 0);
     // A duplicate within one request reports what happened to its first occurrence.
-    let mut reported = std::collections::HashSet::new();
     for (slot, result) in slots.iter().zip(results.iter_mut()) {
         let Some(i) = slot else {
             refused += 1;
             continue;
         };
-        let id = &valid[*i];
-        let pos = unique.binary_search(id).unwrap_or(0);
-        *result = match &outcomes[pos] {
-            Enqueued::Added if reported.insert(id.clone()) => {
-                added += 1;
-                json!({"id": id.as_str(), "result": "added"})
-            }
+        let t = &taken[*i];
+        *result = match &t.outcome {
             Enqueued::Added => {
-                known += 1;
-                json!({"id": id.as_str(), "result": "known", "tracking": "active"})
+                added += 1;
+                json!({"id": t.id.as_str(), "result": "added"})
             }
-            Enqueued::Known(t) => {
+            Enqueued::Known(_) => {
                 known += 1;
-                json!({"id": id.as_str(), "result": "known", "tracking": t.as_str()})
+                json!({"id": t.id.as_str(), "result": "known", "tracking": t.tracking().as_str()})
             }
         };
     }

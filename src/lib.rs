@@ -16,6 +16,7 @@ pub mod doctor;
 pub mod domain;
 pub mod housekeeping;
 pub mod http;
+pub mod intake;
 pub mod lock;
 pub mod logging;
 pub mod mde;

@@ -104,8 +104,7 @@ impl RunningDaemon {
     }
 
     pub async fn enqueue(&self, ids: &[ActionId]) {
-        self.store
-            .enqueue(ids, std::time::SystemTime::now())
+        mde_actiond::intake::enqueue(&self.store, ids, std::time::SystemTime::now())
             .await
             .expect("enqueue");
         self.poller.wake();

@@ -1,0 +1,64 @@
+//! Intake: the one way ids enter the queue, whoever brings them (the CLI, the HTTP API, a
+//! test). Callers parse and refuse what is not an id in their own terms (a file's line, a
+//! JSON position); here the valid ids are enqueued in one transaction, a repeat within one
+//! intake is one enqueue, and each id gets its outcome. Waking a running loop is the
+//! caller's, since only an in-process caller can.
+
+use std::time::SystemTime;
+
+use crate::domain::{ActionId, Tracking};
+use crate::store::{Enqueued, Store, StoreError};
+
+/// What became of one id of an intake, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Taken {
+    pub id: ActionId,
+    pub outcome: Enqueued,
+    /// The id came earlier in the same intake; `outcome` says what its first occurrence
+    /// found (a repeat of an added id is known and active).
+    pub repeat: bool,
+}
+
+impl Taken {
+    /// The tracking state after this intake: a new id is active.
+    pub fn tracking(&self) -> Tracking {
+        match self.outcome {
+            Enqueued::Added => Tracking::Active,
+            Enqueued::Known(t) => t,
+        }
+    }
+}
+
+/// Enqueues `ids` (repeats allowed) in one transaction.
+pub async fn enqueue(
+    store: &Store,
+    ids: &[ActionId],
+    now: SystemTime,
+) -> Result<Vec<Taken>, StoreError> {
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
+    let unique: Vec<ActionId> = ids.iter().filter(|id| seen.insert(*id)).cloned().collect();
+    let outcomes = if unique.is_empty() {
+        Vec::new()
+    } else {
+        store.enqueue(&unique, now).await?
+    };
+    let first: std::collections::HashMap<&ActionId, &Enqueued> =
+        unique.iter().zip(&outcomes).collect();
+    let mut reported = std::collections::HashSet::with_capacity(unique.len());
+    Ok(ids
+        .iter()
+        .map(|id| {
+            let repeat = !reported.insert(id);
+            let outcome = match first.get(id) {
+                Some(Enqueued::Added) if repeat => Enqueued::Known(Tracking::Active),
+                Some(o) => (*o).clone(),
+                None => Enqueued::Known(Tracking::Active),
+            };
+            Taken {
+                id: id.clone(),
+                outcome,
+                repeat,
+            }
+        })
+        .collect())
+}
