@@ -16,6 +16,7 @@ use crate::http::HttpState;
 use crate::lock::{InstanceLock, LockError};
 use crate::mde::{MdeClient, http_client};
 use crate::poller::Poller;
+use crate::runtime::Runtime;
 use crate::secret::Secret;
 use crate::store::{OpenMode, Store, StoreError};
 use crate::systemd::Notifier;
@@ -41,6 +42,7 @@ pub enum DaemonError {
 }
 
 pub struct Daemon {
+    runtime: Runtime,
     poller: Arc<Poller>,
     store: Store,
     housekeeping: Option<Housekeeping>,
@@ -107,20 +109,30 @@ impl Daemon {
             .map_err(|p| DaemonError::Config(ConfigError::Invalid(vec![p])))?;
         let tokens = Arc::new(TokenProvider::new(source));
         let client = MdeClient::new(http, &settings.api_base_url());
+        let metrics = Arc::new(crate::metrics::Metrics::default());
         let poller = Arc::new(Poller::new(
             store.clone(),
             client,
-            tokens,
-            budget,
+            tokens.clone(),
+            budget.clone(),
             settings.poll.clone(),
             settings.api.timeout,
+            metrics.clone(),
         ));
+        let runtime = Runtime {
+            store: store.clone(),
+            budget,
+            tokens,
+            metrics,
+            poller: poller.clone(),
+        };
         let housekeeping = Housekeeping {
             store: store.clone(),
             checkpoint_interval: settings.database.checkpoint_interval,
             keep_finished: settings.retention.keep_finished,
         };
         Ok(Self {
+            runtime,
             poller,
             housekeeping: Some(housekeeping),
             store,
@@ -133,6 +145,11 @@ impl Daemon {
 
     pub fn poller(&self) -> &Arc<Poller> {
         &self.poller
+    }
+
+    /// What the running daemon shares: store, budget, tokens, metrics, the loop.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
     }
 
     pub fn store(&self) -> &Store {
@@ -165,8 +182,7 @@ impl Daemon {
                 info!(%addr, "HTTP listener up (/healthz, /readyz, /metrics, /v1/actions)");
             }
             let state = Arc::new(HttpState {
-                store: self.store.clone(),
-                poller: self.poller.clone(),
+                runtime: self.runtime.clone(),
                 api_token: token,
                 started: tokio::time::Instant::now(),
             });
@@ -177,11 +193,10 @@ impl Daemon {
             )));
         }
         let notifier = Arc::new(std::mem::replace(&mut self.notifier, Notifier::disabled()));
-        notifier.ready(&status_line(&self.store, &self.poller).await);
+        notifier.ready(&status_line(&self.runtime).await);
         let supervisor = tokio::spawn(supervise(
             notifier.clone(),
-            self.store.clone(),
-            self.poller.clone(),
+            self.runtime.clone(),
             stop.clone(),
         ));
         let loop_ended = tokio::select! {
@@ -231,12 +246,8 @@ impl Daemon {
 
 /// Pings the systemd watchdog while the poll loop shows progress (never from a free-running
 /// timer alone: a hung loop must get the process restarted) and refreshes STATUS.
-async fn supervise(
-    notifier: Arc<Notifier>,
-    store: Store,
-    poller: Arc<Poller>,
-    stop: CancellationToken,
-) {
+async fn supervise(notifier: Arc<Notifier>, rt: Runtime, stop: CancellationToken) {
+    let poller = &rt.poller;
     if !notifier.is_enabled() {
         return;
     }
@@ -263,15 +274,15 @@ async fn supervise(
         }
         if last_status.elapsed() >= STATUS_EVERY {
             last_status = tokio::time::Instant::now();
-            notifier.status(&status_line(&store, &poller).await);
+            notifier.status(&status_line(&rt).await);
         }
     }
 }
 
 /// One line for `systemctl status`: counts, budget, pauses, the last error.
-pub async fn status_line(store: &Store, poller: &Poller) -> String {
+pub async fn status_line(rt: &Runtime) -> String {
     let mut parts = Vec::new();
-    match store.counts().await {
+    match rt.store.counts().await {
         Ok(c) => parts.push(format!(
             "active {}, done {}, not found {}, gave up {}",
             c.tracking(Tracking::Active),
@@ -281,7 +292,7 @@ pub async fn status_line(store: &Store, poller: &Poller) -> String {
         )),
         Err(e) => parts.push(format!("database error: {e}")),
     }
-    let left = poller.budget().remaining();
+    let left = rt.budget.remaining();
     parts.push(format!(
         "API budget left {}/min {}/h",
         left.this_minute, left.this_hour
@@ -289,9 +300,9 @@ pub async fn status_line(store: &Store, poller: &Poller) -> String {
     if let Some(p) = left.paused_for {
         parts.push(format!("paused {}s for Retry-After", p.as_secs() + 1));
     }
-    if let Some(refusal) = poller.tokens().refusal() {
+    if let Some(refusal) = rt.tokens.refusal() {
         parts.push(format!("no token: {refusal}"));
-    } else if let Some((error, at)) = poller.metrics().last_error() {
+    } else if let Some((error, at)) = rt.metrics.last_error() {
         let ago = SystemTime::now().duration_since(at).unwrap_or_default();
         parts.push(format!("last error {}s ago: {error}", ago.as_secs()));
     }

@@ -94,7 +94,7 @@ pub async fn run(db: Option<PathBuf>, args: &DemoArgs) -> Result<ExitCode, DemoE
     let daemon = Daemon::start(&settings).await?;
     daemon.store().enqueue(&ids, SystemTime::now()).await?;
     let reader = Store::open(&db, OpenMode::ReadOnly).await?;
-    let poller = daemon.poller().clone();
+    let rt = daemon.runtime().clone();
     let stop = CancellationToken::new();
     let interrupted = CancellationToken::new();
     let running = tokio::spawn(daemon.run_until_stopped(stop.clone()));
@@ -163,7 +163,7 @@ pub async fn run(db: Option<PathBuf>, args: &DemoArgs) -> Result<ExitCode, DemoE
                 counts.tracking(Tracking::NotFound),
                 stats.api_calls,
                 stats.faults_injected,
-                poller.tokens().refreshes(),
+                rt.tokens.refreshes(),
             );
         }
         if active == 0 {
@@ -193,7 +193,7 @@ pub async fn run(db: Option<PathBuf>, args: &DemoArgs) -> Result<ExitCode, DemoE
     println!(
         "  tokens:      {} issued ({} refreshes by the daemon), calls with an expired token: {}",
         stats.tokens_issued,
-        poller.tokens().refreshes(),
+        rt.tokens.refreshes(),
         stats.expired_token_calls
     );
     // Check the recorded history against the simulator's script, as the tests do.

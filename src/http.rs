@@ -18,9 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::ActionId;
 use crate::metrics::Snapshot;
-use crate::poller::Poller;
 use crate::secret::Secret;
-use crate::store::{Enqueued, Store};
+use crate::store::Enqueued;
 
 /// Largest intake body: about 20,000 ids.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -31,8 +30,7 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 const READY_DB_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct HttpState {
-    pub store: Store,
-    pub poller: Arc<Poller>,
+    pub runtime: crate::runtime::Runtime,
     pub api_token: Option<Secret>,
     pub started: tokio::time::Instant,
 }
@@ -95,10 +93,10 @@ fn problem(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 async fn healthz(State(s): State<Arc<HttpState>>) -> Response {
-    if s.poller.is_alive() {
+    if s.runtime.poller.is_alive() {
         (StatusCode::OK, "ok\n").into_response()
     } else {
-        let stalled = s.poller.since_progress().as_secs();
+        let stalled = s.runtime.poller.since_progress().as_secs();
         (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("poll loop shows no progress for {stalled}s\n"),
@@ -109,25 +107,25 @@ async fn healthz(State(s): State<Arc<HttpState>>) -> Response {
 
 async fn readyz(State(s): State<Arc<HttpState>>) -> Response {
     let mut failures = Vec::new();
-    match tokio::time::timeout(READY_DB_TIMEOUT, s.store.check_writable()).await {
+    match tokio::time::timeout(READY_DB_TIMEOUT, s.runtime.store.check_writable()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => failures.push(format!("database not writable: {e}")),
         Err(_) => failures.push("database write lock not available within 2s".to_string()),
     }
-    if let Some(refusal) = s.poller.tokens().refusal() {
+    if let Some(refusal) = s.runtime.tokens.refusal() {
         failures.push(format!("no access token: {refusal}"));
     }
-    failures.extend(s.poller.metrics().blockers());
-    if let Some(left) = s.poller.budget().remaining().paused_for {
+    failures.extend(s.runtime.metrics.blockers());
+    if let Some(left) = s.runtime.budget.remaining().paused_for {
         failures.push(format!(
             "MDE rate limit (429): every call paused until {} (Retry-After, at most 1h)",
             crate::domain::format_time(std::time::SystemTime::now() + left)
         ));
     }
-    if !s.poller.is_alive() {
+    if !s.runtime.poller.is_alive() {
         failures.push(format!(
             "poll loop shows no progress for {}s",
-            s.poller.since_progress().as_secs()
+            s.runtime.poller.since_progress().as_secs()
         ));
     }
     if failures.is_empty() {
@@ -142,38 +140,40 @@ async fn readyz(State(s): State<Arc<HttpState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
-    let counts = match s.store.counts().await {
+    let counts = match s.runtime.store.counts().await {
         Ok(c) => c,
         Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
-    let budget = s.poller.budget().remaining();
-    let (oldest, stuck) =
-        match tokio::try_join!(s.store.oldest_active_created(), s.store.stuck_count()) {
-            Ok(v) => v,
-            Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        };
+    let budget = s.runtime.budget.remaining();
+    let (oldest, stuck) = match tokio::try_join!(
+        s.runtime.store.oldest_active_created(),
+        s.runtime.store.stuck_count()
+    ) {
+        Ok(v) => v,
+        Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
     let oldest_active_seconds = oldest
         .as_deref()
         .and_then(crate::domain::parse_time)
         .and_then(|t| SystemTime::now().duration_since(t).ok())
         .map_or(0.0, |d| d.as_secs_f64());
-    let ready = s.poller.tokens().refusal().is_none()
-        && s.poller.metrics().blockers().is_empty()
+    let ready = s.runtime.tokens.refusal().is_none()
+        && s.runtime.metrics.blockers().is_empty()
         && budget.paused_for.is_none()
-        && s.poller.is_alive();
+        && s.runtime.poller.is_alive();
     let snapshot = Snapshot {
         by_tracking: counts.by_tracking,
         by_status: counts.by_status,
         budget_minute: budget.this_minute,
         budget_hour: budget.this_hour,
-        paused_seconds_total: s.poller.budget().paused_total().as_secs_f64(),
+        paused_seconds_total: s.runtime.budget.paused_total().as_secs_f64(),
         paused_now: budget.paused_for.is_some(),
-        token_refreshes: s.poller.tokens().refreshes(),
-        token_failures: s.poller.tokens().failures(),
+        token_refreshes: s.runtime.tokens.refreshes(),
+        token_failures: s.runtime.tokens.failures(),
         up_seconds: s.started.elapsed().as_secs_f64(),
         ready,
-        since_progress_seconds: s.poller.since_progress().as_secs_f64(),
-        stall_limit_seconds: s.poller.stall_limit().as_secs_f64(),
+        since_progress_seconds: s.runtime.poller.since_progress().as_secs_f64(),
+        stall_limit_seconds: s.runtime.poller.stall_limit().as_secs_f64(),
         oldest_active_seconds,
         stuck,
     };
@@ -182,7 +182,7 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        s.poller.metrics().render(&snapshot),
+        s.runtime.metrics.render(&snapshot),
     )
         .into_response()
 }
@@ -273,7 +273,7 @@ async fn enqueue(State(s): State<Arc<HttpState>>, request: axum::extract::Reques
             }
         }
     }
-    let taken = match crate::intake::enqueue(&s.store, &valid, SystemTime::now()).await {
+    let taken = match crate::intake::enqueue(&s.runtime.store, &valid, SystemTime::now()).await {
         Ok(t) => t,
         Err(e) => {
             return problem(
@@ -282,7 +282,7 @@ async fn enqueue(State(s): State<Arc<HttpState>>, request: axum::extract::Reques
             );
         }
     };
-    s.poller.wake();
+    s.runtime.poller.wake();
     let (mut added, mut known, mut refused) = (0, 0, 0);
     // A duplicate within one request reports what happened to its first occurrence.
     for (slot, result) in slots.iter().zip(results.iter_mut()) {
@@ -326,12 +326,12 @@ async fn action(
         Ok(id) => id,
         Err(e) => return problem(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    let row = match s.store.action(&id).await {
+    let row = match s.runtime.store.action(&id).await {
         Ok(Some(row)) => row,
         Ok(None) => return problem(StatusCode::NOT_FOUND, format!("{id} is not tracked")),
         Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
-    let transitions = match s.store.transitions(&id).await {
+    let transitions = match s.runtime.store.transitions(&id).await {
         Ok(t) => t,
         Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };

@@ -23,6 +23,7 @@ pub mod mde;
 pub mod metrics;
 pub mod poller;
 pub mod report;
+pub mod runtime;
 pub mod schedule;
 pub mod secret;
 pub mod sim;

@@ -128,6 +128,7 @@ impl Poller {
         budget: Arc<RateBudget>,
         settings: PollSettings,
         api_timeout: Duration,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let policy = settings.policy();
         // Between two signs of progress the loop waits at most for one HTTP call and one
@@ -144,7 +145,7 @@ impl Poller {
             settings,
             policy,
             wake: Notify::new(),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             heartbeat: AtomicU64::new(0),
             started: tokio::time::Instant::now(),
             stall_limit,
