@@ -239,6 +239,86 @@ pub fn transition_fields(t: &TransitionExport) -> Vec<String> {
     ]
 }
 
+/// `status`'s text: one action, what MDE said about it where it said something, and its
+/// transitions.
+pub fn status_text(row: &ActionRow, transitions: &[crate::store::TransitionRow]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let v = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    let _ = writeln!(out, "action        {}", row.action_id);
+    let _ = writeln!(out, "tracking      {}", row.tracking);
+    let _ = writeln!(out, "status        {}", v(&row.status));
+    let _ = writeln!(out, "type          {}", v(&row.action_type));
+    let _ = writeln!(
+        out,
+        "device        {} ({})",
+        v(&row.computer_dns_name),
+        v(&row.machine_id)
+    );
+    let _ = writeln!(out, "requestor     {}", v(&row.requestor));
+    let _ = writeln!(out, "comment       {}", v(&row.requestor_comment));
+    // Only where MDE said something: most actions have none of these.
+    if let Some(source) = &row.request_source {
+        let _ = writeln!(out, "source        {source}");
+    }
+    if let Some(scope) = &row.scope {
+        let _ = writeln!(out, "scope         {scope}");
+    }
+    if let Some(title) = &row.title {
+        let _ = writeln!(out, "title         {title}");
+    }
+    if let Some(h) = row.error_hresult.filter(|h| *h != 0) {
+        // HRESULTs read as hex: 0x80070005 is "access denied".
+        let _ = writeln!(out, "error         {} ({h})", hresult_hex(h));
+    }
+    if row.cancelled_at.is_some() || row.cancellation_requestor.is_some() {
+        let _ = writeln!(
+            out,
+            "cancelled     {} by {}{}",
+            v(&row.cancelled_at),
+            v(&row.cancellation_requestor),
+            row.cancellation_comment
+                .as_deref()
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(at) = &row.revived_at {
+        let _ = writeln!(
+            out,
+            "revived       {at} (had ended not_found; MDE showed it later)"
+        );
+    }
+    let _ = writeln!(out, "created (MDE) {}", v(&row.mde_created_at));
+    let _ = writeln!(out, "updated (MDE) {}", v(&row.mde_updated_at));
+    let _ = writeln!(out, "enqueued      {}", row.enqueued_at);
+    let _ = writeln!(out, "last polled   {}", v(&row.last_polled_at));
+    let _ = writeln!(out, "next poll     {}", v(&row.next_poll_at));
+    let _ = writeln!(out, "finished      {}", v(&row.finished_at));
+    let _ = writeln!(
+        out,
+        "polls         {} ({} failed)",
+        row.poll_count, row.error_count
+    );
+    if let Some(e) = &row.last_error {
+        let _ = writeln!(out, "last error    {e} (at {})", v(&row.last_error_at));
+    }
+    let _ = writeln!(out, "transitions");
+    if transitions.is_empty() {
+        let _ = writeln!(out, "  (none yet)");
+    }
+    for t in transitions {
+        let _ = writeln!(
+            out,
+            "  {}  {} -> {}",
+            t.observed_at,
+            t.from_status.as_deref().unwrap_or("(first seen)"),
+            t.to_status
+        );
+    }
+    out
+}
+
 /// One action as JSON (`status --json`, `export`, the HTTP API): every column, MDE's last
 /// answer embedded as JSON rather than as a string.
 pub fn action_json(row: &ActionRow) -> serde_json::Value {
