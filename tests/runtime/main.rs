@@ -470,6 +470,7 @@ impl Drop for Cleanup {
         let _ =
             run(podman(&["rm", "-f", "-t", "0", &self.name]).env("CONTAINERS_CONF", &self.conf));
         let _ = run(podman(&["volume", "rm", "-f", &self.name]).env("CONTAINERS_CONF", &self.conf));
+        let _ = run(podman(&["rmi", "-f", &self.name]).env("CONTAINERS_CONF", &self.conf));
     }
 }
 
