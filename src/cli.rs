@@ -584,14 +584,17 @@ async fn enqueue(db: &Path, args: &EnqueueArgs) -> Result<ExitCode, CliError> {
             "give action ids as arguments or with --file PATH (or --file - for stdin)".into(),
         ));
     }
+    // The database first: pointed at the wrong place, say so before reading a long file.
+    let store = Store::open(db, OpenMode::WriteExisting).await?;
     let (ids, refused) = collect_ids(args)?;
     for r in &refused {
         eprintln!("{r}");
     }
     let mut added = 0usize;
     let mut known = 0usize;
-    if !ids.is_empty() {
-        let store = Store::open(db, OpenMode::WriteExisting).await?;
+    if ids.is_empty() {
+        store.close().await;
+    } else {
         let taken = crate::intake::enqueue(&store, &ids, SystemTime::now()).await?;
         store.close().await;
         let mut out = std::io::stdout().lock();
