@@ -112,22 +112,7 @@ async fn readyz(State(s): State<Arc<HttpState>>) -> Response {
         Ok(Err(e)) => failures.push(format!("database not writable: {e}")),
         Err(_) => failures.push("database write lock not available within 2s".to_string()),
     }
-    if let Some(refusal) = s.runtime.tokens.refusal() {
-        failures.push(format!("no access token: {refusal}"));
-    }
-    failures.extend(s.runtime.metrics.blockers());
-    if let Some(left) = s.runtime.budget.remaining().paused_for {
-        failures.push(format!(
-            "MDE rate limit (429): every call paused until {} (Retry-After, at most 1h)",
-            crate::domain::format_time(std::time::SystemTime::now() + left)
-        ));
-    }
-    if !s.runtime.poller.is_alive() {
-        failures.push(format!(
-            "poll loop shows no progress for {}s",
-            s.runtime.poller.since_progress().as_secs()
-        ));
-    }
+    failures.extend(s.runtime.not_ready());
     if failures.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
@@ -157,10 +142,6 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
         .and_then(crate::domain::parse_time)
         .and_then(|t| SystemTime::now().duration_since(t).ok())
         .map_or(0.0, |d| d.as_secs_f64());
-    let ready = s.runtime.tokens.refusal().is_none()
-        && s.runtime.metrics.blockers().is_empty()
-        && budget.paused_for.is_none()
-        && s.runtime.poller.is_alive();
     let snapshot = Snapshot {
         by_tracking: counts.by_tracking,
         by_status: counts.by_status,
@@ -171,7 +152,7 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
         token_refreshes: s.runtime.tokens.refreshes(),
         token_failures: s.runtime.tokens.failures(),
         up_seconds: s.started.elapsed().as_secs_f64(),
-        ready,
+        ready: s.runtime.not_ready().is_empty(),
         since_progress_seconds: s.runtime.poller.since_progress().as_secs_f64(),
         stall_limit_seconds: s.runtime.poller.stall_limit().as_secs_f64(),
         oldest_active_seconds,

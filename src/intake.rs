@@ -49,10 +49,10 @@ pub async fn enqueue(
         .iter()
         .map(|id| {
             let repeat = !reported.insert(id);
-            let outcome = match first.get(id) {
-                Some(Enqueued::Added) if repeat => Enqueued::Known(Tracking::Active),
-                Some(o) => (*o).clone(),
-                None => Enqueued::Known(Tracking::Active),
+            // Every id is among `unique`, so it has a first outcome.
+            let outcome = match first[id] {
+                Enqueued::Added if repeat => Enqueued::Known(Tracking::Active),
+                o => o.clone(),
             };
             Taken {
                 id: id.clone(),

@@ -55,8 +55,6 @@ impl InstanceLock {
         let database = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(false)
             .open(db)
             .map_err(io(db))?;
         let canonical = std::fs::canonicalize(db).map_err(io(db))?;
