@@ -51,10 +51,195 @@ pub struct Settings {
     pub http: HttpSettings,
     pub retention: RetentionSettings,
     pub report: ReportSettings,
+    /// `[[notify]]`: where events go (docs in README "Notifications").
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<NotifySettings>,
+    /// Per-request callback URLs (`callback_url` at enqueue).
+    pub callbacks: CallbackSettings,
 }
 
-/// Pruning of finished actions; off unless `keep_finished` is set.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+/// What a destination is: the body it gets and how it authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyKind {
+    Webhook,
+    Teams,
+    Slack,
+    SplunkHec,
+}
+
+impl NotifyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyKind::Webhook => "webhook",
+            NotifyKind::Teams => "teams",
+            NotifyKind::Slack => "slack",
+            NotifyKind::SplunkHec => "splunk_hec",
+        }
+    }
+
+    /// Chat messages lose their point after a while: they expire after the 2 h attempt.
+    pub fn is_chat(self) -> bool {
+        matches!(self, NotifyKind::Teams | NotifyKind::Slack)
+    }
+}
+
+/// Which events a destination hears of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyEvent {
+    /// Every status change.
+    Transition,
+    /// Status changes into Succeeded, Failed, TimeOut or Cancelled.
+    Terminal,
+    /// An action still active after each `report.stuck_after`.
+    Stuck,
+}
+
+impl NotifyEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyEvent::Transition => "transition",
+            NotifyEvent::Terminal => "terminal",
+            NotifyEvent::Stuck => "stuck",
+        }
+    }
+}
+
+/// One `[[notify]]` destination.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySettings {
+    /// Unique; names the destination in logs, metrics and the CLI.
+    pub name: String,
+    pub kind: NotifyKind,
+    /// Where to POST. Teams Workflow and Slack URLs are credentials, so `url_file` is the
+    /// better place for them; either way the URL is never logged or shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<Secret>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_file: Option<PathBuf>,
+    /// webhook: the Standard Webhooks signing key (`whsec_...`); more lines during a
+    /// rotation, each signing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    /// splunk_hec: the HEC token; webhook: an optional static bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    #[serde(default = "default_notify_events")]
+    pub events: Vec<NotifyEvent>,
+    /// Only these action types (MDE's values, e.g. "Isolate"); empty means all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub types: Vec<String>,
+    /// Only events whose (new) status is one of these; empty means all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub statuses: Vec<String>,
+    /// One attempt's whole-request limit.
+    #[serde(with = "duration_text", default = "default_notify_timeout")]
+    pub timeout: Duration,
+    /// Waits after each failed attempt (±20% jitter); the event is dead after the last.
+    /// Default: Svix's 5s, 5m, 30m, 2h, 5h, 10h, 10h (teams and slack stop after 2h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_schedule: Option<Vec<String>>,
+    /// A destination failing without a single success for this long is disabled.
+    #[serde(with = "duration_text", default = "default_disable_after")]
+    pub disable_after: Duration,
+}
+
+fn default_notify_events() -> Vec<NotifyEvent> {
+    vec![NotifyEvent::Terminal]
+}
+
+fn default_notify_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+
+fn default_disable_after() -> Duration {
+    Duration::from_secs(5 * 86_400)
+}
+
+/// Svix's retry schedule: the wait after each failed attempt.
+pub const DEFAULT_RETRY_SCHEDULE: [Duration; 7] = [
+    Duration::from_secs(5),
+    Duration::from_secs(300),
+    Duration::from_secs(1800),
+    Duration::from_secs(7200),
+    Duration::from_secs(18_000),
+    Duration::from_secs(36_000),
+    Duration::from_secs(36_000),
+];
+
+/// Where chat destinations stop: after the attempt that follows the 2 h wait.
+pub const CHAT_RETRIES: usize = 4;
+
+impl NotifySettings {
+    /// The waits after each failed attempt, as configured or by default.
+    pub fn retry_waits(&self) -> Result<Vec<Duration>, String> {
+        parse_schedule(self.retry_schedule.as_deref(), self.kind.is_chat())
+    }
+}
+
+fn parse_schedule(given: Option<&[String]>, chat: bool) -> Result<Vec<Duration>, String> {
+    match given {
+        Some(list) => list
+            .iter()
+            .map(|s| crate::domain::parse_duration(s))
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|v| {
+                if v.len() > 20 {
+                    Err("at most 20 waits".to_string())
+                } else {
+                    Ok(v)
+                }
+            }),
+        None if chat => Ok(DEFAULT_RETRY_SCHEDULE[..CHAT_RETRIES].to_vec()),
+        None => Ok(DEFAULT_RETRY_SCHEDULE.to_vec()),
+    }
+}
+
+/// `[callbacks]`: the per-request `callback_url`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallbackSettings {
+    /// Host patterns a callback URL must match: `soar.example`, `*.logic.azure.com`
+    /// (any subdomain), optionally with `:port`. Empty: callbacks are refused. Loopback and
+    /// link-local hosts only when listed as such (never through `*`).
+    pub allow: Vec<String>,
+    /// Standard Webhooks signing key for callbacks; unsigned without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    #[serde(with = "duration_text")]
+    pub timeout: Duration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_schedule: Option<Vec<String>>,
+}
+
+impl Default for CallbackSettings {
+    fn default() -> Self {
+        Self {
+            allow: Vec::new(),
+            secret_file: None,
+            timeout: default_notify_timeout(),
+            retry_schedule: None,
+        }
+    }
+}
+
+impl CallbackSettings {
+    pub fn retry_waits(&self) -> Result<Vec<Duration>, String> {
+        parse_schedule(self.retry_schedule.as_deref(), false)
+    }
+
+    pub fn patterns(&self) -> Vec<crate::domain::HostPattern> {
+        self.allow
+            .iter()
+            .filter_map(|p| crate::domain::HostPattern::parse(p).ok())
+            .collect()
+    }
+}
+
+/// Pruning of finished actions (off unless `keep_finished` is set) and of the outbox.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionSettings {
     /// Delete actions (and their transitions) this long after they finished.
@@ -63,6 +248,19 @@ pub struct RetentionSettings {
         skip_serializing_if = "Option::is_none"
     )]
     pub keep_finished: Option<Duration>,
+    /// Delete delivered and dead notification deliveries (and their events) this long
+    /// after they ended. Pending ones are never deleted.
+    #[serde(with = "duration_text")]
+    pub keep_notifications: Duration,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self {
+            keep_finished: None,
+            keep_notifications: Duration::from_secs(7 * 86_400),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -137,6 +335,15 @@ impl Cloud {
             Cloud::Commercial => "https://api.securitycenter.microsoft.com",
             Cloud::Gcc => "https://api-gcc.securitycenter.microsoft.us",
             Cloud::GccHigh | Cloud::Dod => "https://api-gov.securitycenter.microsoft.us",
+        }
+    }
+
+    /// The Microsoft Defender portal of this cloud (links in chat notifications).
+    pub fn portal_url(self) -> &'static str {
+        match self {
+            Cloud::Commercial | Cloud::Gcc => "https://security.microsoft.com",
+            Cloud::GccHigh => "https://security.microsoft.us",
+            Cloud::Dod => "https://security.apps.mil",
         }
     }
 
@@ -665,6 +872,117 @@ impl Settings {
                 ),
             );
         }
+        if self.retention.keep_notifications < Duration::from_secs(60) {
+            bad("retention.keep_notifications", "must be at least 1m".into());
+        }
+        out.extend(self.notify_problems());
+        out
+    }
+
+    /// The `[[notify]]` and `[callbacks]` checks that need no file.
+    fn notify_problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut bad = |key: &'static str, message: String| out.push(Problem { key, message });
+        let mut names = std::collections::HashSet::new();
+        for n in &self.notify {
+            let who = format!("destination '{}'", n.name);
+            let valid_name = !n.name.is_empty()
+                && n.name.len() <= 64
+                && n.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !valid_name {
+                bad(
+                    "notify.name",
+                    format!("'{}' must be 1-64 letters, digits, '-' or '_'", n.name),
+                );
+            } else if n.name == crate::store::CALLBACK {
+                bad(
+                    "notify.name",
+                    "'callback' is reserved for per-request callback URLs".into(),
+                );
+            } else if !names.insert(n.name.as_str()) {
+                bad("notify.name", format!("'{}' appears twice", n.name));
+            }
+            match (&n.url, &n.url_file) {
+                (Some(_), Some(_)) => bad(
+                    "notify.url",
+                    format!("{who}: set url or url_file, not both"),
+                ),
+                (None, None) => bad(
+                    "notify.url",
+                    format!("{who}: url (or url_file) is required"),
+                ),
+                (Some(url), None) => {
+                    if let Err(e) = check_notify_url(url.expose()) {
+                        bad("notify.url", format!("{who}: {e}"));
+                    }
+                }
+                (None, Some(_)) => {}
+            }
+            match n.kind {
+                NotifyKind::Webhook if n.secret_file.is_none() => bad(
+                    "notify.secret_file",
+                    format!("{who}: a webhook needs its Standard Webhooks key (whsec_...)"),
+                ),
+                NotifyKind::SplunkHec if n.token_file.is_none() => bad(
+                    "notify.token_file",
+                    format!("{who}: splunk_hec needs the HEC token"),
+                ),
+                NotifyKind::Teams | NotifyKind::Slack | NotifyKind::SplunkHec
+                    if n.secret_file.is_some() =>
+                {
+                    bad(
+                        "notify.secret_file",
+                        format!(
+                            "{who}: only webhooks are signed; {} takes no secret_file",
+                            n.kind.as_str()
+                        ),
+                    )
+                }
+                NotifyKind::Teams | NotifyKind::Slack if n.token_file.is_some() => bad(
+                    "notify.token_file",
+                    format!(
+                        "{who}: {} takes no token_file (the URL is the credential)",
+                        n.kind.as_str()
+                    ),
+                ),
+                _ => {}
+            }
+            if n.events.is_empty() {
+                bad(
+                    "notify.events",
+                    format!("{who}: name at least one of transition, terminal, stuck"),
+                );
+            }
+            if n.timeout.is_zero() || n.timeout > Duration::from_secs(120) {
+                bad(
+                    "notify.timeout",
+                    format!("{who}: must be between 1ms and 2m"),
+                );
+            }
+            if let Err(e) = n.retry_waits() {
+                bad("notify.retry_schedule", format!("{who}: {e}"));
+            }
+            if n.disable_after < Duration::from_secs(1) {
+                bad(
+                    "notify.disable_after",
+                    format!("{who}: must be at least 1s"),
+                );
+            }
+        }
+        let c = &self.callbacks;
+        for pattern in &c.allow {
+            if let Err(e) = crate::domain::HostPattern::parse(pattern) {
+                bad("callbacks.allow", e);
+            }
+        }
+        if c.timeout.is_zero() || c.timeout > Duration::from_secs(120) {
+            bad("callbacks.timeout", "must be between 1ms and 2m".into());
+        }
+        if let Err(e) = c.retry_waits() {
+            bad("callbacks.retry_schedule", e);
+        }
         out
     }
 
@@ -782,6 +1100,21 @@ fn describe_load_error(e: config::ConfigError) -> String {
     } else {
         text
     }
+}
+
+/// A destination URL: http(s), no userinfo (it would land in logs of proxies).
+pub fn check_notify_url(s: &str) -> Result<(), String> {
+    let url = reqwest::Url::parse(s.trim()).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("must start with https:// (or http://)".into());
+    }
+    if url.host_str().is_none() {
+        return Err("has no host".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not carry a user or password; use token_file".into());
+    }
+    Ok(())
 }
 
 fn check_http_url(s: &str) -> Result<(), String> {

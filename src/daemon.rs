@@ -49,6 +49,7 @@ pub struct Daemon {
     shutdown_grace: Duration,
     http: Option<(TcpListener, Option<Secret>)>,
     notifier: Notifier,
+    notifications: Option<crate::notify::Notifications>,
     _lock: InstanceLock,
 }
 
@@ -66,6 +67,18 @@ impl Daemon {
         store
             .sync_report_settings(settings.report.stuck_after)
             .await?;
+        let destinations = crate::notify::destinations(settings)
+            .map_err(|p| DaemonError::Config(ConfigError::Invalid(vec![p])))?;
+        store
+            .sync_routes(
+                &crate::notify::routes(settings),
+                settings.auth.tenant_id.as_deref(),
+            )
+            .await?;
+        if !destinations.is_empty() {
+            let names: Vec<&str> = destinations.iter().map(|d| d.name.as_str()).collect();
+            info!(destinations = %names.join(", "), "notifications on");
+        }
 
         let budget = Arc::new(RateBudget::with_time_scale(
             settings.rate_limit.per_minute,
@@ -125,12 +138,20 @@ impl Daemon {
             tokens,
             metrics,
             poller: poller.clone(),
+            callback_allow: settings.callbacks.patterns().into(),
         };
         let housekeeping = Housekeeping {
             store: store.clone(),
             checkpoint_interval: settings.database.checkpoint_interval,
             keep_finished: settings.retention.keep_finished,
+            keep_notifications: settings.retention.keep_notifications,
         };
+        let notifications = crate::notify::Notifications::new(
+            destinations,
+            store.clone(),
+            runtime.metrics.clone(),
+            settings.report.stuck_after,
+        );
         Ok(Self {
             runtime,
             poller,
@@ -139,6 +160,7 @@ impl Daemon {
             shutdown_grace: settings.poll.shutdown_grace,
             http: listener,
             notifier: Notifier::from_env(),
+            notifications: (!notifications.is_empty()).then_some(notifications),
             _lock: lock,
         })
     }
@@ -176,6 +198,11 @@ impl Daemon {
             .housekeeping
             .take()
             .map(|h| tokio::spawn(h.run(stop.clone())));
+        let senders = self
+            .notifications
+            .take()
+            .map(|n| n.spawn(self.poller.outbox_written(), stop.clone()))
+            .unwrap_or_default();
         let mut http_task = None;
         if let Some((listener, token)) = self.http.take() {
             if let Ok(addr) = listener.local_addr() {
@@ -230,6 +257,16 @@ impl Daemon {
         if let Some(task) = upkeep {
             // It stops between short transactions; never block shutdown on it for long.
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        for task in senders {
+            // A request in flight is abandoned after a moment; its delivery stays pending
+            // and goes out again after the restart (at least once).
+            if tokio::time::timeout(Duration::from_secs(1), &mut Box::pin(task))
+                .await
+                .is_err()
+            {
+                tracing::debug!("a notification sender was stopped mid-request");
+            }
         }
         if let Some(task) = http_task {
             // Graceful shutdown of the listener began with `stop`; open requests get a moment.
@@ -324,6 +361,9 @@ pub fn run_problems(settings: &Settings) -> Vec<crate::config::Problem> {
             key: "http.api_token_file",
             message,
         });
+    }
+    if let Err(p) = crate::notify::destinations(settings) {
+        problems.push(p);
     }
     match http_client(settings.api.timeout, settings.api.connect_timeout) {
         Ok(http) => {

@@ -331,6 +331,140 @@ pub struct Observation {
     pub raw: String,
 }
 
+/// One `callbacks.allow` entry: a host (`soar.example`, `10.1.2.3`, `[::1]`), or any
+/// subdomain of one (`*.logic.azure.com`), or `*` (any host that is not loopback or
+/// link-local); optionally with `:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPattern {
+    /// `Some("logic.azure.com")` for `*.logic.azure.com`, `Some("")` for `*`.
+    suffix: Option<String>,
+    host: String,
+    port: Option<u16>,
+}
+
+impl HostPattern {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim().to_ascii_lowercase();
+        let bad = |why: &str| {
+            Err(format!(
+                "'{text}' {why}; expected a host such as soar.example, *.logic.azure.com or 10.0.0.5:8443"
+            ))
+        };
+        if t.is_empty() || t.contains('/') || t.contains('@') {
+            return bad("is not a host pattern");
+        }
+        let (host, port) = match t.strip_prefix('[') {
+            Some(rest) => match rest.split_once(']') {
+                Some((h, "")) => (h.to_string(), None),
+                Some((h, p)) => match p.strip_prefix(':').map(str::parse::<u16>) {
+                    Some(Ok(p)) => (h.to_string(), Some(p)),
+                    _ => return bad("has a bad port"),
+                },
+                None => return bad("has an unclosed ["),
+            },
+            None => match t.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') => match p.parse::<u16>() {
+                    Ok(p) => (h.to_string(), Some(p)),
+                    Err(_) => return bad("has a bad port"),
+                },
+                _ => (t.clone(), None),
+            },
+        };
+        let suffix = if host == "*" {
+            Some(String::new())
+        } else {
+            host.strip_prefix("*.").map(str::to_string)
+        };
+        let name = suffix.as_deref().unwrap_or(&host);
+        if suffix.as_deref() != Some("")
+            && (name.is_empty()
+                || name.contains('*')
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':')))
+        {
+            return bad("is not a host pattern");
+        }
+        Ok(Self { suffix, host, port })
+    }
+
+    /// This pattern names `host` itself (no wildcard), whatever the port.
+    pub fn matches_host_exactly(&self, host: &str) -> bool {
+        self.suffix.is_none() && self.host == host
+    }
+
+    /// Whether `host` (lowercase, IPv6 without brackets) and `port` match; `explicit`
+    /// only counts an exact host (how loopback and link-local must be listed).
+    pub fn matches(&self, host: &str, port: u16, explicit: bool) -> bool {
+        if self.port.is_some_and(|p| p != port) {
+            return false;
+        }
+        match &self.suffix {
+            None => self.host == host,
+            Some(_) if explicit => false,
+            Some(s) if s.is_empty() => true,
+            Some(s) => {
+                host.len() > s.len() + 1
+                    && host.ends_with(s.as_str())
+                    && host[..host.len() - s.len()].ends_with('.')
+            }
+        }
+    }
+}
+
+/// Loopback, link-local or unspecified: addresses a callback reaches only when listed.
+pub fn is_local_address(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
+        std::net::IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_local_address(std::net::IpAddr::V4(v4));
+            }
+            v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// Checks a callback URL against `callbacks.allow`: the host must match a pattern, and a
+/// loopback or link-local host (or `localhost`) must be listed exactly.
+pub fn check_callback_url(url: &str, allow: &[HostPattern]) -> Result<(), String> {
+    if allow.is_empty() {
+        return Err("callbacks are refused: callbacks.allow is empty".into());
+    }
+    if url.len() > 4096 {
+        return Err("callback_url is longer than 4096 bytes".into());
+    }
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("callback_url is not a URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err("callback_url must be https:// (or http://)".into());
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err("callback_url must not carry a user or password".into());
+    }
+    let Some(host) = parsed.host_str() else {
+        return Err("callback_url has no host".into());
+    };
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    let port = parsed.port_or_known_default().unwrap_or(443);
+    let local = host == "localhost"
+        || host.ends_with(".localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(is_local_address);
+    if allow.iter().any(|p| p.matches(&host, port, local)) {
+        Ok(())
+    } else if local {
+        Err(format!(
+            "callback host {host} is loopback or link-local: refused unless callbacks.allow lists it exactly"
+        ))
+    } else {
+        Err(format!(
+            "callback host {host}:{port} is not in callbacks.allow"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,6 +567,49 @@ mod tests {
             let ta = SystemTime::UNIX_EPOCH + Duration::from_millis(a);
             let tb = SystemTime::UNIX_EPOCH + Duration::from_millis(b);
             prop_assert_eq!(format_time(ta).cmp(&format_time(tb)), ta.cmp(&tb));
+        }
+    }
+
+    #[test]
+    fn callback_hosts_follow_the_allowlist() {
+        let allow: Vec<HostPattern> = ["*.logic.azure.com", "soar.example:8443", "127.0.0.1"]
+            .iter()
+            .map(|p| HostPattern::parse(p).unwrap())
+            .collect();
+        let ok = |u: &str| check_callback_url(u, &allow);
+        assert!(ok("https://prod-1.westeurope.logic.azure.com/workflows/x?sig=abc").is_ok());
+        assert!(
+            ok("https://logic.azure.com/x").is_err(),
+            "a bare suffix is not a subdomain"
+        );
+        assert!(ok("https://evillogic.azure.com/x").is_err());
+        assert!(ok("https://soar.example:8443/hook").is_ok());
+        assert!(ok("https://soar.example/hook").is_err(), "port must match");
+        assert!(ok("http://127.0.0.1:9000/cb").is_ok(), "listed exactly");
+        assert!(ok("http://127.0.0.2/cb").is_err());
+        assert!(ok("https://user:pw@soar.example:8443/").is_err());
+        assert!(ok("ftp://soar.example:8443/").is_err());
+        let any = [HostPattern::parse("*").unwrap()];
+        assert!(check_callback_url("https://example.org/", &any).is_ok());
+        for local in [
+            "http://127.0.0.1/",
+            "http://localhost/",
+            "http://[::1]/",
+            "http://169.254.169.254/",
+            "http://[fe80::1]/",
+            "http://[::ffff:127.0.0.1]/",
+        ] {
+            assert!(
+                check_callback_url(local, &any).is_err(),
+                "{local} through *"
+            );
+        }
+        assert!(
+            check_callback_url("https://example.org/", &[]).is_err(),
+            "empty allow refuses"
+        );
+        for bad in ["", "a/b", "x:99999", "*.*.com", "[::1"] {
+            assert!(HostPattern::parse(bad).is_err(), "{bad}");
         }
     }
 }

@@ -21,6 +21,8 @@ pub struct Housekeeping {
     pub store: Store,
     pub checkpoint_interval: Duration,
     pub keep_finished: Option<Duration>,
+    /// Delivered and dead notifications are deleted this long after they ended.
+    pub keep_notifications: Duration,
 }
 
 impl Housekeeping {
@@ -57,6 +59,11 @@ impl Housekeeping {
             Ok(n) => debug!(rows = n, "pruned the API call log"),
             Err(e) => warn!(error = %e, "cannot prune the API call log"),
         }
+        match prune_outbox(&self.store, now - self.keep_notifications, stop).await {
+            Ok(0) => {}
+            Ok(n) => debug!(deliveries = n, "pruned finished notification deliveries"),
+            Err(e) => warn!(error = %e, "cannot prune the notification outbox"),
+        }
         let Some(keep) = self.keep_finished else {
             return;
         };
@@ -66,6 +73,25 @@ impl Housekeeping {
             Err(e) => warn!(error = %e, "retention failed; will try again"),
         }
     }
+}
+
+/// Deletes delivered and dead deliveries (and events left without any) that ended before
+/// the cutoff, in small batches.
+pub async fn prune_outbox(
+    store: &Store,
+    before: SystemTime,
+    stop: &CancellationToken,
+) -> crate::store::Result<u64> {
+    let mut total = 0;
+    while !stop.is_cancelled() {
+        let n = store.prune_outbox(before, PRUNE_BATCH).await?;
+        total += n;
+        if n < u64::from(PRUNE_BATCH) {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    Ok(total)
 }
 
 /// Deletes finished actions older than the cutoff in small batches, then returns the freed

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::ActionId;
 use crate::metrics::Snapshot;
 use crate::secret::Secret;
-use crate::store::Enqueued;
+use crate::store::{Enqueued, NotifyRequest};
 
 /// Largest intake body: about 20,000 ids.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -113,15 +113,33 @@ async fn readyz(State(s): State<Arc<HttpState>>) -> Response {
         Err(_) => failures.push("database write lock not available within 2s".to_string()),
     }
     failures.extend(s.runtime.not_ready());
-    if failures.is_empty() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("{}\n", failures.join("\n")),
-        )
-            .into_response()
+    // Notifications do not make the daemon unready (it still tracks every action), but a
+    // disabled destination is said here, after the verdict.
+    let mut notes = Vec::new();
+    if let Ok(destinations) = s.runtime.store.destinations().await {
+        for d in destinations.iter().filter(|d| d.configured) {
+            if let Some(at) = &d.disabled_at {
+                notes.push(format!(
+                    "notify destination {} disabled since {at}: {} (mde-actiond notify enable {})",
+                    d.name,
+                    d.disabled_reason.as_deref().unwrap_or("no reason recorded"),
+                    d.name
+                ));
+            }
+        }
     }
+    let mut lines = if failures.is_empty() {
+        vec!["ready".to_string()]
+    } else {
+        failures.clone()
+    };
+    lines.extend(notes);
+    let status = if failures.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, format!("{}\n", lines.join("\n"))).into_response()
 }
 
 async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
@@ -130,9 +148,10 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
         Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
     let budget = s.runtime.budget.remaining();
-    let (oldest, stuck) = match tokio::try_join!(
+    let (oldest, stuck, notify) = match tokio::try_join!(
         s.runtime.store.oldest_active_created(),
-        s.runtime.store.stuck_count()
+        s.runtime.store.stuck_count(),
+        s.runtime.notify_standing()
     ) {
         Ok(v) => v,
         Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -157,6 +176,7 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
         stall_limit_seconds: s.runtime.poller.stall_limit().as_secs_f64(),
         oldest_active_seconds,
         stuck,
+        notify,
     };
     (
         [(
@@ -219,18 +239,36 @@ async fn enqueue(State(s): State<Arc<HttpState>>, request: axum::extract::Reques
     #[serde(deny_unknown_fields)]
     struct Intake {
         ids: Vec<serde_json::Value>,
+        #[serde(default)]
+        correlation: Option<String>,
+        #[serde(default)]
+        callback_url: Option<String>,
     }
     let intake: Intake = match serde_json::from_slice(&body) {
         Ok(i) => i,
         Err(e) => {
             return problem(
                 StatusCode::BAD_REQUEST,
-                format!("body must be JSON like {{\"ids\": [\"<guid>\", ...]}}: {e}"),
+                format!(
+                    "body must be JSON like {{\"ids\": [\"<guid>\", ...], \"correlation\": \"...\", \"callback_url\": \"https://...\"}} (the last two optional): {e}"
+                ),
             );
         }
     };
     if intake.ids.is_empty() {
         return problem(StatusCode::BAD_REQUEST, "\"ids\" is empty");
+    }
+    let request = NotifyRequest {
+        correlation: intake.correlation,
+        callback_url: intake.callback_url,
+    };
+    // A refused callback refuses the whole request: taking the ids without it would leave
+    // the caller waiting for a call that never comes.
+    if let Err(why) = crate::intake::check_request(&request, &s.runtime.callback_allow) {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            format!("nothing was enqueued: {why}"),
+        );
     }
     // Same validation as the CLI: each id parsed on its own; valid ones are taken even when
     // others are refused.
@@ -254,15 +292,18 @@ async fn enqueue(State(s): State<Arc<HttpState>>, request: axum::extract::Reques
             }
         }
     }
-    let taken = match crate::intake::enqueue(&s.runtime.store, &valid, SystemTime::now()).await {
-        Ok(t) => t,
-        Err(e) => {
-            return problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("cannot enqueue: {e}"),
-            );
-        }
-    };
+    let taken =
+        match crate::intake::enqueue_with(&s.runtime.store, &valid, SystemTime::now(), &request)
+            .await
+        {
+            Ok(t) => t,
+            Err(e) => {
+                return problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("cannot enqueue: {e}"),
+                );
+            }
+        };
     s.runtime.poller.wake();
     let (mut added, mut known, mut refused) = (0, 0, 0);
     // A duplicate within one request reports what happened to its first occurrence.

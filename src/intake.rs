@@ -6,8 +6,31 @@
 
 use std::time::SystemTime;
 
-use crate::domain::{ActionId, Tracking};
-use crate::store::{Enqueued, Store, StoreError};
+use crate::domain::{ActionId, HostPattern, Tracking};
+use crate::store::{Enqueued, NotifyRequest, Store, StoreError};
+
+/// The longest `correlation` kept (it is echoed in every event of the action).
+pub const MAX_CORRELATION: usize = 1024;
+
+/// Checks what a caller attaches to its ids: a correlation of printable text, a callback
+/// URL whose host `allow` lists. The error says what to change.
+pub fn check_request(request: &NotifyRequest, allow: &[HostPattern]) -> Result<(), String> {
+    if let Some(c) = &request.correlation {
+        if c.len() > MAX_CORRELATION {
+            return Err(format!(
+                "correlation is {} bytes; at most {MAX_CORRELATION}",
+                c.len()
+            ));
+        }
+        if c.chars().any(char::is_control) {
+            return Err("correlation must not contain control characters".into());
+        }
+    }
+    if let Some(url) = &request.callback_url {
+        crate::domain::check_callback_url(url, allow)?;
+    }
+    Ok(())
+}
 
 /// What became of one id of an intake, in the order given.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,12 +58,22 @@ pub async fn enqueue(
     ids: &[ActionId],
     now: SystemTime,
 ) -> Result<Vec<Taken>, StoreError> {
+    enqueue_with(store, ids, now, &NotifyRequest::default()).await
+}
+
+/// `enqueue` with a correlation and callback URL for every id (`check_request` first).
+pub async fn enqueue_with(
+    store: &Store,
+    ids: &[ActionId],
+    now: SystemTime,
+    request: &NotifyRequest,
+) -> Result<Vec<Taken>, StoreError> {
     let mut seen = std::collections::HashSet::with_capacity(ids.len());
     let unique: Vec<ActionId> = ids.iter().filter(|id| seen.insert(*id)).cloned().collect();
     let outcomes = if unique.is_empty() {
         Vec::new()
     } else {
-        store.enqueue(&unique, now).await?
+        store.enqueue_with(&unique, now, request).await?
     };
     let first: std::collections::HashMap<&ActionId, &Enqueued> =
         unique.iter().zip(&outcomes).collect();

@@ -21,6 +21,7 @@ pub mod lock;
 pub mod logging;
 pub mod mde;
 pub mod metrics;
+pub mod notify;
 pub mod poller;
 pub mod report;
 pub mod runtime;

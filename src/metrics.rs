@@ -101,6 +101,8 @@ pub struct Metrics {
     /// What keeps the daemon from doing its job right now, by kind, until it clears:
     /// `/readyz` lists these and a gauge shows each.
     blockers: Mutex<BTreeMap<Blocker, String>>,
+    /// Notification attempts by destination and outcome (delivered, retry, dead, gone).
+    deliveries: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
 /// A condition that makes the daemon not ready while it lasts.
@@ -179,6 +181,7 @@ impl Default for Metrics {
             not_api_answers: AtomicU64::new(0),
             unknown_values: Mutex::new(BTreeMap::new()),
             blockers: Mutex::new(BTreeMap::new()),
+            deliveries: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -203,6 +206,16 @@ pub struct Snapshot {
     pub oldest_active_seconds: f64,
     /// Active actions older than `report.stuck_after` (the `stuck_actions` view).
     pub stuck: i64,
+    /// Per destination: pending deliveries, age of the oldest pending event (s), disabled.
+    pub notify: Vec<NotifySnapshot>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct NotifySnapshot {
+    pub destination: String,
+    pub pending: i64,
+    pub oldest_pending_seconds: f64,
+    pub disabled: bool,
 }
 
 impl Metrics {
@@ -314,6 +327,11 @@ impl Metrics {
             .values()
             .cloned()
             .collect()
+    }
+
+    pub fn count_delivery(&self, destination: &str, outcome: &'static str) {
+        let mut map = self.deliveries.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry((destination.to_string(), outcome)).or_default() += 1;
     }
 
     pub fn get(counter: &AtomicU64) -> u64 {
@@ -584,7 +602,60 @@ impl Metrics {
             "Active actions older than report.stuck_after.",
             snap.stuck.to_string(),
         );
+        self.render_notify(&mut out, snap);
         out
+    }
+
+    fn render_notify(&self, out: &mut String, snap: &Snapshot) {
+        let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in rows {
+                let _ = writeln!(out, "{name}{{{labels}}} {value}");
+            }
+        };
+        let label = |d: &str| format!("destination=\"{}\"", escape(d));
+        family(
+            "mde_actiond_notify_pending",
+            "gauge",
+            "Notification deliveries not yet delivered or dead, by destination.",
+            snap.notify
+                .iter()
+                .map(|n| (label(&n.destination), n.pending.to_string()))
+                .collect(),
+        );
+        family(
+            "mde_actiond_notify_oldest_pending_seconds",
+            "gauge",
+            "Age of the oldest pending notification event, by destination (0 when none).",
+            snap.notify
+                .iter()
+                .map(|n| {
+                    (
+                        label(&n.destination),
+                        format!("{:.0}", n.oldest_pending_seconds),
+                    )
+                })
+                .collect(),
+        );
+        family(
+            "mde_actiond_notify_disabled",
+            "gauge",
+            "1 while a destination is disabled (410 Gone, or failing for notify.disable_after).",
+            snap.notify
+                .iter()
+                .map(|n| (label(&n.destination), u8::from(n.disabled).to_string()))
+                .collect(),
+        );
+        let counts = self.deliveries.lock().unwrap_or_else(|p| p.into_inner());
+        family(
+            "mde_actiond_notify_deliveries_total",
+            "counter",
+            "Notification attempts by destination and outcome (delivered, retry, dead, gone).",
+            counts
+                .iter()
+                .map(|((d, o), n)| (format!("{},outcome=\"{o}\"", label(d)), n.to_string()))
+                .collect(),
+        );
     }
 }
 

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use crate::auth::TokenProvider;
 use crate::budget::RateBudget;
-use crate::metrics::Metrics;
+use crate::domain::HostPattern;
+use crate::metrics::{Metrics, NotifySnapshot};
 use crate::poller::Poller;
 use crate::store::Store;
 
@@ -18,6 +19,8 @@ pub struct Runtime {
     pub metrics: Arc<Metrics>,
     /// The loop: its progress (`is_alive`), its wake-up for new ids.
     pub poller: Arc<Poller>,
+    /// `callbacks.allow`: which callback URLs intake takes.
+    pub callback_allow: Arc<[HostPattern]>,
 }
 
 impl Runtime {
@@ -42,5 +45,43 @@ impl Runtime {
             ));
         }
         reasons
+    }
+
+    /// Each configured destination's backlog and standing (and the callbacks', once any
+    /// was queued), for `/metrics` and `/readyz`.
+    pub async fn notify_standing(&self) -> Result<Vec<NotifySnapshot>, crate::store::StoreError> {
+        let (destinations, counts) =
+            tokio::try_join!(self.store.destinations(), self.store.delivery_counts())?;
+        let now = std::time::SystemTime::now();
+        let mut out: Vec<NotifySnapshot> = destinations
+            .iter()
+            .filter(|d| d.configured)
+            .map(|d| NotifySnapshot {
+                destination: d.name.clone(),
+                disabled: d.disabled_at.is_some(),
+                ..Default::default()
+            })
+            .collect();
+        for c in counts {
+            let slot = match out.iter_mut().position(|n| n.destination == c.destination) {
+                Some(i) => i,
+                None if c.destination == crate::store::CALLBACK => {
+                    out.push(NotifySnapshot {
+                        destination: c.destination.clone(),
+                        ..Default::default()
+                    });
+                    out.len() - 1
+                }
+                None => continue,
+            };
+            out[slot].pending = c.pending;
+            out[slot].oldest_pending_seconds = c
+                .oldest_pending
+                .as_deref()
+                .and_then(crate::domain::parse_time)
+                .and_then(|t| now.duration_since(t).ok())
+                .map_or(0.0, |d| d.as_secs_f64());
+        }
+        Ok(out)
     }
 }

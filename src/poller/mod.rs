@@ -94,6 +94,8 @@ pub struct Poller {
     not_api_logged: AtomicBool,
     /// Both clocks as of the last step, to notice the wall clock stepping back.
     clocks: std::sync::Mutex<(tokio::time::Instant, SystemTime)>,
+    /// Bumped after a write that queued notification deliveries: wakes the senders.
+    outbox: tokio::sync::watch::Sender<u64>,
 }
 
 /// A wall clock that fell behind the monotonic one by more than this stepped back (NTP
@@ -157,7 +159,13 @@ impl Poller {
             }),
             not_api_logged: AtomicBool::new(false),
             clocks: std::sync::Mutex::new((tokio::time::Instant::now(), SystemTime::now())),
+            outbox: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Changes each time a write queued notification deliveries.
+    pub fn outbox_written(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.outbox.subscribe()
     }
 
     pub fn stats(&self) -> &Metrics {
@@ -401,6 +409,9 @@ impl Poller {
         self.metrics
             .db_write_seconds
             .observe(write_started.elapsed());
+        if summary.deliveries > 0 {
+            self.outbox.send_modify(|n| *n = n.wrapping_add(1));
+        }
         // Only now, committed, are the transitions told: a write that fails (a full disk)
         // is retried and must not have been announced.
         let now = SystemTime::now();

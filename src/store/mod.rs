@@ -25,8 +25,13 @@ use tracing::instrument;
 use crate::budget::PastCall;
 use crate::domain::{ActionId, Tracking, format_time, parse_time};
 pub use crate::domain::{Endpoint, Observation};
+pub use outbox::{
+    CALLBACK, DeliveryCounts, DeliveryResult, DeliveryRow, DestinationRow, DueDelivery,
+    NotifyRequest, ReplaySelection, Route,
+};
 
 mod log;
+mod outbox;
 mod queue;
 mod reads;
 mod upkeep;
@@ -263,10 +268,13 @@ pub struct WriteSummary {
     /// nothing that was only observed.
     pub transitions: Vec<CommittedTransition>,
     pub finished: u32,
+    /// Notification deliveries queued with these transitions (the outbox).
+    pub deliveries: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct CommittedTransition {
+    pub id: i64,
     pub action_id: String,
     pub from_status: Option<String>,
     pub to_status: String,
@@ -651,7 +659,7 @@ pub const RECORD_TRANSITIONS: &str = "INSERT INTO transitions
     WHERE +a.tracking = 'active' AND w.value ->> '$.status' IS NOT NULL
       AND a.status IS NOT w.value ->> '$.status'
     ORDER BY w.key
-    RETURNING action_id, from_status, to_status, mde_updated_at";
+    RETURNING id, action_id, from_status, to_status, mde_updated_at";
 pub const RECORD_OBSERVED: &str = "UPDATE actions SET
       status = coalesce(w.status, actions.status),
       action_type = coalesce(w.action_type, actions.action_type),

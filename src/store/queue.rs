@@ -5,8 +5,19 @@ use super::*;
 
 impl Store {
     /// Adds ids to the queue in one transaction; known ids are left as they are.
-    #[instrument(skip_all, fields(count = ids.len()))]
     pub async fn enqueue(&self, ids: &[ActionId], now: SystemTime) -> Result<Vec<Enqueued>> {
+        self.enqueue_with(ids, now, &NotifyRequest::default()).await
+    }
+
+    /// `enqueue`, attaching `request` (correlation, callback URL) to every id in the same
+    /// transaction, known ids included.
+    #[instrument(skip_all, fields(count = ids.len()))]
+    pub async fn enqueue_with(
+        &self,
+        ids: &[ActionId],
+        now: SystemTime,
+        request: &NotifyRequest,
+    ) -> Result<Vec<Enqueued>> {
         // One statement per chunk rather than per id: 100,000 ids go in within a second
         // instead of a quarter of a minute of per-row round trips.
         const CHUNK: usize = 10_000;
@@ -31,6 +42,9 @@ impl Store {
             .bind(&now)
             .execute(&mut *tx)
             .await?;
+            if !request.is_empty() {
+                outbox::set_notify_request(&mut tx, &list, request, &now).await?;
+            }
             let mut known: HashMap<&str, Tracking> = HashMap::with_capacity(before.len());
             for (id, tracking) in &before {
                 known.insert(id.as_str(), parse_tracking(tracking)?);
@@ -242,6 +256,8 @@ impl Store {
                 summary.finished += finished_among(&tracking);
             }
         }
+        let ids: Vec<i64> = summary.transitions.iter().map(|t| t.id).collect();
+        summary.deliveries = outbox::queue_transition_events(&mut tx, &ids, &now_text).await?;
         tx.commit().await?;
         Ok(summary)
     }

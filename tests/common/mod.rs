@@ -2,6 +2,8 @@
 //! or as the real binary, and waits on conditions (never fixed sleeps).
 #![allow(dead_code)]
 
+pub mod receiver;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -88,6 +88,58 @@ async fn schema_matches_the_documented_contract() {
                 ("cancellation_comment", "TEXT", false),
                 ("cancelled_at", "TEXT", false),
                 ("revived_at", "TEXT", false),
+                ("correlation", "TEXT", false),
+                ("stuck_events", "INTEGER", true),
+            ],
+        ),
+        (
+            "action_callbacks",
+            &[
+                ("action_id", "TEXT", true),
+                ("url", "TEXT", true),
+                ("added_at", "TEXT", true),
+            ],
+        ),
+        (
+            "notify_destinations",
+            &[
+                ("name", "TEXT", true),
+                ("kind", "TEXT", true),
+                ("events", "TEXT", true),
+                ("types", "TEXT", false),
+                ("statuses", "TEXT", false),
+                ("configured", "INTEGER", true),
+                ("failing_since", "TEXT", false),
+                ("disabled_at", "TEXT", false),
+                ("disabled_reason", "TEXT", false),
+            ],
+        ),
+        (
+            "notify_events",
+            &[
+                ("id", "INTEGER", false),
+                ("event_id", "TEXT", true),
+                ("type", "TEXT", true),
+                ("action_id", "TEXT", false),
+                ("seq", "INTEGER", false),
+                ("transition_id", "INTEGER", false),
+                ("created_at", "TEXT", true),
+                ("payload", "TEXT", true),
+            ],
+        ),
+        (
+            "notify_deliveries",
+            &[
+                ("destination", "TEXT", true),
+                ("event", "INTEGER", true),
+                ("action_id", "TEXT", false),
+                ("state", "TEXT", true),
+                ("attempts", "INTEGER", true),
+                ("next_attempt_at", "TEXT", false),
+                ("last_attempt_at", "TEXT", false),
+                ("last_status", "INTEGER", false),
+                ("last_error", "TEXT", false),
+                ("finished_at", "TEXT", false),
             ],
         ),
         (
@@ -269,8 +321,8 @@ async fn schema_matches_the_documented_contract() {
         .await
         .unwrap();
     assert_eq!(
-        minor, "3",
-        "schema 1.3 added the entity columns, revived_at and live_response_commands"
+        minor, "4",
+        "schema 1.4 added the notification outbox (notify_*, action_callbacks, correlation)"
     );
 
     // The transitions table refers to actions.
@@ -560,4 +612,174 @@ async fn sweep_statements_look_ids_up_by_key() {
             "{sql}\n{plan:?}"
         );
     }
+}
+
+fn route(name: &str, events: &[&str], types: &[&str]) -> mde_actiond::store::Route {
+    mde_actiond::store::Route {
+        name: name.into(),
+        kind: "webhook".into(),
+        events: events.iter().map(|s| s.to_string()).collect(),
+        types: types.iter().map(|s| s.to_string()).collect(),
+        statuses: Vec::new(),
+    }
+}
+
+/// Events are written with their transitions, routed by each destination's filters, and a
+/// sender sees only the head of each action's queue.
+#[tokio::test]
+async fn the_outbox_is_written_with_the_transitions_and_keeps_order_per_action() {
+    let (_dir, store) = fresh().await;
+    let a = ids(2, 31);
+    let now = SystemTime::now();
+    store.enqueue(&a, now).await.unwrap();
+    // No destination: no event is written at all.
+    let later = NextStep::PollAt(now + Duration::from_secs(5));
+    let w = store
+        .record_polls(
+            &[observed(&a[0], ActionStatus::Pending, later.clone())],
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!((w.transitions.len(), w.deliveries), (1, 0));
+    store
+        .sync_routes(
+            &[
+                route("all", &["transition"], &[]),
+                route("ends", &["terminal"], &[]),
+                route("scans", &["transition"], &["RunAntiVirusScan"]),
+            ],
+            Some("tenant-1"),
+        )
+        .await
+        .unwrap();
+    let w = store
+        .record_polls(
+            &[
+                observed(&a[0], ActionStatus::InProgress, later.clone()),
+                observed(&a[1], ActionStatus::Pending, later.clone()),
+            ],
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        w.deliveries, 2,
+        "all hears both; ends and scans hear nothing"
+    );
+    let w = store
+        .record_polls(
+            &[observed(
+                &a[0],
+                ActionStatus::Succeeded,
+                NextStep::Finish(Tracking::Done),
+            )],
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(w.deliveries, 2, "all and ends hear the terminal one");
+    // Two pending events for a[0] at `all`: only the earlier is due.
+    let due = store.due_deliveries("all", now, 10).await.unwrap();
+    let heads: Vec<(String, i64)> = due
+        .iter()
+        .map(|d| {
+            let v: serde_json::Value = serde_json::from_str(&d.payload).unwrap();
+            (
+                d.action_id.clone().unwrap(),
+                v["data"]["seq"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(heads, [(a[0].to_string(), 2), (a[1].to_string(), 1)]);
+    let v: serde_json::Value = serde_json::from_str(&due[0].payload).unwrap();
+    assert_eq!(v["type"], "machine_action.status_changed");
+    assert_eq!(v["data"]["fromStatus"], "Pending");
+    assert_eq!(v["data"]["status"], "InProgress");
+    assert_eq!(v["data"]["tenantId"], "tenant-1");
+    assert_eq!(v["data"]["terminal"], false);
+    // Delivered: the next of that action becomes the head.
+    let done =
+        mde_actiond::store::DeliveryResult::new(due[0].event, "delivered", None, Some(200), None);
+    store
+        .record_deliveries("all", &[done], true, false, None, now)
+        .await
+        .unwrap();
+    let due = store.due_deliveries("all", now, 10).await.unwrap();
+    let next = due
+        .iter()
+        .find(|d| d.action_id.as_deref() == Some(a[0].as_str()))
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&next.payload).unwrap();
+    assert_eq!(
+        (v["data"]["seq"].as_i64(), v["data"]["terminal"].as_bool()),
+        (Some(3), Some(true))
+    );
+    // Pruning keeps what is pending.
+    assert_eq!(
+        store
+            .prune_outbox(now + Duration::from_secs(60), 100)
+            .await
+            .unwrap(),
+        1
+    );
+    let counts = store.delivery_counts().await.unwrap();
+    let all = counts.iter().find(|c| c.destination == "all").unwrap();
+    assert_eq!((all.pending, all.delivered), (2, 0));
+}
+
+/// A database of schema 1.3 (before the outbox) opens as 1.4 with every row kept.
+#[tokio::test]
+async fn a_1_3_database_gains_the_outbox_and_keeps_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("migrations");
+    std::fs::create_dir(&old).unwrap();
+    for f in [
+        "0001_initial.sql",
+        "0002_reporting.sql",
+        "0003_sweeps.sql",
+        "0004_entity.sql",
+    ] {
+        std::fs::copy(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("migrations")
+                .join(f),
+            old.join(f),
+        )
+        .unwrap();
+    }
+    let path = dir.path().join("t.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+        .await
+        .unwrap();
+    sqlx::migrate::Migrator::new(old.as_path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO actions (action_id, tracking, status, enqueued_at, next_poll_at)
+         VALUES ('2e9da30d-27f6-4208-81f2-9cd3d67893ba', 'active', 'Pending',
+                 '2026-11-28T10:00:00.000Z', '2026-11-28T10:00:00.000Z')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let store = Store::open(&path, OpenMode::ReadWrite).await.unwrap();
+    let id = ActionId::parse("2e9da30d-27f6-4208-81f2-9cd3d67893ba").unwrap();
+    let row = store.action(&id).await.unwrap().expect("kept");
+    assert_eq!(row.status.as_deref(), Some("Pending"));
+    assert_eq!(store.delivery_counts().await.unwrap().len(), 0);
+    store.close().await;
+    let pool = read_only(&dir).await;
+    let (minor, stuck): (String, i64) = sqlx::query_as(
+        "SELECT (SELECT value FROM schema_info WHERE name = 'minor'),
+                (SELECT stuck_events FROM actions)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((minor.as_str(), stuck), ("4", 0));
 }

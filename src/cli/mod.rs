@@ -16,6 +16,8 @@ use crate::logging::LogFormat;
 use crate::report::{Format, Report};
 use crate::store::{Enqueued, OpenMode, Store};
 
+mod notify;
+
 /// Exit status for configuration errors (sysexits EX_CONFIG); systemd units can refuse to
 /// restart on it.
 pub const EXIT_CONFIG: u8 = 78;
@@ -182,6 +184,9 @@ pub enum Command {
         #[arg(long)]
         live: bool,
     },
+    /// Notifications: what is pending, failed or dead; send again; test a destination.
+    #[command(subcommand)]
+    Notify(notify::NotifyCommand),
     /// Run the daemon against the built-in simulated tenant and show it working.
     #[command(after_help = "Example:\n  cargo run --release -- demo --actions 40")]
     Demo(crate::demo::DemoArgs),
@@ -204,6 +209,14 @@ pub struct EnqueueArgs {
     /// Read ids from a file, one per line ('-' for standard input).
     #[arg(long, value_name = "PATH")]
     pub file: Option<PathBuf>,
+    /// Free text echoed in every notification event of these actions (e.g. a ticket or
+    /// playbook run id).
+    #[arg(long, value_name = "TEXT")]
+    pub correlation: Option<String>,
+    /// This URL receives these actions' events as a signed webhook (its host must be in
+    /// callbacks.allow).
+    #[arg(long, value_name = "URL")]
+    pub callback_url: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -374,7 +387,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let db = settings.database.path.clone();
     match cli.command {
         Command::Run => run_daemon(&settings).await,
-        Command::Enqueue(args) => enqueue(&db, &args).await,
+        Command::Enqueue(args) => enqueue(&db, &args, &settings).await,
+        Command::Notify(command) => notify::run(&db, &settings, command).await,
         Command::Status { id, format, json } => status(&db, &id, pick(format, json)).await,
         Command::List {
             tracking,
@@ -578,12 +592,18 @@ fn collect_ids(args: &EnqueueArgs) -> anyhow::Result<(Vec<ActionId>, Vec<String>
     Ok((ids, refused))
 }
 
-async fn enqueue(db: &Path, args: &EnqueueArgs) -> Result<ExitCode, CliError> {
+async fn enqueue(db: &Path, args: &EnqueueArgs, settings: &Settings) -> Result<ExitCode, CliError> {
     if args.ids.is_empty() && args.file.is_none() {
         return Err(CliError::Usage(
             "give action ids as arguments or with --file PATH (or --file - for stdin)".into(),
         ));
     }
+    let request = crate::store::NotifyRequest {
+        correlation: args.correlation.clone(),
+        callback_url: args.callback_url.clone(),
+    };
+    crate::intake::check_request(&request, &settings.callbacks.patterns())
+        .map_err(|e| CliError::Usage(format!("nothing was enqueued: {e}")))?;
     // The database first: pointed at the wrong place, say so before reading a long file.
     let store = Store::open(db, OpenMode::WriteExisting).await?;
     let (ids, refused) = collect_ids(args)?;
@@ -595,7 +615,7 @@ async fn enqueue(db: &Path, args: &EnqueueArgs) -> Result<ExitCode, CliError> {
     if ids.is_empty() {
         store.close().await;
     } else {
-        let taken = crate::intake::enqueue(&store, &ids, SystemTime::now()).await?;
+        let taken = crate::intake::enqueue_with(&store, &ids, SystemTime::now(), &request).await?;
         store.close().await;
         let mut out = std::io::stdout().lock();
         // The same id twice in one command is one enqueue, told once.
