@@ -179,7 +179,10 @@ impl NotifySettings {
     }
 }
 
-fn parse_schedule(given: Option<&[String]>, chat: bool) -> Result<Vec<Duration>, String> {
+pub(crate) fn parse_schedule(
+    given: Option<&[String]>,
+    chat: bool,
+) -> Result<Vec<Duration>, String> {
     match given {
         Some(list) => list
             .iter()

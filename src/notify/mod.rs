@@ -789,6 +789,30 @@ mod tests {
     }
 
     #[test]
+    fn chat_destinations_stop_after_the_two_hour_attempt() {
+        let chat = crate::config::parse_schedule(None, true).unwrap();
+        assert_eq!(chat.last(), Some(&Duration::from_secs(7200)));
+        assert_eq!(crate::config::parse_schedule(None, false).unwrap().len(), 7);
+    }
+
+    #[tokio::test]
+    async fn callback_names_never_lead_to_loopback_through_a_wildcard() {
+        use reqwest::dns::Resolve;
+        use std::str::FromStr;
+        let name = || reqwest::dns::Name::from_str("localhost").unwrap();
+        let wildcard = GuardedResolver {
+            allow: vec![HostPattern::parse("*").unwrap()],
+        };
+        let refused = wildcard.resolve(name()).await.err().expect("refused");
+        assert!(refused.to_string().contains("loopback"), "{refused}");
+        let listed = GuardedResolver {
+            allow: vec![HostPattern::parse("localhost").unwrap()],
+        };
+        let addrs: Vec<_> = listed.resolve(name()).await.unwrap().collect();
+        assert!(addrs.iter().all(|a| a.ip().is_loopback()) && !addrs.is_empty());
+    }
+
+    #[test]
     fn splunk_gets_the_event_endpoint() {
         assert_eq!(
             splunk_endpoint("https://hec.example:8088"),

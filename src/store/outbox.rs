@@ -174,7 +174,8 @@ fn transition_events_sql() -> String {
            SELECT t.id,
                   (SELECT count(*) FROM transitions p
                     WHERE p.action_id = t.action_id AND p.id <= t.id) AS seq
-           FROM transitions t WHERE t.id IN (SELECT value FROM json_each(?1)))
+           FROM transitions t JOIN actions a ON a.action_id = t.action_id
+           WHERE t.id IN (SELECT value FROM json_each(?1)) AND {ANY_RECEIVER})
          INSERT INTO notify_events
            (event_id, type, action_id, seq, transition_id, created_at, payload)
          SELECT 'evt_' || lower(hex(randomblob(12))), 'machine_action.status_changed',
@@ -183,7 +184,6 @@ fn transition_events_sql() -> String {
                             'data', {data})
          FROM fresh f JOIN transitions t ON t.id = f.id
            JOIN actions a ON a.action_id = t.action_id
-         WHERE {ANY_RECEIVER}
          ORDER BY t.id
          RETURNING id"
     )

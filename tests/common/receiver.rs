@@ -271,6 +271,7 @@ async fn serve(mut stream: TcpStream, s: &State) -> std::io::Result<()> {
     }
     let extra = match &fault {
         Some(Fault::TooMany(secs)) => format!("Retry-After: {secs}\r\n"),
+        Some(Fault::Status(300..=399)) => "Location: /redirected\r\n".to_string(),
         _ => String::new(),
     };
     let text = if accepted {

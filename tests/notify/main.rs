@@ -427,8 +427,13 @@ async fn answers_decide_retry_dead_gone_and_the_five_day_rule() {
     n.events = vec![mde_actiond::config::NotifyEvent::Transition];
     env.settings.notify = vec![n];
     env.settings.http.listen = Some("127.0.0.1:0".into());
-    // First event: 500 then 429 (Retry-After 2) then 200. Second: 400 (dead at once).
-    r.script(vec![Fault::Status(500), Fault::TooMany(2)]);
+    // First event: a redirect (not followed), 500, 429 (Retry-After 2), then 200. Second:
+    // 400 (dead at once).
+    r.script(vec![
+        Fault::Status(302),
+        Fault::Status(500),
+        Fault::TooMany(2),
+    ]);
     let daemon = env.start_daemon().await;
     let base = format!("http://{}", daemon.http_addr.unwrap());
     let one = env.sim.create_action(Lifecycle::new(vec![(
@@ -441,8 +446,12 @@ async fn answers_decide_retry_dead_gone_and_the_five_day_rule() {
     })
     .await;
     let got = r.requests();
-    assert_eq!(got.len(), 3, "500, 429, then delivered: {got:?}");
-    let after_429 = got[2].at.duration_since(got[1].at).unwrap();
+    assert_eq!(got.len(), 4, "302, 500, 429, then delivered: {got:?}");
+    assert!(
+        got.iter().all(|g| g.path == "/"),
+        "the redirect was not followed"
+    );
+    let after_429 = got[3].at.duration_since(got[2].at).unwrap();
     assert!(
         after_429 >= Duration::from_millis(1900),
         "Retry-After 2 honoured: {after_429:?}"
