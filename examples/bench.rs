@@ -42,6 +42,10 @@ struct Args {
     ceiling: Option<f64>,
     /// Override of poll.sweep_page_size.
     page_size: Option<u32>,
+    /// Actions other tools and analysts start while the run goes on, as a share of the
+    /// tracked ones, spread evenly over `others_over` simulated seconds.
+    others: f64,
+    others_over: f64,
 }
 
 fn parse_args() -> Args {
@@ -66,6 +70,8 @@ fn parse_args() -> Args {
         ceiling: None,
         page_size: None,
         peer_limit: 1800.0,
+        others: 0.0,
+        others_over: 1800.0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -89,12 +95,15 @@ fn parse_args() -> Args {
             "--peer-limit" => args.peer_limit = value().parse().expect("--peer-limit SECONDS"),
             "--ceiling" => args.ceiling = Some(value().parse().expect("--ceiling SECONDS")),
             "--page-size" => args.page_size = Some(value().parse().expect("--page-size N")),
+            "--others" => args.others = value().parse().expect("--others SHARE"),
+            "--others-over" => args.others_over = value().parse().expect("--others-over SECONDS"),
             "--help" | "-h" => {
                 println!(
                     "bench [--actions N] [--time-scale F] [--strategies a,b] [--seed N] [--untracked SHARE]\n\
                      \x20     [--ride-along S] [--max-interval S] [--sweep-interval S] [--no-sweep] [--peer-limit WALL_SECONDS]\n\
                      \x20     [--ceiling WALL_SECONDS] [--page-size N]  (ceiling: no rate limit, checks per second)\n\
-                     strategies: mde-actiond, elastic-60s, sentinel-30s, xsoar-10s, splunk-5s"
+                     \x20     [--others SHARE] [--others-over S]  (actions started elsewhere during the run)\n\
+                     strategies: mde-actiond, mde-actiond-discover, elastic-60s, sentinel-30s, xsoar-10s, splunk-5s"
                 );
                 std::process::exit(0);
             }
@@ -211,8 +220,35 @@ fn cpu_seconds() -> f64 {
     ticks / 100.0
 }
 
-async fn run_ours(args: &Args) -> Outcome {
+/// Starts the other tools' actions over time; returns their ids once all exist.
+fn others_over_time(args: &Args, sim: Arc<Simulator>) -> tokio::task::JoinHandle<Vec<ActionId>> {
+    let n = (args.actions as f64 * args.others).round() as usize;
+    let gap = Duration::from_secs_f64(args.others_over / args.time_scale / n.max(1) as f64);
+    let scale = args.time_scale;
+    let mut rng = fastrand::Rng::with_seed(args.seed ^ 0x07e5);
+    tokio::spawn(async move {
+        let types = ["Isolate", "RunAntiVirusScan", "CollectInvestigationPackage"];
+        let mut ids = Vec::with_capacity(n);
+        let mut next = tokio::time::Instant::now();
+        for i in 0..n {
+            // Poisson arrivals at the mean rate.
+            next += gap.mul_f64(-(1.0 - rng.f64()).ln());
+            tokio::time::sleep_until(next).await;
+            ids.push(sim.create_action_by(
+                lifecycle(&mut rng, scale),
+                types[i % types.len()],
+                i,
+                "analyst@contoso.com",
+                Duration::ZERO,
+            ));
+        }
+        ids
+    })
+}
+
+async fn run_ours(args: &Args, discover: bool) -> Outcome {
     let (sim, ids) = tenant(args).await;
+    let sim = Arc::new(sim);
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("bench.db");
     let mut s = settings_for(&sim, &db);
@@ -230,6 +266,12 @@ async fn run_ours(args: &Args) -> Outcome {
     if args.no_sweep {
         s.poll.sweep = mde_actiond::config::SweepMode::Off;
     }
+    if discover {
+        s.poll.discover = mde_actiond::config::DiscoverMode::All;
+        // Nothing to backfill: the tenant's history starts with the run.
+        s.poll.discover_since = scaled(3600.0);
+    }
+    s.poll.not_found_after = scaled(d.poll.not_found_after.as_secs_f64());
     s.api.timeout = Duration::from_secs(30);
     s.rate_limit = d.rate_limit.clone();
     s.rate_limit.time_scale = 1.0 / args.time_scale;
@@ -241,9 +283,21 @@ async fn run_ours(args: &Args) -> Outcome {
     let started = tokio::time::Instant::now();
     let daemon = Running::start(&s, &ids).await;
     let store = daemon.store.clone();
+    let creator = others_over_time(args, sim.clone());
+    let mut others = None;
     loop {
         // A cheap count, not often: the harness must not compete with the daemon.
-        if store.active_count().await.expect("count") == 0 {
+        if others.is_none() && creator.is_finished() {
+            others = Some(creator.await.expect("creator"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let others = others.unwrap_or_default();
+    loop {
+        let counts = store.counts().await.expect("count");
+        let all_there = !discover || counts.total() >= (ids.len() + others.len()) as i64;
+        if all_there && counts.tracking(mde_actiond::domain::Tracking::Active) == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -273,17 +327,51 @@ async fn run_ours(args: &Args) -> Outcome {
             finished += 1;
         }
     }
+    // How long after its creation each action started elsewhere was tracked.
+    let mut within = Vec::new();
+    for id in &others {
+        let (Some(row), Some(truth)) = (store.action(id).await.ok().flatten(), sim.truth(id))
+        else {
+            continue;
+        };
+        if let Some(at) = parse_time(&row.enqueued_at) {
+            within.push(
+                at.duration_since(truth[0].1)
+                    .unwrap_or_default()
+                    .as_secs_f64()
+                    * args.time_scale,
+            );
+        }
+    }
+    within.sort_by(f64::total_cmp);
     let stats = sim.stats();
     let size = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
+    let tracked_all = ids.len() + within.len();
+    let discovery = if others.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; {} actions started elsewhere during the run, {} tracked, discovered within p50 {:.0}s p95 {:.0}s; API calls per tracked action {:.3}",
+            others.len(),
+            within.len(),
+            percentile(&within, 0.5),
+            percentile(&within, 0.95),
+            stats.api_calls as f64 / tracked_all as f64
+        )
+    };
     Outcome {
-        name: "mde-actiond (defaults)".into(),
+        name: if discover {
+            "mde-actiond (poll.discover = \"all\")".into()
+        } else {
+            "mde-actiond (defaults)".into()
+        },
         calls: stats.api_calls,
         rate_limited: stats.rate_limited,
         lags,
         finished,
         wall,
         extra: format!(
-            "peak RSS {} MiB (simulated tenant alone: {} MiB), CPU {:.1}s, database {} KiB, early retries after 429: {}",
+            "peak RSS {} MiB (simulated tenant alone: {} MiB), CPU {:.1}s, database {} KiB, early retries after 429: {}{discovery}",
             mde_actiond::report::peak_rss_kib().unwrap_or(0) / 1024,
             baseline / 1024,
             cpu_seconds() - cpu0,
@@ -500,7 +588,8 @@ async fn main() {
     let mut results = Vec::new();
     for strategy in &args.strategies {
         let outcome = match strategy.as_str() {
-            "mde-actiond" => run_ours(&args).await,
+            "mde-actiond" => run_ours(&args, false).await,
+            "mde-actiond-discover" => run_ours(&args, true).await,
             "elastic-60s" => run_peer(&args, "Elastic (list call every 60 s)", 60.0, true).await,
             "sentinel-30s" => {
                 run_peer(&args, "Sentinel playbook (GET every 30 s)", 30.0, false).await

@@ -518,6 +518,19 @@ pub struct PollSettings {
         skip_serializing_if = "Option::is_none"
     )]
     pub stall_after: Option<Duration>,
+    /// Track only the ids given (`off`), or every action of the tenant, whoever started it
+    /// (`all`): sweeps then add each listed action nobody enqueued.
+    pub discover: DiscoverMode,
+    /// On the first start with discovery on, the actions created since this long ago are
+    /// recorded (finished ones as finished, active ones tracked).
+    #[serde(with = "duration_text")]
+    pub discover_since: Duration,
+    /// Only discover actions of these types (MDE's values, e.g. "Isolate"); empty: all.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub discover_types: Vec<String>,
+    /// Only discover actions requested by these (MDE's `requestor`, exact); empty: all.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub discover_requestors: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -525,6 +538,14 @@ pub struct PollSettings {
 pub enum SweepMode {
     Auto,
     Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoverMode {
+    #[default]
+    Off,
+    All,
 }
 
 /// The shortest retention of finished actions: below it, `prune` would delete actions that
@@ -569,6 +590,10 @@ impl Default for PollSettings {
             sweep_interval: Duration::from_secs(30),
             sweep_page_size: MAX_PAGE_SIZE,
             stall_after: None,
+            discover: DiscoverMode::Off,
+            discover_since: Duration::from_secs(7 * 86_400),
+            discover_types: Vec::new(),
+            discover_requestors: Vec::new(),
         }
     }
 }
@@ -849,6 +874,20 @@ impl Settings {
         }
         if p.sweep_interval.is_zero() {
             bad("poll.sweep_interval", "must be more than zero".into());
+        }
+        if p.discover == DiscoverMode::All && p.sweep == SweepMode::Off {
+            bad(
+                "poll.discover",
+                "\"all\" finds actions through sweeps; it needs poll.sweep = \"auto\"".into(),
+            );
+        }
+        if crate::domain::time_ago(p.discover_since).is_none()
+            || p.discover_since > Duration::from_secs(180 * 86_400)
+        {
+            bad(
+                "poll.discover_since",
+                "must be at most 180d (MDE keeps six months of actions)".into(),
+            );
         }
         if p.concurrency == 0 || p.concurrency > 64 {
             bad(

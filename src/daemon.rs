@@ -329,6 +329,9 @@ pub async fn status_line(rt: &Runtime) -> String {
         )),
         Err(e) => parts.push(format!("database error: {e}")),
     }
+    if let Some(progress) = rt.metrics.backfill() {
+        parts.push(progress);
+    }
     let left = rt.budget.remaining();
     parts.push(format!(
         "API budget left {}/min {}/h",

@@ -235,6 +235,39 @@ impl Tracking {
     }
 }
 
+/// How an action first came to be tracked (`actions.source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `enqueue`, `wait --enqueue` (and in-process callers).
+    Cli,
+    /// `POST /v1/actions`.
+    Http,
+    /// A sweep listed it and nobody had enqueued it (`poll.discover`).
+    Discovered,
+}
+
+impl Source {
+    pub const ALL: [Source; 3] = [Source::Cli, Source::Http, Source::Discovered];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Cli => "cli",
+            Source::Http => "http",
+            Source::Discovered => "discovered",
+        }
+    }
+}
+
+impl FromStr for Source {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Source::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| format!("unknown source '{s}' (expected cli, http or discovered)"))
+    }
+}
+
 impl FromStr for Tracking {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

@@ -292,18 +292,23 @@ async fn enqueue(State(s): State<Arc<HttpState>>, request: axum::extract::Reques
             }
         }
     }
-    let taken =
-        match crate::intake::enqueue_with(&s.runtime.store, &valid, SystemTime::now(), &request)
-            .await
-        {
-            Ok(t) => t,
-            Err(e) => {
-                return problem(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("cannot enqueue: {e}"),
-                );
-            }
-        };
+    let taken = match crate::intake::enqueue_with(
+        &s.runtime.store,
+        &valid,
+        SystemTime::now(),
+        crate::domain::Source::Http,
+        &request,
+    )
+    .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot enqueue: {e}"),
+            );
+        }
+    };
     s.runtime.poller.wake();
     let (mut added, mut known, mut refused) = (0, 0, 0);
     // A duplicate within one request reports what happened to its first occurrence.

@@ -6,7 +6,7 @@
 
 use std::time::SystemTime;
 
-use crate::domain::{ActionId, HostPattern, Tracking};
+use crate::domain::{ActionId, HostPattern, Source, Tracking};
 use crate::store::{Enqueued, NotifyRequest, Store, StoreError};
 
 /// The longest `correlation` kept (it is echoed in every event of the action).
@@ -58,14 +58,16 @@ pub async fn enqueue(
     ids: &[ActionId],
     now: SystemTime,
 ) -> Result<Vec<Taken>, StoreError> {
-    enqueue_with(store, ids, now, &NotifyRequest::default()).await
+    enqueue_with(store, ids, now, Source::Cli, &NotifyRequest::default()).await
 }
 
-/// `enqueue` with a correlation and callback URL for every id (`check_request` first).
+/// `enqueue` from `source`, with a correlation and callback URL for every id
+/// (`check_request` first).
 pub async fn enqueue_with(
     store: &Store,
     ids: &[ActionId],
     now: SystemTime,
+    source: Source,
     request: &NotifyRequest,
 ) -> Result<Vec<Taken>, StoreError> {
     let mut seen = std::collections::HashSet::with_capacity(ids.len());
@@ -73,7 +75,7 @@ pub async fn enqueue_with(
     let outcomes = if unique.is_empty() {
         Vec::new()
     } else {
-        store.enqueue_with(&unique, now, request).await?
+        store.enqueue_with(&unique, now, source, request).await?
     };
     let first: std::collections::HashMap<&ActionId, &Enqueued> =
         unique.iter().zip(&outcomes).collect();

@@ -101,6 +101,10 @@ pub struct Metrics {
     /// What keeps the daemon from doing its job right now, by kind, until it clears:
     /// `/readyz` lists these and a gauge shows each.
     blockers: Mutex<BTreeMap<Blocker, String>>,
+    /// Actions sweeps started tracking because nobody had enqueued them.
+    pub discovered: AtomicU64,
+    /// While the discovery backfill runs: how far it got, for `systemctl status`.
+    backfill: Mutex<Option<String>>,
     /// Notification attempts by destination and outcome (delivered, retry, dead, gone).
     deliveries: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
@@ -182,6 +186,8 @@ impl Default for Metrics {
             unknown_values: Mutex::new(BTreeMap::new()),
             blockers: Mutex::new(BTreeMap::new()),
             deliveries: Mutex::new(BTreeMap::new()),
+            discovered: AtomicU64::new(0),
+            backfill: Mutex::new(None),
         }
     }
 }
@@ -327,6 +333,17 @@ impl Metrics {
             .values()
             .cloned()
             .collect()
+    }
+
+    pub fn set_backfill(&self, progress: Option<String>) {
+        *self.backfill.lock().unwrap_or_else(|p| p.into_inner()) = progress;
+    }
+
+    pub fn backfill(&self) -> Option<String> {
+        self.backfill
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn count_delivery(&self, destination: &str, outcome: &'static str) {
@@ -601,6 +618,12 @@ impl Metrics {
             "mde_actiond_stuck_actions",
             "Active actions older than report.stuck_after.",
             snap.stuck.to_string(),
+        );
+        counter(
+            &mut out,
+            "mde_actiond_discovered_total",
+            "Actions sweeps started tracking because nobody had enqueued them (poll.discover).",
+            Self::get(&self.discovered),
         );
         self.render_notify(&mut out, snap);
         out

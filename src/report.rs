@@ -136,7 +136,7 @@ fn opt(s: &Option<String>) -> String {
     s.clone().unwrap_or_default()
 }
 
-pub const ACTION_COLUMNS: [&str; 28] = [
+pub const ACTION_COLUMNS: [&str; 30] = [
     "action_id",
     "tracking",
     "status",
@@ -164,6 +164,8 @@ pub const ACTION_COLUMNS: [&str; 28] = [
     "cancellation_comment",
     "cancelled_at",
     "revived_at",
+    "source",
+    "correlation",
     // Last: `list` leaves it out.
     "last_response",
 ];
@@ -197,6 +199,8 @@ pub fn action_fields(r: &ActionRow) -> Vec<String> {
         opt(&r.cancellation_comment),
         opt(&r.cancelled_at),
         opt(&r.revived_at),
+        opt(&r.source),
+        opt(&r.correlation),
         opt(&r.last_response),
     ]
 }
@@ -256,6 +260,12 @@ pub fn status_text(row: &ActionRow, transitions: &[crate::store::TransitionRow])
         v(&row.machine_id)
     );
     let _ = writeln!(out, "requestor     {}", v(&row.requestor));
+    if let Some(how) = &row.source {
+        let _ = writeln!(out, "tracked via   {how}");
+    }
+    if let Some(c) = &row.correlation {
+        let _ = writeln!(out, "correlation   {c}");
+    }
     let _ = writeln!(out, "comment       {}", v(&row.requestor_comment));
     // Only where MDE said something: most actions have none of these.
     if let Some(source) = &row.request_source {
@@ -564,6 +574,9 @@ impl Report {
         for (k, n) in &self.counts.by_type {
             row("type", k, n.to_string());
         }
+        for (k, n) in &self.counts.by_source {
+            row("source", k, n.to_string());
+        }
         let t = &self.time_to_terminal;
         row("time_to_terminal", "finished", t.finished.to_string());
         row("time_to_terminal", "p50_seconds", num(t.p50_seconds));
@@ -622,6 +635,8 @@ impl Report {
         s.push_str(&counts("STATUS", &self.counts.by_status));
         s.push('\n');
         s.push_str(&counts("TYPE", &self.counts.by_type));
+        s.push('\n');
+        s.push_str(&counts("SOURCE", &self.counts.by_source));
         let t = &self.time_to_terminal;
         s.push_str(&format!(
             "\nTime to terminal: p50 {}, p95 {} ({} finished)\n",

@@ -102,6 +102,9 @@ pub enum Command {
         /// Only actions in this tracking state: active, done, not_found, gave_up.
         #[arg(long, value_parser = parse_tracking)]
         tracking: Option<Tracking>,
+        /// Only actions that first came this way: cli, http, discovered.
+        #[arg(long, value_parser = parse_source)]
+        source: Option<crate::domain::Source>,
         /// At most this many rows.
         #[arg(long, default_value_t = 1000)]
         limit: u32,
@@ -255,6 +258,10 @@ fn parse_tracking(s: &str) -> Result<Tracking, String> {
     s.parse()
 }
 
+fn parse_source(s: &str) -> Result<crate::domain::Source, String> {
+    s.parse()
+}
+
 /// What went wrong, mapped to an exit status at the edge.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -392,10 +399,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Status { id, format, json } => status(&db, &id, pick(format, json)).await,
         Command::List {
             tracking,
+            source,
             limit,
             format,
             json,
-        } => list(&db, tracking, limit, pick(format, json)).await,
+        } => list(&db, tracking, source, limit, pick(format, json)).await,
         Command::Report { since, format } => report(&db, since, format).await,
         Command::Prune { dry_run, keep, yes } => {
             prune(&db, keep.or(settings.retention.keep_finished), dry_run, yes).await
@@ -615,7 +623,14 @@ async fn enqueue(db: &Path, args: &EnqueueArgs, settings: &Settings) -> Result<E
     if ids.is_empty() {
         store.close().await;
     } else {
-        let taken = crate::intake::enqueue_with(&store, &ids, SystemTime::now(), &request).await?;
+        let taken = crate::intake::enqueue_with(
+            &store,
+            &ids,
+            SystemTime::now(),
+            crate::domain::Source::Cli,
+            &request,
+        )
+        .await?;
         store.close().await;
         let mut out = std::io::stdout().lock();
         // The same id twice in one command is one enqueue, told once.
@@ -692,11 +707,12 @@ async fn status(db: &Path, raw: &str, format: Format) -> Result<ExitCode, CliErr
 async fn list(
     db: &Path,
     tracking: Option<Tracking>,
+    source: Option<crate::domain::Source>,
     limit: u32,
     format: Format,
 ) -> Result<ExitCode, CliError> {
     let store = Store::open(db, OpenMode::ReadOnly).await?;
-    let rows = store.list(tracking, limit).await?;
+    let rows = store.list(tracking, source, limit).await?;
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {

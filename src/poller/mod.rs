@@ -37,7 +37,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::auth::{AuthError, TokenProvider};
 use crate::budget::RateBudget;
-use crate::config::{PollSettings, SweepMode};
+use crate::config::{DiscoverMode, PollSettings, SweepMode};
 use crate::domain::{ActionId, Tracking};
 use crate::mde::{FetchedAction, MdeClient, MdeError, SweepFilter};
 use crate::schedule::{PollPolicy, next_delay};
@@ -319,7 +319,7 @@ impl Poller {
         self.follow_clock_steps().await?;
         let active = self.store.active_count().await.map_err(Halt::Store)?;
         self.measure_checks(active);
-        if active == 0 {
+        if active == 0 && self.settings.discover == DiscoverMode::Off {
             self.floor_ms.store(0, Ordering::Relaxed);
             // Readiness must not be blind while idle: keep a token at hand (one request per
             // token lifetime), so an unreadable secret or a revoked app shows in /readyz
@@ -397,15 +397,26 @@ impl Poller {
 
     /// Writes one call's (or one page's) findings in one transaction.
     async fn write(&self, writes: &[PollWrite]) -> Result<(), Halt> {
+        self.write_with(writes, true).await
+    }
+
+    /// `write` without notification events (the discovery backfill).
+    async fn write_quietly(&self, writes: &[PollWrite]) -> Result<(), Halt> {
+        self.write_with(writes, false).await
+    }
+
+    async fn write_with(&self, writes: &[PollWrite], notify: bool) -> Result<(), Halt> {
         if writes.is_empty() {
             return Ok(());
         }
         let write_started = tokio::time::Instant::now();
-        let summary = self
-            .store
-            .record_polls(writes, SystemTime::now())
-            .await
-            .map_err(Halt::Store)?;
+        let now = SystemTime::now();
+        let summary = if notify {
+            self.store.record_polls(writes, now).await
+        } else {
+            self.store.record_polls_quietly(writes, now).await
+        }
+        .map_err(Halt::Store)?;
         self.metrics
             .db_write_seconds
             .observe(write_started.elapsed());

@@ -22,6 +22,10 @@ pub(super) struct SweepState {
     /// another sweep may be called for by a crowd of due actions (which would not list them
     /// either, and would spin).
     pub(super) pass_owed: bool,
+    /// Discovery: the creation time the next listing must reach back to (None until the
+    /// first sweep works it out), and whether that listing is the first-start backfill.
+    pub(super) discover_from: Option<SystemTime>,
+    pub(super) backfill: bool,
 }
 
 /// How a sweep's listing ended.
@@ -90,11 +94,39 @@ impl Poller {
                 st.unfinished_cost,
             )
         };
+        let discovering = self.discovering();
+        if discovering && window_allowed {
+            // Discovery lists by creation time, from the oldest active action or from where
+            // the last listing left off, whichever is older: every action created since
+            // appears, finished or not. (The status listing would miss the ones that
+            // finished between two sweeps.)
+            let from = crate::domain::format_time(self.discovery_start().await?);
+            let since = match since {
+                Some(s) if s < from => s,
+                _ => from,
+            };
+            let cost = self
+                .sweep_state()
+                .window_cost
+                .as_ref()
+                .map_or(1, |(_, c)| *c);
+            let interval = self
+                .settings
+                .sweep_interval
+                .max(self.budget.sustainable_interval(cost, SWEEP_SHARE));
+            return Ok(Some(SweepPlan {
+                filter: SweepFilter::CreatedSince,
+                since: Some(since),
+                cost,
+                interval,
+            }));
+        }
         let Some((filter, cost)) = chosen else {
             return Ok(None);
         };
-        // A sweep must be cheaper than asking for every action by id.
-        if active.div_ceil(batch) <= u64::from(cost) {
+        // A sweep must be cheaper than asking for every action by id (discovery sweeps
+        // anyway: listing is how it finds actions).
+        if !discovering && active.div_ceil(batch) <= u64::from(cost) {
             return Ok(None);
         }
         let interval = self
@@ -107,6 +139,88 @@ impl Poller {
             cost,
             interval,
         }))
+    }
+
+    pub(super) fn discovering(&self) -> bool {
+        self.settings.discover == DiscoverMode::All
+    }
+
+    /// Where discovery's listing must start: after a restart, a little before the last
+    /// complete listing by creation time (new ids become visible late: `not_found_after`
+    /// covers that); on the first start, `discover_since` ago (the backfill).
+    async fn discovery_start(&self) -> Result<SystemTime, Halt> {
+        if let Some(from) = self.sweep_state().discover_from {
+            return Ok(from);
+        }
+        let now = SystemTime::now();
+        let floor = crate::domain::time_ago(self.settings.discover_since).unwrap_or(now);
+        let backfilled = self
+            .store
+            .discovery_backfilled()
+            .await
+            .map_err(Halt::Store)?
+            .is_some();
+        let last = self.store.last_window_sweep().await.map_err(Halt::Store)?;
+        let from = match last.filter(|_| backfilled) {
+            Some(t) => t
+                .checked_sub(self.settings.not_found_after)
+                .unwrap_or(t)
+                .max(floor),
+            None => floor,
+        };
+        if !backfilled {
+            info!(
+                since = %crate::domain::format_time(floor),
+                "discovery: recording every action of the tenant created since then (the backfill)"
+            );
+        }
+        let mut st = self.sweep_state();
+        st.discover_from = Some(from);
+        st.backfill = !backfilled;
+        Ok(from)
+    }
+
+    /// After a complete listing by creation time that started at `started`.
+    async fn discovery_listed(
+        &self,
+        started: SystemTime,
+        record: &SweepRecord,
+    ) -> Result<(), Halt> {
+        let floor = crate::domain::time_ago(self.settings.discover_since).unwrap_or(started);
+        let backfill = {
+            let mut st = self.sweep_state();
+            st.discover_from = Some(
+                started
+                    .checked_sub(self.settings.not_found_after)
+                    .unwrap_or(started)
+                    .max(floor),
+            );
+            std::mem::take(&mut st.backfill)
+        };
+        if backfill {
+            self.store
+                .mark_discovery_backfilled(SystemTime::now())
+                .await
+                .map_err(Halt::Store)?;
+            self.metrics.set_backfill(None);
+            info!(
+                pages = record.pages,
+                listed = record.listed,
+                discovered = record.discovered,
+                "discovery backfill done; each sweep now adds the actions it has not seen"
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether discovery takes this action (`poll.discover_types`, `discover_requestors`).
+    fn wanted(&self, a: &FetchedAction) -> bool {
+        let p = &self.settings;
+        let matches = |list: &[String], v: &Option<String>| {
+            list.is_empty() || v.as_ref().is_some_and(|v| list.contains(v))
+        };
+        matches(&p.discover_types, &a.observation.action_type)
+            && matches(&p.discover_requestors, &a.observation.requestor)
     }
 
     /// Lists the tenant page by page and checks every tracked action listed; makes the
@@ -150,6 +264,9 @@ impl Poller {
                     self.sweep_state().pass_owed = missing > 0;
                 }
                 Err(e) => warn!(error = %e, "cannot mark the actions the sweep did not list"),
+            }
+            if self.discovering() && plan.filter == SweepFilter::CreatedSince {
+                self.discovery_listed(started_at, &record).await?;
             }
             let fetches = if plan.filter.lists_finished() {
                 0
@@ -262,6 +379,28 @@ impl Poller {
             if !lost.is_empty() {
                 tracked.extend(self.revive(&lost).await?);
             }
+            let mut fresh_ids = std::collections::HashSet::new();
+            if self.discovering() {
+                let known: std::collections::HashSet<&ActionId> =
+                    tracked.iter().map(|a| &a.id).chain(lost.iter()).collect();
+                let fresh: Vec<ActionId> = page
+                    .actions
+                    .iter()
+                    .filter(|a| !known.contains(&a.id) && !seen.contains(&a.id) && self.wanted(a))
+                    .map(|a| a.id.clone())
+                    .collect();
+                let new = self
+                    .store
+                    .discover_among(&fresh, SystemTime::now())
+                    .await
+                    .map_err(Halt::Store)?;
+                record.discovered += new.len() as u64;
+                fresh_ids.extend(new.iter().map(|a| a.id.clone()));
+                self.metrics
+                    .discovered
+                    .fetch_add(new.len() as u64, Ordering::Relaxed);
+                tracked.extend(new);
+            }
             let matched = matching.elapsed();
             let mut found: std::collections::HashMap<ActionId, FetchedAction> = page
                 .actions
@@ -289,7 +428,30 @@ impl Poller {
                 }
             }
             let writing = tokio::time::Instant::now();
-            self.write(&writes).await?;
+            let backfill = self.sweep_state().backfill && plan.filter == SweepFilter::CreatedSince;
+            if backfill {
+                // Only what the backfill found is history; a change of an action someone
+                // enqueued is news even now.
+                let (old, news): (Vec<PollWrite>, Vec<PollWrite>) =
+                    writes.drain(..).partition(|w| fresh_ids.contains(&w.id));
+                self.write_quietly(&old).await?;
+                self.write(&news).await?;
+                writes = old;
+                writes.extend(news);
+                let progress = format!(
+                    "discovery backfill: {} actions listed, {} recorded so far",
+                    record.listed, record.discovered
+                );
+                info!(
+                    page = record.pages,
+                    listed = record.listed,
+                    discovered = record.discovered,
+                    "discovery backfill page"
+                );
+                self.metrics.set_backfill(Some(progress));
+            } else {
+                self.write(&writes).await?;
+            }
             self.metrics
                 .checks
                 .fetch_add(record.checked - checked_before, Ordering::Relaxed);

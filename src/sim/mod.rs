@@ -251,6 +251,12 @@ struct SimAction {
     device: usize,
     /// How long after its creation the service starts to show it.
     hidden_for: Duration,
+    /// Someone other than the automation started it (an analyst in the portal, another
+    /// tool): its `requestor`, with `requestSource` "Portal".
+    requested_by: Option<&'static str>,
+    /// How long before `created` it was really created (a monotonic instant cannot reach
+    /// back before boot; days-old actions need this).
+    backdate: Duration,
 }
 
 /// The simulated tenant's devices: actions land on a small fleet, so one device sees
@@ -271,10 +277,15 @@ fn dns_name(device: usize) -> String {
 }
 
 impl SimAction {
+    /// Time since it was created, as of `now`.
+    fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.created) + self.backdate
+    }
+
     /// Whether the service shows the action yet: a new id answers 404 and is missing from
     /// listings for a few seconds after its creation.
     fn visible(&self, now: Instant) -> bool {
-        now.duration_since(self.created) >= self.hidden_for
+        self.age(now) >= self.hidden_for
     }
 
     /// The wall-clock time of step `i`, as the service reports it (see `sim_time`).
@@ -283,7 +294,7 @@ impl SimAction {
     }
 
     fn to_json(&self, now: Instant, context: bool) -> ActionJson<'_> {
-        let (step, status) = self.lifecycle.at(now.duration_since(self.created));
+        let (step, status) = self.lifecycle.at(self.age(now));
         // Real answers print 2 to 7 fractional digits (.92Z, .93163Z, .1341831Z).
         let digits = 2 + self.index % 6;
         let updated = mde_time(self.step_time(step), digits);
@@ -343,10 +354,10 @@ impl SimAction {
             id: self.id.as_str(),
             action_type: self.action_type,
             title: (self.index % 4 == 3).then(|| format!("{} by automation", self.action_type)),
-            requestor: if self.index % 5 == 4 {
-                "Contoso SOAR app"
-            } else {
-                "soc-automation@contoso.com"
+            requestor: match self.requested_by {
+                Some(r) => r,
+                None if self.index % 5 == 4 => "Contoso SOAR app",
+                None => "soc-automation@contoso.com",
             },
             requestor_comment: format!("Automated response to alert {}", 3200 + self.index),
             status: status.as_str(),
@@ -362,7 +373,11 @@ impl SimAction {
                 0
             },
             scope,
-            request_source: "PublicApi",
+            request_source: if self.requested_by.is_some() {
+                "Portal"
+            } else {
+                "PublicApi"
+            },
             related_file_info: None,
             commands: commands.unwrap_or_default(),
             troubleshoot_info: None,
@@ -605,9 +620,48 @@ impl Simulator {
                 action_type,
                 device: device % DEVICES,
                 hidden_for,
+                requested_by: None,
+                backdate: Duration::ZERO,
             },
         );
         id
+    }
+
+    /// Creates an action that `requestor` started `ago` (its lifecycle counted from then:
+    /// an old one may be finished already), as another tool or the portal would.
+    pub fn create_action_by(
+        &self,
+        lifecycle: Lifecycle,
+        action_type: &'static str,
+        device: usize,
+        requestor: &'static str,
+        ago: Duration,
+    ) -> ActionId {
+        let mut s = self.lock();
+        let id = ActionId::random(&mut s.rng);
+        let index = s.actions.len();
+        let now = Instant::now();
+        s.actions.insert(
+            id.clone(),
+            SimAction {
+                id: id.clone(),
+                index,
+                lifecycle,
+                created: now,
+                created_wall: SystemTime::now() - ago,
+                action_type,
+                device: device % DEVICES,
+                hidden_for: Duration::ZERO,
+                requested_by: Some(requestor),
+                backdate: ago,
+            },
+        );
+        id
+    }
+
+    /// Every action the simulated tenant holds.
+    pub fn all_ids(&self) -> Vec<ActionId> {
+        self.lock().actions.keys().cloned().collect()
     }
 
     /// The type, machine id and DNS name of a simulated action.
@@ -638,7 +692,7 @@ impl Simulator {
     pub fn status_now(&self, id: &ActionId) -> Option<ActionStatus> {
         let s = self.lock();
         let a = s.actions.get(id)?;
-        Some(a.lifecycle.at(a.created.elapsed()).1.clone())
+        Some(a.lifecycle.at(a.age(Instant::now())).1.clone())
     }
 
     /// The full scripted life of `id`: each status with the wall-clock time it began.
@@ -1254,9 +1308,11 @@ impl Tenant {
                         {
                             value.push(a.to_json(now, false));
                             if s.config.stale_copies {
-                                let (step, _) = a.lifecycle.at(now.duration_since(a.created));
+                                let (step, _) = a.lifecycle.at(a.age(now));
                                 for earlier in 0..step {
-                                    let then = a.created + a.lifecycle.steps[earlier].0;
+                                    let then = (a.created + a.lifecycle.steps[earlier].0)
+                                        .checked_sub(a.backdate)
+                                        .unwrap_or(a.created);
                                     value.push(a.to_json(then, false));
                                 }
                             }
@@ -1269,7 +1325,7 @@ impl Tenant {
                         .values()
                         .filter(|a| a.visible(now) && selection.admits(a, now))
                         .collect();
-                    matching.sort_unstable_by_key(|a| std::cmp::Reverse(a.index));
+                    matching.sort_unstable_by_key(|a| std::cmp::Reverse((a.created_wall, a.index)));
                     value.extend(
                         matching
                             .into_iter()
@@ -1360,7 +1416,7 @@ impl Selection {
             Selection::All => true,
             Selection::Ids(ids) => ids.contains(&a.id),
             Selection::Status(statuses) => {
-                let (_, status) = a.lifecycle.at(now.duration_since(a.created));
+                let (_, status) = a.lifecycle.at(a.age(now));
                 statuses.iter().any(|s| s == status.as_str())
             }
             Selection::CreatedSince { at, inclusive } => {

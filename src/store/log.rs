@@ -21,7 +21,7 @@ impl Store {
     pub async fn finish_sweep(&self, id: i64, done: &SweepRecord, at: SystemTime) -> Result<()> {
         sqlx::query(
             "UPDATE sweeps SET finished_at = ?2, pages = ?3, listed = ?4, checked = ?5,
-               changed = ?6, missing = ?7, outcome = ?8 WHERE id = ?1",
+               changed = ?6, missing = ?7, outcome = ?8, discovered = ?9 WHERE id = ?1",
         )
         .bind(id)
         .bind(format_time(at))
@@ -31,6 +31,7 @@ impl Store {
         .bind(done.changed as i64)
         .bind(done.missing as i64)
         .bind(done.outcome)
+        .bind(done.discovered as i64)
         .execute(self.writer())
         .await?;
         Ok(())

@@ -23,7 +23,7 @@ use sqlx::{FromRow, Row};
 use tracing::instrument;
 
 use crate::budget::PastCall;
-use crate::domain::{ActionId, Tracking, format_time, parse_time};
+use crate::domain::{ActionId, Source, Tracking, format_time, parse_time};
 pub use crate::domain::{Endpoint, Observation};
 pub use outbox::{
     CALLBACK, DeliveryCounts, DeliveryResult, DeliveryRow, DestinationRow, DueDelivery,
@@ -224,6 +224,8 @@ pub struct SweepRecord {
     pub checked: u64,
     pub changed: u64,
     pub missing: u64,
+    /// Actions it started tracking (discovery).
+    pub discovered: u64,
     pub outcome: &'static str,
 }
 
@@ -240,6 +242,7 @@ pub struct SweepRow {
     pub changed: i64,
     pub missing: i64,
     pub outcome: Option<String>,
+    pub discovered: i64,
 }
 
 /// How often tracked actions were checked over a window of the call log.
@@ -311,6 +314,9 @@ pub struct ActionRow {
     pub cancellation_comment: Option<String>,
     pub cancelled_at: Option<String>,
     pub revived_at: Option<String>,
+    /// How it first came: `cli`, `http`, `discovered` (NULL before schema 1.5).
+    pub source: Option<String>,
+    pub correlation: Option<String>,
 }
 
 #[derive(Debug, Clone, FromRow, Serialize, PartialEq, Eq)]
@@ -329,6 +335,7 @@ pub struct ReportCounts {
     pub by_tracking: Vec<(String, i64)>,
     pub by_status: Vec<(String, i64)>,
     pub by_type: Vec<(String, i64)>,
+    pub by_source: Vec<(String, i64)>,
 }
 
 /// A transition with the context of its action, so an exported line stands alone.

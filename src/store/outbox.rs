@@ -321,11 +321,15 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query(
-            "INSERT INTO report_settings (name, value) VALUES ('tenant_id', ?1)
-             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-        )
-        .bind(tenant_id)
+        // Managed identity needs no tenant id in the configuration: events then say null.
+        match tenant_id {
+            Some(t) => sqlx::query(
+                "INSERT INTO report_settings (name, value) VALUES ('tenant_id', ?1)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            )
+            .bind(t),
+            None => sqlx::query("DELETE FROM report_settings WHERE name = 'tenant_id'"),
+        }
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -6,7 +6,8 @@ use super::*;
 impl Store {
     /// Adds ids to the queue in one transaction; known ids are left as they are.
     pub async fn enqueue(&self, ids: &[ActionId], now: SystemTime) -> Result<Vec<Enqueued>> {
-        self.enqueue_with(ids, now, &NotifyRequest::default()).await
+        self.enqueue_with(ids, now, Source::Cli, &NotifyRequest::default())
+            .await
     }
 
     /// `enqueue`, attaching `request` (correlation, callback URL) to every id in the same
@@ -16,6 +17,7 @@ impl Store {
         &self,
         ids: &[ActionId],
         now: SystemTime,
+        source: Source,
         request: &NotifyRequest,
     ) -> Result<Vec<Enqueued>> {
         // One statement per chunk rather than per id: 100,000 ids go in within a second
@@ -34,12 +36,13 @@ impl Store {
             .fetch_all(&mut *tx)
             .await?;
             sqlx::query(
-                "INSERT INTO actions (action_id, tracking, enqueued_at, next_poll_at)
-                 SELECT value, 'active', ?2, ?2 FROM json_each(?1) WHERE true ORDER BY value
+                "INSERT INTO actions (action_id, tracking, enqueued_at, next_poll_at, source)
+                 SELECT value, 'active', ?2, ?2, ?3 FROM json_each(?1) WHERE true ORDER BY value
                  ON CONFLICT (action_id) DO NOTHING",
             )
             .bind(&list)
             .bind(&now)
+            .bind(source.as_str())
             .execute(&mut *tx)
             .await?;
             if !request.is_empty() {
@@ -64,6 +67,62 @@ impl Store {
         }
         tx.commit().await?;
         Ok(out)
+    }
+
+    /// Starts tracking the actions among `ids` that are not tracked yet (a sweep found
+    /// them: source `discovered`), due now; returns them as the scheduler sees them.
+    pub async fn discover_among(
+        &self,
+        ids: &[ActionId],
+        now: SystemTime,
+    ) -> Result<Vec<DueAction>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "INSERT INTO actions (action_id, tracking, enqueued_at, next_poll_at, source)
+             SELECT value, 'active', ?2, ?2, 'discovered' FROM json_each(?1) WHERE true
+             ORDER BY value
+             ON CONFLICT (action_id) DO NOTHING
+             RETURNING action_id, status, poll_count, enqueued_at, next_poll_at",
+        )
+        .bind(id_list(ids))
+        .bind(format_time(now))
+        .fetch_all(self.writer())
+        .await?;
+        rows.iter().map(due_from_row).collect()
+    }
+
+    /// When the discovery backfill (poll.discover_since) completed, if it did.
+    pub async fn discovery_backfilled(&self) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT value FROM report_settings WHERE name = 'discovery_backfilled_at'",
+        )
+        .fetch_optional(&self.reader)
+        .await?)
+    }
+
+    pub async fn mark_discovery_backfilled(&self, now: SystemTime) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO report_settings (name, value) VALUES ('discovery_backfilled_at', ?1)
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .bind(format_time(now))
+        .execute(self.writer())
+        .await?;
+        Ok(())
+    }
+
+    /// When the last complete listing by creation time started (the point discovery
+    /// continues from after a restart), if any is on record.
+    pub async fn last_window_sweep(&self) -> Result<Option<SystemTime>> {
+        let started: Option<String> = sqlx::query_scalar(
+            "SELECT max(started_at) FROM sweeps
+             WHERE filter = 'created_since' AND outcome = 'complete'",
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        started.as_deref().map(read_time).transpose()
     }
 
     /// Active actions due by `horizon`, soonest first.
@@ -219,11 +278,30 @@ impl Store {
 
     /// Writes what a batch of polls found: status, transition and schedule of each action
     /// commit together, so a crash can neither lose nor duplicate a transition.
-    #[instrument(skip_all, fields(count = writes.len()))]
     pub async fn record_polls(
         &self,
         writes: &[PollWrite],
         now: SystemTime,
+    ) -> Result<WriteSummary> {
+        self.record(writes, now, true).await
+    }
+
+    /// `record_polls` without notification events: what a discovery backfill records is
+    /// history (days-old outcomes), not news.
+    pub async fn record_polls_quietly(
+        &self,
+        writes: &[PollWrite],
+        now: SystemTime,
+    ) -> Result<WriteSummary> {
+        self.record(writes, now, false).await
+    }
+
+    #[instrument(skip_all, fields(count = writes.len()))]
+    async fn record(
+        &self,
+        writes: &[PollWrite],
+        now: SystemTime,
+        notify: bool,
     ) -> Result<WriteSummary> {
         let now_text = format_time(now);
         let mut summary = WriteSummary::default();
@@ -256,8 +334,10 @@ impl Store {
                 summary.finished += finished_among(&tracking);
             }
         }
-        let ids: Vec<i64> = summary.transitions.iter().map(|t| t.id).collect();
-        summary.deliveries = outbox::queue_transition_events(&mut tx, &ids, &now_text).await?;
+        if notify {
+            let ids: Vec<i64> = summary.transitions.iter().map(|t| t.id).collect();
+            summary.deliveries = outbox::queue_transition_events(&mut tx, &ids, &now_text).await?;
+        }
         tx.commit().await?;
         Ok(summary)
     }

@@ -51,13 +51,20 @@ impl Store {
     }
 
     /// Actions, newest enqueue first, optionally only those in one tracking state.
-    pub async fn list(&self, tracking: Option<Tracking>, limit: u32) -> Result<Vec<ActionRow>> {
+    pub async fn list(
+        &self,
+        tracking: Option<Tracking>,
+        source: Option<crate::domain::Source>,
+        limit: u32,
+    ) -> Result<Vec<ActionRow>> {
         Ok(sqlx::query_as(
-            "SELECT * FROM actions WHERE ?1 IS NULL OR tracking = ?1
+            "SELECT * FROM actions WHERE (?1 IS NULL OR tracking = ?1)
+               AND (?3 IS NULL OR source = ?3)
              ORDER BY enqueued_at DESC, action_id LIMIT ?2",
         )
         .bind(tracking.map(Tracking::as_str))
         .bind(limit)
+        .bind(source.map(crate::domain::Source::as_str))
         .fetch_all(&self.reader)
         .await?)
     }
@@ -95,6 +102,7 @@ impl Store {
             by_tracking: group("tracking").await?,
             by_status: group("status").await?,
             by_type: group("action_type").await?,
+            by_source: group("source").await?,
         })
     }
 

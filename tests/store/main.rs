@@ -90,6 +90,7 @@ async fn schema_matches_the_documented_contract() {
                 ("revived_at", "TEXT", false),
                 ("correlation", "TEXT", false),
                 ("stuck_events", "INTEGER", true),
+                ("source", "TEXT", false),
             ],
         ),
         (
@@ -180,6 +181,7 @@ async fn schema_matches_the_documented_contract() {
                 ("changed", "INTEGER", true),
                 ("missing", "INTEGER", true),
                 ("outcome", "TEXT", false),
+                ("discovered", "INTEGER", true),
             ],
         ),
     ];
@@ -321,8 +323,8 @@ async fn schema_matches_the_documented_contract() {
         .await
         .unwrap();
     assert_eq!(
-        minor, "4",
-        "schema 1.4 added the notification outbox (notify_*, action_callbacks, correlation)"
+        minor, "5",
+        "schema 1.5 added actions.source and sweeps.discovered (discovery)"
     );
 
     // The transitions table refers to actions.
@@ -728,7 +730,8 @@ async fn the_outbox_is_written_with_the_transitions_and_keeps_order_per_action()
     assert_eq!((all.pending, all.delivered), (2, 0));
 }
 
-/// A database of schema 1.3 (before the outbox) opens as 1.4 with every row kept.
+/// A database of schema 1.3 (before the outbox) opens as the current minor with every row
+/// kept.
 #[tokio::test]
 async fn a_1_3_database_gains_the_outbox_and_keeps_its_rows() {
     let dir = tempfile::tempdir().unwrap();
@@ -781,5 +784,5 @@ async fn a_1_3_database_gains_the_outbox_and_keeps_its_rows() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!((minor.as_str(), stuck), ("4", 0));
+    assert_eq!((minor.as_str(), stuck), ("5", 0));
 }
