@@ -347,6 +347,13 @@ async fn run_ours(args: &Args, discover: bool) -> Outcome {
     let stats = sim.stats();
     let size = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
     let tracked_all = ids.len() + within.len();
+    let sweeps = store.sweeps(u32::MAX).await.expect("sweeps");
+    let pages: i64 = sweeps.iter().map(|s| s.pages).sum();
+    let sweeping = format!(
+        "; {} sweeps, {:.2} pages each",
+        sweeps.len(),
+        pages as f64 / sweeps.len().max(1) as f64
+    );
     let discovery = if others.is_empty() {
         String::new()
     } else {
@@ -371,7 +378,7 @@ async fn run_ours(args: &Args, discover: bool) -> Outcome {
         finished,
         wall,
         extra: format!(
-            "peak RSS {} MiB (simulated tenant alone: {} MiB), CPU {:.1}s, database {} KiB, early retries after 429: {}{discovery}",
+            "peak RSS {} MiB (simulated tenant alone: {} MiB), CPU {:.1}s, database {} KiB, early retries after 429: {}{sweeping}{discovery}",
             mde_actiond::report::peak_rss_kib().unwrap_or(0) / 1024,
             baseline / 1024,
             cpu_seconds() - cpu0,

@@ -389,9 +389,14 @@ impl Poller {
                     .filter(|a| !known.contains(&a.id) && !seen.contains(&a.id) && self.wanted(a))
                     .map(|a| a.id.clone())
                     .collect();
+                let unknown = self
+                    .store
+                    .unknown_among(&fresh)
+                    .await
+                    .map_err(Halt::Store)?;
                 let new = self
                     .store
-                    .discover_among(&fresh, SystemTime::now())
+                    .discover_among(&unknown, SystemTime::now())
                     .await
                     .map_err(Halt::Store)?;
                 record.discovered += new.len() as u64;

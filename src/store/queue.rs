@@ -69,6 +69,26 @@ impl Store {
         Ok(out)
     }
 
+    /// The ids among `ids` that have no row at all (a read: most listed actions a sweep
+    /// meets are known, finished ones included, and need no write).
+    pub async fn unknown_among(&self, ids: &[ActionId]) -> Result<Vec<ActionId>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let known: Vec<String> = sqlx::query_scalar(
+            "SELECT action_id FROM actions WHERE action_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(id_list(ids))
+        .fetch_all(&self.reader)
+        .await?;
+        let known: std::collections::HashSet<&str> = known.iter().map(String::as_str).collect();
+        Ok(ids
+            .iter()
+            .filter(|id| !known.contains(id.as_str()))
+            .cloned()
+            .collect())
+    }
+
     /// Starts tracking the actions among `ids` that are not tracked yet (a sweep found
     /// them: source `discovered`), due now; returns them as the scheduler sees them.
     pub async fn discover_among(
