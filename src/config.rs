@@ -621,10 +621,12 @@ pub struct RateLimitSettings {
 }
 
 impl Default for RateLimitSettings {
+    /// 80% of what MDE allows each app and tenant (100/min, 1,500/h): the app's budget is
+    /// shared with whatever creates the actions (a SOAR, the playbooks, scripts).
     fn default() -> Self {
         Self {
-            per_minute: 100,
-            per_hour: 1500,
+            per_minute: 80,
+            per_hour: 1200,
             time_scale: 1.0,
         }
     }
@@ -1257,8 +1259,9 @@ mod tests {
             err.contains("auth.method") && err.contains("client_secret_file"),
             "{err}"
         );
-        assert_eq!(s.rate_limit.per_minute, 100);
-        assert_eq!(s.rate_limit.per_hour, 1500);
+        // 80% of the service's 100/min and 1,500/h: the rest is for other users of the app.
+        assert_eq!(s.rate_limit.per_minute, 80);
+        assert_eq!(s.rate_limit.per_hour, 1200);
         assert_eq!(s.poll.give_up_after, Duration::from_secs(7 * 86400));
     }
 

@@ -82,9 +82,19 @@ pub async fn prune_outbox(
     before: SystemTime,
     stop: &CancellationToken,
 ) -> crate::store::Result<u64> {
+    in_batches(stop, || store.prune_outbox(before, PRUNE_BATCH)).await
+}
+
+/// Runs `batch` until it deletes fewer than `PRUNE_BATCH` rows (or `stop` fires), letting
+/// poll writes in between; returns the rows deleted.
+async fn in_batches<F, Fut>(stop: &CancellationToken, mut batch: F) -> crate::store::Result<u64>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::store::Result<u64>>,
+{
     let mut total = 0;
     while !stop.is_cancelled() {
-        let n = store.prune_outbox(before, PRUNE_BATCH).await?;
+        let n = batch().await?;
         total += n;
         if n < u64::from(PRUNE_BATCH) {
             break;
@@ -101,16 +111,7 @@ pub async fn prune_finished(
     finished_before: SystemTime,
     stop: &CancellationToken,
 ) -> crate::store::Result<u64> {
-    let mut total = 0;
-    while !stop.is_cancelled() {
-        let n = store.prune_finished(finished_before, PRUNE_BATCH).await?;
-        total += n;
-        if n < u64::from(PRUNE_BATCH) {
-            break;
-        }
-        // Let poll writes in between batches.
-        tokio::task::yield_now().await;
-    }
+    let total = in_batches(stop, || store.prune_finished(finished_before, PRUNE_BATCH)).await?;
     if total > 0 {
         while store.free_pages().await? > 0 && !stop.is_cancelled() {
             store.incremental_vacuum(VACUUM_PAGES).await?;

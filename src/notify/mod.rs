@@ -39,8 +39,9 @@ const ANSWER_BYTES: usize = 200;
 #[derive(Clone, Debug)]
 enum Target {
     Fixed(Secret),
-    /// Each action's own `callback_url`.
-    Callback,
+    /// Each action's own `callback_url`, checked again against `callbacks.allow` at each
+    /// attempt (the list may have changed since the URL was taken).
+    Callback(Vec<HostPattern>),
 }
 
 /// One destination, ready to send.
@@ -70,9 +71,10 @@ pub enum Answer {
         error: String,
         retry_after: Option<Duration>,
     },
-    /// 400, 401, 403, 404: this event will never be taken.
+    /// 400, 401, 403, 404 (or not sent at all: `status` None): this event will never be
+    /// taken.
     Refused {
-        status: u16,
+        status: Option<u16>,
         error: String,
     },
     /// 410: the receiver is gone for good.
@@ -86,7 +88,7 @@ impl Answer {
         match self {
             Answer::Delivered(s) => Some(*s),
             Answer::Retry { status, .. } => *status,
-            Answer::Refused { status, .. } => Some(*status),
+            Answer::Refused { status, .. } => *status,
             Answer::Gone { .. } => Some(410),
         }
     }
@@ -191,7 +193,7 @@ pub fn destinations(settings: &Settings) -> Result<Vec<Destination>, Problem> {
         out.push(Destination {
             name: CALLBACK.to_string(),
             kind: NotifyKind::Webhook,
-            target: Target::Callback,
+            target: Target::Callback(c.patterns()),
             keys,
             token: None,
             waits: c.retry_waits().map_err(|message| Problem {
@@ -242,11 +244,19 @@ impl Destination {
     pub async fn attempt(&self, d: &DueDelivery) -> Answer {
         let url = match &self.target {
             Target::Fixed(u) => u.expose().to_string(),
-            Target::Callback => match &d.callback_url {
-                Some(u) => u.clone(),
+            Target::Callback(allow) => match &d.callback_url {
+                Some(u) => {
+                    if let Err(why) = crate::domain::check_callback_url(u, allow) {
+                        return Answer::Refused {
+                            status: None,
+                            error: format!("not sent: {why}"),
+                        };
+                    }
+                    u.clone()
+                }
                 None => {
                     return Answer::Refused {
-                        status: 0,
+                        status: None,
                         error: "the action's callback URL is gone (pruned with the action)".into(),
                     };
                 }
@@ -259,8 +269,8 @@ impl Destination {
     pub async fn send_test(&self, id: &str, envelope: &str) -> Answer {
         match &self.target {
             Target::Fixed(u) => self.send(u.expose(), id, envelope).await,
-            Target::Callback => Answer::Refused {
-                status: 0,
+            Target::Callback(_) => Answer::Refused {
+                status: None,
                 error: "callbacks have no URL of their own to test".into(),
             },
         }
@@ -325,7 +335,10 @@ impl Destination {
         let error = format!("HTTP {status}: {}", first_bytes(response).await);
         match status {
             410 => Answer::Gone { error },
-            400 | 401 | 403 | 404 => Answer::Refused { status, error },
+            400 | 401 | 403 | 404 => Answer::Refused {
+                status: Some(status),
+                error,
+            },
             429 | 503 => Answer::Retry {
                 status: Some(status),
                 error,

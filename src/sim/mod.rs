@@ -606,25 +606,14 @@ impl Simulator {
         device: usize,
         hidden_for: Duration,
     ) -> ActionId {
-        let mut s = self.lock();
-        let id = ActionId::random(&mut s.rng);
-        let index = s.actions.len();
-        s.actions.insert(
-            id.clone(),
-            SimAction {
-                id: id.clone(),
-                index,
-                lifecycle,
-                created: Instant::now(),
-                created_wall: SystemTime::now(),
-                action_type,
-                device: device % DEVICES,
-                hidden_for,
-                requested_by: None,
-                backdate: Duration::ZERO,
-            },
-        );
-        id
+        self.insert(
+            lifecycle,
+            action_type,
+            device,
+            hidden_for,
+            None,
+            Duration::ZERO,
+        )
     }
 
     /// Creates an action that `requestor` started `ago` (its lifecycle counted from then:
@@ -637,23 +626,41 @@ impl Simulator {
         requestor: &'static str,
         ago: Duration,
     ) -> ActionId {
+        self.insert(
+            lifecycle,
+            action_type,
+            device,
+            Duration::ZERO,
+            Some(requestor),
+            ago,
+        )
+    }
+
+    fn insert(
+        &self,
+        lifecycle: Lifecycle,
+        action_type: &'static str,
+        device: usize,
+        hidden_for: Duration,
+        requested_by: Option<&'static str>,
+        backdate: Duration,
+    ) -> ActionId {
         let mut s = self.lock();
         let id = ActionId::random(&mut s.rng);
         let index = s.actions.len();
-        let now = Instant::now();
         s.actions.insert(
             id.clone(),
             SimAction {
                 id: id.clone(),
                 index,
                 lifecycle,
-                created: now,
-                created_wall: SystemTime::now() - ago,
+                created: Instant::now(),
+                created_wall: SystemTime::now() - backdate,
                 action_type,
                 device: device % DEVICES,
-                hidden_for: Duration::ZERO,
-                requested_by: Some(requestor),
-                backdate: ago,
+                hidden_for,
+                requested_by,
+                backdate,
             },
         );
         id
