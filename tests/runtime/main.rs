@@ -333,10 +333,13 @@ async fn the_package_runs_under_systemd_as_the_readme_says() {
     assert_eq!(m.show("mde-actiond.service", "ExecMainStatus"), "0");
 
     // A configuration error (exit 78) is not restarted.
-    m.write(
-        "/etc/mde-actiond/mde-actiond.toml",
-        &config.replace("per_minute = 100", "per_minute = 100000"),
+    // per_minute above per_hour: refused with exit 78.
+    let refused = config.replace("per_minute = 80\n", "per_minute = 100000\n");
+    assert_ne!(
+        refused, config,
+        "the example configuration sets per_minute = 80"
     );
+    m.write("/etc/mde-actiond/mde-actiond.toml", &refused);
     let _ = m.exec(&["systemctl", "start", "mde-actiond"]);
     m.until(
         "the refused start",
