@@ -20,7 +20,6 @@ use crate::store::{CALLBACK, DeliveryResult, DueDelivery, Route, Store};
 mod format;
 mod sign;
 
-pub use format::headline;
 pub use sign::SigningKeys;
 
 /// Deliveries one sender takes at a time, and how many of them are in flight at once
@@ -30,8 +29,6 @@ const IN_FLIGHT: usize = 8;
 /// How long an idle sender sleeps when nothing wakes it (a replay by the CLI, a
 /// destination enabled again).
 const IDLE: Duration = Duration::from_secs(5);
-/// The longest Retry-After honoured; a longer one is capped with a warning.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// How much of an error answer's body is kept (logs, `notify list`).
 const ANSWER_BYTES: usize = 200;
 
@@ -107,6 +104,19 @@ fn read_file(path: &Path, key: &'static str) -> Result<String, Problem> {
     crate::auth::files::read_private(path, key).map_err(|message| Problem { key, message })
 }
 
+/// The signing keys in `path` (`key` names the setting in errors), if one is set.
+fn read_keys(path: Option<&Path>, key: &'static str) -> Result<Option<SigningKeys>, Problem> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    SigningKeys::parse(&read_file(path, key)?)
+        .map(Some)
+        .map_err(|e| Problem {
+            key,
+            message: format!("{}: {e}", path.display()),
+        })
+}
+
 fn client(timeout: Duration, allow: Option<Vec<HostPattern>>) -> Result<reqwest::Client, Problem> {
     let mut b = reqwest::Client::builder()
         .timeout(timeout)
@@ -146,17 +156,7 @@ pub fn destinations(settings: &Settings) -> Result<Vec<Destination>, Problem> {
                 });
             }
         };
-        let keys = match &n.secret_file {
-            Some(path) => Some(
-                SigningKeys::parse(&read_file(path, "notify.secret_file")?).map_err(|e| {
-                    Problem {
-                        key: "notify.secret_file",
-                        message: format!("{}: {e}", path.display()),
-                    }
-                })?,
-            ),
-            None => None,
-        };
+        let keys = read_keys(n.secret_file.as_deref(), "notify.secret_file")?;
         let token = match &n.token_file {
             Some(path) => Some(Secret::new(read_file(path, "notify.token_file")?.trim())),
             None => None,
@@ -179,17 +179,7 @@ pub fn destinations(settings: &Settings) -> Result<Vec<Destination>, Problem> {
     }
     let c = &settings.callbacks;
     if !c.allow.is_empty() {
-        let keys = match &c.secret_file {
-            Some(path) => Some(
-                SigningKeys::parse(&read_file(path, "callbacks.secret_file")?).map_err(|e| {
-                    Problem {
-                        key: "callbacks.secret_file",
-                        message: format!("{}: {e}", path.display()),
-                    }
-                })?,
-            ),
-            None => None,
-        };
+        let keys = read_keys(c.secret_file.as_deref(), "callbacks.secret_file")?;
         out.push(Destination {
             name: CALLBACK.to_string(),
             kind: NotifyKind::Webhook,
@@ -324,11 +314,8 @@ impl Destination {
             }
         };
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
+        // The API's reading: seconds or an HTTP date, capped at an hour with a warning.
+        let retry_after = crate::mde::parse_retry_after(response.headers(), SystemTime::now());
         if (200..300).contains(&status) {
             return Answer::Delivered(status);
         }
@@ -370,20 +357,6 @@ fn splunk_endpoint(url: &str) -> String {
         }
         _ => url.to_string(),
     }
-}
-
-/// A Retry-After of seconds or an HTTP date, capped at an hour.
-fn parse_retry_after(v: &str) -> Option<Duration> {
-    let v = v.trim();
-    let d = match v.parse::<f64>() {
-        Ok(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s.min(1e9)),
-        Ok(_) => return None,
-        Err(_) => httpdate::parse_http_date(v)
-            .ok()?
-            .duration_since(SystemTime::now())
-            .unwrap_or_default(),
-    };
-    Some(d.min(MAX_RETRY_AFTER))
 }
 
 /// The start of an error answer, on one line of printable text.
@@ -794,8 +767,16 @@ mod tests {
 
     #[test]
     fn retry_after_is_read_and_capped() {
+        let parse_retry_after = |v: &str| {
+            let mut h = reqwest::header::HeaderMap::new();
+            h.insert(reqwest::header::RETRY_AFTER, v.parse().unwrap());
+            crate::mde::parse_retry_after(&h, SystemTime::now())
+        };
         assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
-        assert_eq!(parse_retry_after("1e30"), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            parse_retry_after("1e30"),
+            Some(crate::domain::MAX_RETRY_AFTER)
+        );
         assert_eq!(parse_retry_after("-1"), None);
         assert_eq!(parse_retry_after("NaN"), None);
         assert_eq!(parse_retry_after("soon"), None);

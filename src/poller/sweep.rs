@@ -433,16 +433,16 @@ impl Poller {
                 }
             }
             let writing = tokio::time::Instant::now();
+            let written = writes.len();
             let backfill = self.sweep_state().backfill && plan.filter == SweepFilter::CreatedSince;
             if backfill {
                 // Only what the backfill found is history; a change of an action someone
                 // enqueued is news even now.
-                let (old, news): (Vec<PollWrite>, Vec<PollWrite>) =
-                    writes.drain(..).partition(|w| fresh_ids.contains(&w.id));
+                let (old, news): (Vec<PollWrite>, Vec<PollWrite>) = std::mem::take(&mut writes)
+                    .into_iter()
+                    .partition(|w| fresh_ids.contains(&w.id));
                 self.write_quietly(&old).await?;
                 self.write(&news).await?;
-                writes = old;
-                writes.extend(news);
                 let progress = format!(
                     "discovery backfill: {} actions listed, {} recorded so far",
                     record.listed, record.discovered
@@ -463,7 +463,7 @@ impl Poller {
             debug!(
                 page = record.pages,
                 entries = page.entries,
-                writes = writes.len(),
+                writes = written,
                 answer_ms = answered.as_millis() as u64,
                 match_ms = matched.as_millis() as u64,
                 write_ms = writing.elapsed().as_millis() as u64,

@@ -162,13 +162,12 @@ const ANY_RECEIVER: &str = "(EXISTS (SELECT 1 FROM notify_destinations
      OR EXISTS (SELECT 1 FROM action_callbacks c WHERE c.action_id = a.action_id))";
 
 fn transition_events_sql() -> String {
-    let data = event_data(
+    let data = event_data(&format!(
         "'status', t.to_status, 'fromStatus', t.from_status,
-         'terminal', json(CASE WHEN t.to_status IN TERMINAL_SQL_ THEN 'true' ELSE 'false' END),
+         'terminal', json(CASE WHEN t.to_status IN {TERMINAL_SQL} THEN 'true' ELSE 'false' END),
          'lastUpdateDateTimeUtc', t.mde_updated_at,
-         'seq', f.seq, 'observedAt', t.observed_at",
-    )
-    .replace("TERMINAL_SQL_", TERMINAL_SQL);
+         'seq', f.seq, 'observedAt', t.observed_at"
+    ));
     format!(
         "WITH fresh AS (
            SELECT t.id,
@@ -346,12 +345,17 @@ impl Store {
         limit: u32,
     ) -> Result<u64> {
         let now_text = format_time(now);
-        let age = "(julianday(?1) - julianday(coalesce(mde_created_at, enqueued_at))) * 86400.0";
+        let age = |now: &str| {
+            format!(
+                "(julianday({now}) - julianday(coalesce(mde_created_at, enqueued_at))) * 86400.0"
+            )
+        };
+        let (age_now, age_event) = (age("?1"), age("?2"));
         let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
         let stuck: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "UPDATE actions SET stuck_events = CAST({age} / ?2 AS INTEGER)
+            "UPDATE actions SET stuck_events = CAST({age_now} / ?2 AS INTEGER)
              WHERE action_id IN (SELECT action_id FROM actions
-               WHERE tracking = 'active' AND {age} >= (stuck_events + 1) * ?2 LIMIT ?3)
+               WHERE tracking = 'active' AND {age_now} >= (stuck_events + 1) * ?2 LIMIT ?3)
              RETURNING action_id"
         )))
         .bind(&now_text)
@@ -365,9 +369,8 @@ impl Store {
         }
         let data = event_data(&format!(
             "'status', a.status, 'stuckCount', a.stuck_events,
-             'activeSeconds', round({}, 0), 'seq', (SELECT count(*) FROM transitions p
-               WHERE p.action_id = a.action_id), 'observedAt', a.last_polled_at",
-            age.replace("?1", "?2")
+             'activeSeconds', round({age_event}, 0), 'seq', (SELECT count(*) FROM transitions p
+               WHERE p.action_id = a.action_id), 'observedAt', a.last_polled_at"
         ));
         let events: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "INSERT INTO notify_events (event_id, type, action_id, seq, created_at, payload)
@@ -681,15 +684,5 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(gone)
-    }
-
-    /// The stored envelope of an event.
-    pub async fn event_payload(&self, event_id: &str) -> Result<Option<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT payload FROM notify_events WHERE event_id = ?1")
-                .bind(event_id)
-                .fetch_optional(&self.reader)
-                .await?,
-        )
     }
 }
