@@ -3,10 +3,13 @@
 //! limits), with time compressed so hours of action life run in minutes.
 //!
 //!     cargo run --release --example bench -- --actions 1000 --time-scale 120
+//!     cargo run --release --example bench -- --actions 2000 --time-scale 120 --scenario trickle
 //!
 //! Prints, per strategy: API calls per action, detection lag p50/p95 (from the simulator's
 //! true change to the strategy's observation, in simulated seconds), 429s, and for
-//! mde-actiond peak RSS, CPU seconds and database size. See docs/benchmarks.md.
+//! mde-actiond peak RSS, CPU seconds and database size. The daemon runs in a process of its
+//! own (this program started again with `--daemon-child`), so its RSS and CPU are its own;
+//! the simulated tenant and the peers run in this one. See docs/benchmarks.md.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,16 +19,28 @@ use mde_actiond::auth::TokenProvider;
 use mde_actiond::domain::{ActionId, ActionStatus, format_time, parse_time};
 use mde_actiond::mde::{MdeClient, http_client};
 use mde_actiond::sim::{Lifecycle, SimConfig, SimRateLimit, Simulator, settings_for};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Playbook runs in flight at once for the per-action pollers.
 const PEER_WORKERS: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    /// Every action exists from the start.
+    Stampede,
+    /// Actions arrive over time (Poisson), with a burst of 500 halfway: an incident.
+    Trickle,
+}
 
 struct Args {
     actions: usize,
     time_scale: f64,
     strategies: Vec<String>,
     seed: u64,
+    scenario: Scenario,
+    /// Trickle: simulated seconds over which the actions arrive.
+    arrive_over: f64,
     /// Overrides of poll.ride_along, poll.max_interval and poll.sweep_interval, in
     /// simulated seconds.
     ride_along: Option<f64>,
@@ -62,6 +77,8 @@ fn parse_args() -> Args {
         .map(String::from)
         .to_vec(),
         seed: 7,
+        scenario: Scenario::Stampede,
+        arrive_over: 3600.0,
         ride_along: None,
         max_interval: None,
         sweep_interval: None,
@@ -81,6 +98,14 @@ fn parse_args() -> Args {
             "--time-scale" => args.time_scale = value().parse().expect("--time-scale F"),
             "--strategies" => args.strategies = value().split(',').map(String::from).collect(),
             "--seed" => args.seed = value().parse().expect("--seed N"),
+            "--scenario" => {
+                args.scenario = match value().as_str() {
+                    "stampede" => Scenario::Stampede,
+                    "trickle" => Scenario::Trickle,
+                    other => panic!("--scenario stampede|trickle, not {other}"),
+                }
+            }
+            "--arrive-over" => args.arrive_over = value().parse().expect("--arrive-over SECONDS"),
             "--ride-along" => {
                 args.ride_along = Some(value().parse().expect("--ride-along SECONDS"))
             }
@@ -100,8 +125,9 @@ fn parse_args() -> Args {
             "--help" | "-h" => {
                 println!(
                     "bench [--actions N] [--time-scale F] [--strategies a,b] [--seed N] [--untracked SHARE]\n\
+                     \x20     [--scenario stampede|trickle] [--arrive-over S]  (trickle: Poisson arrivals over S, a burst of 500 halfway)\n\
                      \x20     [--ride-along S] [--max-interval S] [--sweep-interval S] [--no-sweep] [--peer-limit WALL_SECONDS]\n\
-                     \x20     [--ceiling WALL_SECONDS] [--page-size N]  (ceiling: no rate limit, checks per second)\n\
+                     \x20     [--ceiling WALL_SECONDS] [--page-size N]  (ceiling: no rate limit, checks per second, CPU per sweep)\n\
                      \x20     [--others SHARE] [--others-over S]  (actions started elsewhere during the run)\n\
                      strategies: mde-actiond, mde-actiond-discover, elastic-60s, sentinel-30s, xsoar-10s, splunk-5s"
                 );
@@ -130,12 +156,112 @@ fn lifecycle(rng: &mut fastrand::Rng, scale: f64) -> Lifecycle {
     }
 }
 
+/// One action of the scenario: when it is created (real time from the start), its life,
+/// and whether the strategy is given it to track (the rest belong to other tools).
+struct Arrival {
+    at: Duration,
+    lifecycle: Lifecycle,
+    tracked: bool,
+}
+
+/// The same arrivals for every strategy (seeded).
+fn arrivals(args: &Args) -> Vec<Arrival> {
+    let mut rng = fastrand::Rng::with_seed(args.seed);
+    let mut other = fastrand::Rng::with_seed(args.seed ^ 0x5eed);
+    let untracked = (args.actions as f64 * args.untracked).round() as usize;
+    let real = |secs: f64| Duration::from_secs_f64(secs / args.time_scale);
+    let mut out = Vec::with_capacity(args.actions + untracked);
+    match args.scenario {
+        Scenario::Stampede => {
+            for _ in 0..args.actions {
+                out.push(Arrival {
+                    at: Duration::ZERO,
+                    lifecycle: lifecycle(&mut rng, args.time_scale),
+                    tracked: true,
+                });
+            }
+            for _ in 0..untracked {
+                out.push(Arrival {
+                    at: Duration::ZERO,
+                    lifecycle: lifecycle(&mut other, args.time_scale),
+                    tracked: false,
+                });
+            }
+        }
+        Scenario::Trickle => {
+            let burst = 500.min(args.actions / 2);
+            let steady = args.actions - burst;
+            let mut times = Vec::new();
+            let poisson =
+                |n: usize, rng: &mut fastrand::Rng, times: &mut Vec<(f64, bool)>, tracked| {
+                    let gap = args.arrive_over / n.max(1) as f64;
+                    let mut t = 0.0;
+                    for _ in 0..n {
+                        t += -gap * (1.0 - rng.f64()).ln();
+                        times.push((t.min(args.arrive_over), tracked));
+                    }
+                };
+            poisson(steady, &mut rng, &mut times, true);
+            // The incident: 500 actions within a simulated minute, halfway through.
+            let middle = args.arrive_over / 2.0;
+            for _ in 0..burst {
+                times.push((middle + rng.f64() * 60.0, true));
+            }
+            poisson(untracked, &mut other, &mut times, false);
+            times.sort_by(|a, b| a.0.total_cmp(&b.0));
+            for (t, tracked) in times {
+                let rng = if tracked { &mut rng } else { &mut other };
+                out.push(Arrival {
+                    at: real(t),
+                    lifecycle: lifecycle(rng, args.time_scale),
+                    tracked,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Creates the scenario's actions in the tenant at their times and sends the tracked ids
+/// out as they appear; the ones due at the start exist when this returns.
+fn drive(sim: Arc<Simulator>, plan: Vec<Arrival>) -> mpsc::UnboundedReceiver<Vec<ActionId>> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let start = tokio::time::Instant::now();
+    let mut plan = plan.into_iter().peekable();
+    let create =
+        move |until: Duration, plan: &mut std::iter::Peekable<std::vec::IntoIter<Arrival>>| {
+            let mut batch = Vec::new();
+            while let Some(a) = plan.next_if(|a| a.at <= until) {
+                let id = sim.create_action(a.lifecycle);
+                if a.tracked {
+                    batch.push(id);
+                }
+            }
+            batch
+        };
+    let first = create(Duration::ZERO, &mut plan);
+    if !first.is_empty() {
+        let _ = tx.send(first);
+    }
+    tokio::spawn(async move {
+        while let Some(next) = plan.peek().map(|a| a.at) {
+            tokio::time::sleep_until(start + next).await;
+            let batch = create(start.elapsed(), &mut plan);
+            if !batch.is_empty() && tx.send(batch).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 struct Outcome {
     name: String,
     calls: u64,
     rate_limited: u64,
     lags: Vec<f64>,
     finished: usize,
+    tracked: usize,
     wall: Duration,
     extra: String,
 }
@@ -148,32 +274,24 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank - 1]
 }
 
-async fn tenant(args: &Args) -> (Simulator, Vec<ActionId>) {
+async fn simulator(args: &Args, limited: bool) -> Arc<Simulator> {
     let per = |calls: u32, secs: f64| SimRateLimit {
         calls,
         window: Duration::from_secs_f64(secs / args.time_scale),
     };
-    let sim = Simulator::start(SimConfig {
-        // The service's limits per app and tenant, in simulated time.
-        rate_limit: Some(per(100, 60.0)),
-        long_rate_limit: Some(per(1500, 3600.0)),
-        fractional_retry_after: true,
-        early_retry_grace: Duration::from_millis(20),
-        seed: args.seed,
-        ..SimConfig::default()
-    })
-    .await
-    .expect("simulator");
-    let mut rng = fastrand::Rng::with_seed(args.seed);
-    let ids = (0..args.actions)
-        .map(|_| sim.create_action(lifecycle(&mut rng, args.time_scale)))
-        .collect();
-    // Other tools' actions: listed by a sweep, never tracked.
-    let mut other = fastrand::Rng::with_seed(args.seed ^ 0x5eed);
-    for _ in 0..(args.actions as f64 * args.untracked).round() as usize {
-        sim.create_action(lifecycle(&mut other, args.time_scale));
-    }
-    (sim, ids)
+    Arc::new(
+        Simulator::start(SimConfig {
+            // The service's limits per app and tenant, in simulated time.
+            rate_limit: limited.then(|| per(100, 60.0)),
+            long_rate_limit: limited.then(|| per(1500, 3600.0)),
+            fractional_retry_after: true,
+            early_retry_grace: Duration::from_millis(20),
+            seed: args.seed,
+            ..SimConfig::default()
+        })
+        .await
+        .expect("simulator"),
+    )
 }
 
 /// Lag of each observed change: observation time minus the true change time, in simulated
@@ -196,28 +314,136 @@ fn lag(
     )
 }
 
-/// Resident memory now (`VmRSS`), in KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+/// The daemon in a process of its own: this program again, with `--daemon-child`.
+struct DaemonProcess {
+    child: tokio::process::Child,
+    pid: u32,
+    url: String,
+    http: reqwest::Client,
 }
 
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
-        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+impl DaemonProcess {
+    async fn spawn(
+        s: &mut mde_actiond::config::Settings,
+        time_scale: f64,
+        dir: &std::path::Path,
+    ) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        s.http.listen = Some(format!("127.0.0.1:{port}"));
+        let file = dir.join("settings.json");
+        std::fs::write(&file, serde_json::to_vec(s).expect("settings")).expect("settings file");
+        let mut command = tokio::process::Command::new(std::env::current_exe().expect("exe"));
+        // As the packaged systemd units and the container image run it;
+        // BENCH_GLIBC_DEFAULTS=1 measures glibc's default arenas instead.
+        if std::env::var_os("BENCH_GLIBC_DEFAULTS").is_none() {
+            command.env("MALLOC_ARENA_MAX", "2");
+        }
+        let mut child = command
+            .arg("--daemon-child")
+            .arg(&file)
+            .arg(time_scale.to_string())
+            .stdin(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("daemon process");
+        let pid = child.id().expect("pid");
+        let url = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = http.get(format!("{url}/healthz")).send().await
+                && r.status().is_success()
+            {
+                break;
+            }
+            assert!(
+                child.try_wait().expect("wait").is_none(),
+                "the daemon process exited"
+            );
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the daemon did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            child,
+            pid,
+            url,
+            http,
+        }
+    }
+
+    /// Enqueues through the HTTP intake, as a SOAR would.
+    async fn enqueue(&self, ids: &[ActionId]) {
+        for chunk in ids.chunks(10_000) {
+            let body =
+                serde_json::json!({ "ids": chunk.iter().map(|i| i.as_str()).collect::<Vec<_>>() });
+            let r = self
+                .http
+                .post(format!("{}/v1/actions", self.url))
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .expect("intake");
+            assert!(r.status().is_success(), "intake refused: {}", r.status());
+        }
+    }
+
+    /// Peak RSS (`VmHWM`, MiB) and CPU seconds (user + system) so far.
+    fn usage(&self) -> (u64, f64) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        let hwm: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
+            f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+        });
+        (hwm / 1024, ticks / 100.0)
+    }
+
+    /// Closes its stdin (it stops as on SIGTERM) and waits for it.
+    async fn stop(mut self) {
+        drop(self.child.stdin.take());
+        let status = self.child.wait().await.expect("wait");
+        assert!(status.success(), "the daemon process ended with {status}");
+    }
+}
+
+/// `--daemon-child SETTINGS_JSON TIME_SCALE`: the daemon alone, until stdin closes.
+async fn daemon_child(file: &str, time_scale: &str) {
+    let text = std::fs::read_to_string(file).expect("settings file");
+    let mut s: mde_actiond::config::Settings = serde_json::from_str(&text).expect("settings");
+    // Serialized settings hide secrets; the simulator's is public.
+    s.auth.client_secret = Some(mde_actiond::secret::Secret::new(
+        mde_actiond::sim::SIM_CLIENT_SECRET,
+    ));
+    s.rate_limit.time_scale = time_scale.parse().expect("time scale");
+    let daemon = mde_actiond::daemon::Daemon::start(&s)
+        .await
+        .expect("daemon");
+    let stop = CancellationToken::new();
+    let stopper = stop.clone();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        stopper.cancel();
     });
-    ticks / 100.0
+    daemon.run_until_stopped(stop).await.expect("daemon run");
 }
 
 /// Starts the other tools' actions over time; returns their ids once all exist.
@@ -246,14 +472,14 @@ fn others_over_time(args: &Args, sim: Arc<Simulator>) -> tokio::task::JoinHandle
     })
 }
 
-async fn run_ours(args: &Args, discover: bool) -> Outcome {
-    let (sim, ids) = tenant(args).await;
-    let sim = Arc::new(sim);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("bench.db");
-    let mut s = settings_for(&sim, &db);
+/// The daemon's settings: its defaults, in simulated time.
+fn daemon_settings(
+    args: &Args,
+    sim: &Simulator,
+    db: &std::path::Path,
+) -> mde_actiond::config::Settings {
+    let mut s = settings_for(sim, db);
     let scaled = |secs: f64| Duration::from_secs_f64(secs / args.time_scale);
-    // The defaults, in simulated time.
     let d = mde_actiond::config::Settings::default();
     let p = &d.poll;
     s.poll.initial_interval = scaled(p.initial_interval.as_secs_f64());
@@ -266,47 +492,62 @@ async fn run_ours(args: &Args, discover: bool) -> Outcome {
     if args.no_sweep {
         s.poll.sweep = mde_actiond::config::SweepMode::Off;
     }
-    if discover {
-        s.poll.discover = mde_actiond::config::DiscoverMode::All;
-        // Nothing to backfill: the tenant's history starts with the run.
-        s.poll.discover_since = scaled(3600.0);
+    if let Some(n) = args.page_size {
+        s.poll.sweep_page_size = n;
     }
     s.poll.not_found_after = scaled(d.poll.not_found_after.as_secs_f64());
     s.api.timeout = Duration::from_secs(30);
     s.rate_limit = d.rate_limit.clone();
-    s.rate_limit.time_scale = 1.0 / args.time_scale;
     s.database.checkpoint_interval = Duration::from_secs(1);
-    // The simulator shares the process: what it holds before the daemon starts is the
-    // baseline to read the peak against.
-    let baseline = rss_kib();
-    let cpu0 = cpu_seconds();
+    s
+}
+
+async fn run_ours(args: &Args, discover: bool) -> Outcome {
+    let sim = simulator(args, true).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("bench.db");
+    let mut s = daemon_settings(args, &sim, &db);
+    if discover {
+        s.poll.discover = mde_actiond::config::DiscoverMode::All;
+        // Nothing to backfill: the tenant's history starts with the run.
+        s.poll.discover_since = Duration::from_secs_f64(3600.0 / args.time_scale);
+    }
+    let daemon = DaemonProcess::spawn(&mut s, 1.0 / args.time_scale, dir.path()).await;
+    let store = mde_actiond::store::Store::open(&db, mde_actiond::store::OpenMode::ReadOnly)
+        .await
+        .expect("reader");
     let started = tokio::time::Instant::now();
-    let daemon = Running::start(&s, &ids).await;
-    let store = daemon.store.clone();
-    let creator = others_over_time(args, sim.clone());
+    let mut arriving = drive(sim.clone(), arrivals(args));
+    let mut creator = Some(others_over_time(args, sim.clone()));
+    let mut ids = Vec::new();
     let mut others = None;
     loop {
-        // A cheap count, not often: the harness must not compete with the daemon.
-        if others.is_none() && creator.is_finished() {
-            others = Some(creator.await.expect("creator"));
-            break;
+        // Ids go to the daemon the moment they exist; the rest of the time, a cheap count
+        // now and then: the harness must not compete with the daemon.
+        match tokio::time::timeout(Duration::from_millis(500), arriving.recv()).await {
+            Ok(Some(batch)) => {
+                daemon.enqueue(&batch).await;
+                ids.extend(batch);
+                continue;
+            }
+            Ok(None) if creator.as_ref().is_some_and(|c| c.is_finished()) => {
+                let done = creator.take().expect("creator");
+                others = Some(done.await.expect("creator"));
+            }
+            Ok(None) => tokio::time::sleep(Duration::from_millis(500)).await,
+            Err(_) => continue,
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let others = others.unwrap_or_default();
-    loop {
+        let Some(others) = &others else { continue };
         let counts = store.counts().await.expect("count");
         let all_there = !discover || counts.total() >= (ids.len() + others.len()) as i64;
         if all_there && counts.tracking(mde_actiond::domain::Tracking::Active) == 0 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let others = others.unwrap_or_default();
     let wall = started.elapsed();
+    let (peak_mib, cpu) = daemon.usage();
     daemon.stop().await;
-    let store = mde_actiond::store::Store::open(&db, mde_actiond::store::OpenMode::ReadOnly)
-        .await
-        .expect("reader");
     let mut lags = Vec::new();
     let mut finished = 0;
     for id in &ids {
@@ -376,55 +617,20 @@ async fn run_ours(args: &Args, discover: bool) -> Outcome {
         rate_limited: stats.rate_limited,
         lags,
         finished,
+        tracked: ids.len(),
         wall,
         extra: format!(
-            "peak RSS {} MiB (simulated tenant alone: {} MiB), CPU {:.1}s, database {} KiB, early retries after 429: {}{sweeping}{discovery}",
-            mde_actiond::report::peak_rss_kib().unwrap_or(0) / 1024,
-            baseline / 1024,
-            cpu_seconds() - cpu0,
+            "daemon process: peak RSS {peak_mib} MiB, CPU {cpu:.1}s; database {} KiB, early retries after 429: {}{sweeping}{discovery}",
             size / 1024,
             stats.early_retries
         ),
     }
 }
 
-/// The daemon running in this process with `ids` enqueued.
-struct Running {
-    store: mde_actiond::store::Store,
-    poller: Arc<mde_actiond::poller::Poller>,
-    stop: CancellationToken,
-    run: tokio::task::JoinHandle<Result<(), mde_actiond::daemon::DaemonError>>,
-}
-
-impl Running {
-    async fn start(s: &mde_actiond::config::Settings, ids: &[ActionId]) -> Self {
-        let daemon = mde_actiond::daemon::Daemon::start(s).await.expect("daemon");
-        let store = daemon.store().clone();
-        let poller = daemon.poller().clone();
-        store
-            .enqueue(ids, SystemTime::now())
-            .await
-            .expect("enqueue");
-        let stop = CancellationToken::new();
-        let run = tokio::spawn(daemon.run_until_stopped(stop.clone()));
-        Self {
-            store,
-            poller,
-            stop,
-            run,
-        }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        self.run.await.expect("join").expect("daemon");
-    }
-}
-
 /// A peer: polls every `interval` (simulated), one GET per pending action, or one list call
 /// for all pending actions (`batched`), ignoring Retry-After as playbooks do.
 async fn run_peer(args: &Args, name: &str, interval_secs: f64, batched: bool) -> Outcome {
-    let (sim, ids) = tenant(args).await;
+    let sim = simulator(args, true).await;
     let s = settings_for(&sim, std::path::Path::new("/nonexistent"));
     let http = http_client(Duration::from_secs(10), Duration::from_secs(5)).expect("http");
     let tokens = Arc::new(TokenProvider::new(
@@ -434,12 +640,32 @@ async fn run_peer(args: &Args, name: &str, interval_secs: f64, batched: bool) ->
     let interval = Duration::from_secs_f64(interval_secs / args.time_scale);
     let mut seen: HashMap<ActionId, String> = HashMap::new();
     let mut lags = Vec::new();
-    let mut pending: Vec<ActionId> = ids.clone();
+    let mut arriving = drive(sim.clone(), arrivals(args));
+    let mut pending: Vec<ActionId> = Vec::new();
+    let mut tracked = 0;
+    let mut more = true;
     let started = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while !pending.is_empty() {
+    while more || !pending.is_empty() {
         tick.tick().await;
+        // A playbook starts polling for an action when it created it.
+        loop {
+            match arriving.try_recv() {
+                Ok(batch) => {
+                    tracked += batch.len();
+                    pending.extend(batch);
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    more = false;
+                    break;
+                }
+            }
+        }
+        if pending.is_empty() {
+            continue;
+        }
         let token = match tokens.token().await {
             Ok(t) => t,
             Err(_) => continue,
@@ -500,21 +726,18 @@ async fn run_peer(args: &Args, name: &str, interval_secs: f64, batched: bool) ->
         calls: stats.api_calls,
         rate_limited: stats.rate_limited,
         lags,
-        finished: ids.len() - pending.len(),
+        finished: tracked - pending.len(),
+        tracked,
         wall: started.elapsed(),
         extra: String::new(),
     }
 }
 
 /// The daemon's own ceiling: no rate limit anywhere, actions that stay unfinished, sweeps
-/// back to back (or passes by id with `--no-sweep`); checks per second over the run.
+/// back to back (or passes by id with `--no-sweep`); checks per second and CPU per sweep,
+/// counted from the third sweep on (the first writes every row once).
 async fn run_ceiling(args: &Args, secs: f64) {
-    let sim = Simulator::start(SimConfig {
-        seed: args.seed,
-        ..SimConfig::default()
-    })
-    .await
-    .expect("simulator");
+    let sim = simulator(args, false).await;
     let ids: Vec<ActionId> = (0..args.actions)
         .map(|_| {
             sim.create_action(Lifecycle::simple(
@@ -524,70 +747,131 @@ async fn run_ceiling(args: &Args, secs: f64) {
             ))
         })
         .collect();
-    let baseline = rss_kib();
+    for _ in 0..(args.actions as f64 * args.untracked).round() as usize {
+        sim.create_action(Lifecycle::simple(
+            Duration::from_secs(1),
+            Duration::from_secs(24 * 3600),
+            ActionStatus::Succeeded,
+        ));
+    }
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("ceiling.db");
     let mut s = settings_for(&sim, &db);
     s.rate_limit.per_minute = u32::MAX / 2;
     s.rate_limit.per_hour = u32::MAX / 2;
     s.poll.sweep_interval = Duration::from_millis(1);
-    s.poll.initial_interval = Duration::from_millis(100);
-    s.poll.max_interval = Duration::from_millis(500);
-    s.poll.ride_along = Duration::from_millis(500);
     if args.no_sweep {
         s.poll.sweep = mde_actiond::config::SweepMode::Off;
+        s.poll.initial_interval = Duration::from_millis(100);
+        s.poll.max_interval = Duration::from_millis(500);
+        s.poll.ride_along = Duration::from_millis(500);
+    } else {
+        // The defaults: what a sweep writes is what changed, not safety nets that a
+        // compressed schedule would make due every sweep.
+        let d = mde_actiond::config::Settings::default().poll;
+        s.poll.initial_interval = d.initial_interval;
+        s.poll.max_interval = d.max_interval;
+        s.poll.ride_along = d.ride_along;
     }
     if let Some(n) = args.page_size {
         s.poll.sweep_page_size = n;
     }
-    s.database.checkpoint_interval = Duration::from_secs(1);
-    let daemon = Running::start(&s, &ids).await;
-    // Counted from the enqueue on: the first write of every row is in the figure.
-    let cpu0 = cpu_seconds();
+    let daemon = DaemonProcess::spawn(&mut s, 1.0, dir.path()).await;
+    let store = mde_actiond::store::Store::open(&db, mde_actiond::store::OpenMode::ReadOnly)
+        .await
+        .expect("reader");
+    let complete = |store: mde_actiond::store::Store| async move {
+        store
+            .sweeps(u32::MAX)
+            .await
+            .expect("sweeps")
+            .iter()
+            .filter(|s| s.outcome.as_deref() == Some("complete"))
+            .count()
+    };
+    daemon.enqueue(&ids).await;
+    let checks_now = || async {
+        let text = reqwest::get(format!("{}/metrics", daemon.url))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .find_map(|l| l.strip_prefix("mde_actiond_checks_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // From the third sweep on (with sweeps) or at once (passes by id).
+    let warm = if args.no_sweep || args.actions == 0 {
+        0
+    } else {
+        2
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(secs * 4.0 + 60.0);
+    while complete(store.clone()).await < warm && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sweeps0 = complete(store.clone()).await;
+    let (_, cpu0) = daemon.usage();
+    let checks0 = checks_now().await;
     let started = tokio::time::Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    let checks = daemon
-        .poller
-        .metrics()
-        .checks
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let checks = checks_now().await - checks0;
     let wall = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu0;
+    let (peak, cpu1) = daemon.usage();
+    let sweeps = complete(store.clone()).await - sweeps0;
+    let cpu = cpu1 - cpu0;
     daemon.stop().await;
     let stats = sim.stats();
     println!(
-        "| {} | {} | {:.0} | {} | {:.1} | {:.1} | {} ({} before the daemon) |",
+        "| {} | {} | {:.0} | {} | {:.1} | {:.1} | {} | {} |",
         if args.no_sweep {
             "passes by id".to_string()
         } else {
             format!("sweeps, pages of {}", s.poll.sweep_page_size)
         },
         args.actions,
-        checks as f64 / wall,
+        checks / wall,
         stats.api_calls,
         wall,
         cpu,
-        mde_actiond::report::peak_rss_kib().unwrap_or(0) / 1024,
-        baseline / 1024,
+        if sweeps > 0 {
+            format!("{:.2} ({sweeps} sweeps)", cpu / sweeps as f64)
+        } else {
+            "-".into()
+        },
+        peak,
     );
 }
 
-#[tokio::main]
-async fn main() {
-    let args = parse_args();
+fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     if let Ok(filter) = std::env::var("RUST_LOG") {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
             .with_writer(std::io::stderr)
             .init();
     }
+    if argv.get(1).map(String::as_str) == Some("--daemon-child") {
+        runtime.block_on(daemon_child(&argv[2], &argv[3]));
+        return;
+    }
+    runtime.block_on(compare(parse_args()));
+}
+
+async fn compare(args: Args) {
     println!(
-        "{} actions, time compressed {}x (1 s here = {} s simulated), tenant limits 100/min and 1500/h; seed {}\n",
-        args.actions, args.time_scale, args.time_scale, args.seed
+        "{} actions ({:?}), time compressed {}x (1 s here = {} s simulated), tenant limits 100/min and 1500/h; seed {}\n",
+        args.actions, args.scenario, args.time_scale, args.time_scale, args.seed
     );
     if let Some(secs) = args.ceiling {
         println!(
-            "| mode | actions | checks/s | API calls | wall (s) | CPU (s, simulator included) | peak RSS (MiB) |\n| --- | --- | --- | --- | --- | --- | --- |"
+            "| mode | actions | checks/s | API calls | wall (s) | daemon CPU (s) | CPU per sweep (s) | daemon peak RSS (MiB) |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
         );
         run_ceiling(&args, secs).await;
         return;
@@ -618,11 +902,11 @@ async fn main() {
     for mut r in results {
         r.lags.sort_by(f64::total_cmp);
         println!(
-            "| {} | {}/{} | {:.2} | {:.0} | {:.0} | {} | {} |",
+            "| {} | {}/{} | {:.3} | {:.0} | {:.0} | {} | {} |",
             r.name,
             r.finished,
-            args.actions,
-            r.calls as f64 / args.actions as f64,
+            r.tracked,
+            r.calls as f64 / r.tracked.max(1) as f64,
             percentile(&r.lags, 0.5),
             percentile(&r.lags, 0.95),
             r.rate_limited,

@@ -2,6 +2,7 @@
 //!
 //! Knows nothing of the database or the budget: it sends one request and says what came back.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
@@ -264,7 +265,7 @@ impl MdeClient {
     ) -> Result<ListAnswer, MdeError> {
         let url = self.list_url(ids);
         let body = self.send(token, &url, false).await?;
-        parse_list(&body, ids)
+        parse_list(body, ids)
     }
 
     /// One page of a tenant-wide listing: `GET /api/machineactions?$filter=...&$top=&$skip=`.
@@ -277,22 +278,11 @@ impl MdeClient {
         since: &str,
         top: u32,
         skip: u64,
+        buffer: Vec<u8>,
     ) -> Result<ListPage, MdeError> {
         let url = self.page_url(&filter.text(since), top, skip);
-        let body = self.send(token, &url, false).await?;
-        let page = parse_page(&body)?;
-        let since = crate::domain::parse_time(since);
-        if let Some(why) = page
-            .actions
-            .iter()
-            .find_map(|a| filter.contradicted_by(a, since))
-        {
-            return Err(MdeError::FilterIgnored(format!(
-                "{} listing: {why}",
-                filter.as_str()
-            )));
-        }
-        Ok(page)
+        let body = self.send_into(token, &url, false, buffer).await?;
+        ListPage::parse(body, Some((filter, crate::domain::parse_time(since))))
     }
 
     pub fn page_url(&self, filter: &str, top: u32, skip: u64) -> String {
@@ -324,6 +314,19 @@ impl MdeClient {
     }
 
     async fn send(&self, token: &Secret, url: &str, single: bool) -> Result<String, MdeError> {
+        self.send_into(token, url, single, Vec::new()).await
+    }
+
+    /// `send`, reading the answer into `buffer` (emptied first): a sweep hands the same
+    /// buffer from page to page, so a page's megabytes are allocated once, not once a page
+    /// (freed pages stay resident in the allocator's per-thread arenas).
+    async fn send_into(
+        &self,
+        token: &Secret,
+        url: &str,
+        single: bool,
+        mut buffer: Vec<u8>,
+    ) -> Result<String, MdeError> {
         let response = self
             .http
             .get(url)
@@ -334,17 +337,48 @@ impl MdeClient {
             .map_err(|e| transport_error(&e))?;
         let status = response.status();
         let retry_after = parse_retry_after(response.headers(), SystemTime::now());
-        let body = response.text().await.map_err(|e| MdeError::Transient {
-            status: Some(status.as_u16()),
-            message: format!(
-                "answer cut off (HTTP {}): {}",
-                status.as_u16(),
-                error_chain(&e)
-            ),
-        })?;
+        let mut response = response;
+        // A 10,000-action page is megabytes: it is read into one buffer of the announced
+        // length (collecting the chunks first and joining them would hold it twice), and
+        // checked as UTF-8 in place; only an answer that is not UTF-8 is copied (lossily).
+        let announced = response
+            .content_length()
+            .unwrap_or(0)
+            .min(MAX_ANSWER as u64);
+        buffer.clear();
+        buffer.reserve(announced as usize);
+        let mut bytes = buffer;
+        loop {
+            let chunk = response.chunk().await.map_err(|e| MdeError::Transient {
+                status: Some(status.as_u16()),
+                message: format!(
+                    "answer cut off (HTTP {}): {}",
+                    status.as_u16(),
+                    error_chain(&e)
+                ),
+            })?;
+            let Some(chunk) = chunk else { break };
+            if bytes.len() + chunk.len() > MAX_ANSWER {
+                return Err(MdeError::Transient {
+                    status: Some(status.as_u16()),
+                    message: format!(
+                        "answer longer than {} MiB (HTTP {}); a smaller poll.sweep_page_size asks for less",
+                        MAX_ANSWER >> 20,
+                        status.as_u16()
+                    ),
+                });
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        let body = String::from_utf8(bytes)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
         classify(status, retry_after, body, single, url)
     }
 }
+
+/// The longest answer read: a page of 10,000 actions is about 10 MiB; an endless or
+/// absurd answer must not take the daemon's memory with it.
+const MAX_ANSWER: usize = 128 << 20;
 
 /// The statuses of an action that has not finished.
 pub const UNFINISHED: [&str; 2] = ["Pending", "InProgress"];
@@ -400,40 +434,224 @@ impl SweepFilter {
         self == SweepFilter::CreatedSince
     }
 
-    /// Why `a` cannot be in this listing, if it cannot: the service then ignores the form.
-    pub fn contradicted_by(self, a: &FetchedAction, since: Option<SystemTime>) -> Option<String> {
+    /// Why an action listed with `status` and `created` cannot be in this listing, if it
+    /// cannot: the service then ignores the form.
+    fn contradicted_by(
+        self,
+        id: &str,
+        status: &ActionStatus,
+        created: Option<&str>,
+        since: Option<SystemTime>,
+    ) -> Option<String> {
         match self {
             SweepFilter::CreatedSince => {
                 let since = since?;
                 // Stored times are cut to milliseconds, as is `since`: compare like with like.
-                let created = a
-                    .observation
-                    .created_at
-                    .as_deref()
-                    .and_then(crate::domain::parse_time)?;
+                let text = created?;
+                let created = normalize_time(text).and_then(|t| crate::domain::parse_time(&t))?;
                 (created < since).then(|| {
                     format!(
-                        "{} was created at {}, before the filter's {}",
-                        a.id,
-                        a.observation.created_at.as_deref().unwrap_or("?"),
+                        "{id} was created at {text}, before the filter's {}",
                         crate::domain::format_time(since)
                     )
                 })
             }
             SweepFilter::StatusIn | SweepFilter::StatusEqOr => (!UNFINISHED
-                .contains(&a.status.as_str()))
-            .then(|| format!("{} has status {}", a.id, a.status)),
+                .contains(&status.as_str()))
+            .then(|| format!("{id} has status {status}")),
         }
     }
 }
 
-/// One page of a listing, in the service's order.
+/// One page of a listing, in the service's order. A sweep page holds up to 10,000
+/// actions, and most have not changed since the last sweep: each entry keeps only what
+/// matching needs (the id as a number, the status) and where its JSON lies in the body,
+/// which stays the one copy of the text. The whole action is read (`action`) only for
+/// the entries that are written.
 #[derive(Debug, Default)]
 pub struct ListPage {
-    pub actions: Vec<FetchedAction>,
+    body: String,
+    pub listed: Vec<Listed>,
     /// Entries on the page, readable or not: fewer than `$top` means the last page.
     pub entries: usize,
     pub unreadable: Vec<String>,
+}
+
+/// One readable entry of a `ListPage`.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub key: u128,
+    pub status: ActionStatus,
+    /// Where the entry's JSON object lies in the page's body.
+    span: (u32, u32),
+}
+
+impl Listed {
+    pub fn id(&self) -> ActionId {
+        ActionId::from_key(self.key)
+    }
+}
+
+/// The fields of a listed action that matching needs, borrowed from the body where they
+/// need no unescaping; the rest of the object is skipped, not copied.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireListed<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    status: Cow<'a, str>,
+    #[serde(borrow, default)]
+    creation_date_time_utc: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    last_update_date_time_utc: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    last_update_time_utc: Option<Cow<'a, str>>,
+}
+
+impl ListPage {
+    /// Reads a list answer. A body that is not a `{"value": [...]}` object fails the whole
+    /// answer; an entry that cannot be read goes to `unreadable` and the rest stand. With
+    /// `listing`, an entry the filter could not have listed fails the answer as
+    /// `FilterIgnored`.
+    pub fn parse(
+        body: String,
+        listing: Option<(SweepFilter, Option<SystemTime>)>,
+    ) -> Result<Self, MdeError> {
+        #[derive(Deserialize)]
+        struct Page<'a> {
+            #[serde(borrow)]
+            value: Vec<&'a RawValue>,
+        }
+        let mut listed = Vec::new();
+        let mut unreadable = Vec::new();
+        let entries = {
+            let page: Page = serde_json::from_str(&body).map_err(|e| MdeError::Transient {
+                status: Some(200),
+                message: format!("unreadable list answer ({} bytes): {e}", body.len()),
+            })?;
+            listed.reserve_exact(page.value.len());
+            let base = body.as_ptr() as usize;
+            for raw in &page.value {
+                let text = raw.get();
+                let w = match serde_json::from_str::<WireListed>(text) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        unreadable.push(format!("unreadable MachineAction: {e}"));
+                        continue;
+                    }
+                };
+                let Some(key) = crate::domain::guid_key(&w.id) else {
+                    let why = ActionId::parse(&w.id).err().map(|e| e.to_string());
+                    unreadable.push(format!("answer has a bad id: {}", why.unwrap_or_default()));
+                    continue;
+                };
+                let status = ActionStatus::parse(&w.status);
+                if let Some((filter, since)) = listing
+                    && let Some(why) = filter.contradicted_by(
+                        &w.id,
+                        &status,
+                        w.creation_date_time_utc.as_deref(),
+                        since,
+                    )
+                {
+                    return Err(MdeError::FilterIgnored(format!(
+                        "{} listing: {why}",
+                        filter.as_str()
+                    )));
+                }
+                listed.push(Listed {
+                    key,
+                    status,
+                    span: ((text.as_ptr() as usize - base) as u32, text.len() as u32),
+                });
+            }
+            page.value.len()
+        };
+        let mut page = Self {
+            body,
+            listed,
+            entries,
+            unreadable,
+        };
+        page.resolve_duplicates();
+        Ok(page)
+    }
+
+    /// The page's buffer, emptied, for the next page (`MdeClient::list_page`).
+    pub fn into_buffer(self) -> Vec<u8> {
+        let mut buffer = self.body.into_bytes();
+        buffer.clear();
+        buffer
+    }
+
+    /// The entry's JSON object as MDE sent it.
+    pub fn raw(&self, l: &Listed) -> &str {
+        let (start, len) = (l.span.0 as usize, l.span.1 as usize);
+        &self.body[start..start + len]
+    }
+
+    /// The whole action of an entry.
+    pub fn action(&self, l: &Listed) -> Result<FetchedAction, String> {
+        FetchedAction::from_json(self.raw(l))
+    }
+
+    /// One answer listing an id more than once: the copy updated last is the one to
+    /// believe. Copies updated at the same moment that disagree on the status say nothing
+    /// reliable, so none is kept (the id counts as not listed this time) and the conflict
+    /// goes to `unreadable`.
+    fn resolve_duplicates(&mut self) {
+        let mut keys = std::collections::HashSet::with_capacity(self.listed.len());
+        let repeated: std::collections::HashSet<u128> = self
+            .listed
+            .iter()
+            .filter(|l| !keys.insert(l.key))
+            .map(|l| l.key)
+            .collect();
+        if repeated.is_empty() {
+            return;
+        }
+        let updated = |l: &Listed| {
+            serde_json::from_str::<WireListed>(self.raw(l))
+                .ok()
+                .and_then(|w| w.last_update_date_time_utc.or(w.last_update_time_utc))
+                .and_then(|t| normalize_time(&t))
+                .and_then(|t| crate::domain::parse_time(&t))
+        };
+        let mut keep = vec![true; self.listed.len()];
+        let mut conflicts = Vec::new();
+        for key in &repeated {
+            let at: Vec<usize> = (0..self.listed.len())
+                .filter(|&i| self.listed[i].key == *key)
+                .collect();
+            let latest = at.iter().map(|&i| updated(&self.listed[i])).max().flatten();
+            let newest: Vec<usize> = at
+                .iter()
+                .copied()
+                .filter(|&i| updated(&self.listed[i]) == latest)
+                .collect();
+            let status = &self.listed[newest[0]].status;
+            let agreed = newest.iter().all(|&i| self.listed[i].status == *status);
+            for &i in &at {
+                keep[i] = agreed && i == newest[0];
+            }
+            if !agreed {
+                conflicts.push(format!(
+                    "{} is listed {} times with conflicting statuses ({}) and the same update time; nothing recorded for it from this answer",
+                    ActionId::from_key(*key),
+                    at.len(),
+                    newest
+                        .iter()
+                        .map(|&i| self.listed[i].status.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+        self.unreadable.append(&mut conflicts);
+        let mut keep = keep.into_iter();
+        self.listed.retain(|_| keep.next().unwrap_or(false));
+    }
 }
 
 /// Percent-encodes a query value (RFC 3986 unreserved characters stay as they are).
@@ -449,89 +667,21 @@ fn encode_query_value(value: &str) -> String {
     out
 }
 
-fn parse_page(body: &str) -> Result<ListPage, MdeError> {
-    #[derive(Deserialize)]
-    struct Page<'a> {
-        #[serde(borrow)]
-        value: Vec<&'a RawValue>,
-    }
-    let page: Page = serde_json::from_str(body).map_err(|e| MdeError::Transient {
-        status: Some(200),
-        message: format!("unreadable list answer ({} bytes): {e}", body.len()),
-    })?;
-    let mut out = ListPage {
-        entries: page.value.len(),
-        actions: Vec::with_capacity(page.value.len()),
-        unreadable: Vec::new(),
-    };
-    for raw in page.value {
-        match FetchedAction::from_json(raw.get()) {
-            Ok(a) => out.actions.push(a),
-            Err(e) => out.unreadable.push(e),
-        }
-    }
-    out.actions = resolve_duplicates(std::mem::take(&mut out.actions), &mut out.unreadable);
-    Ok(out)
-}
-
-/// One answer listing an id more than once: the copy updated last is the one to believe.
-/// Copies updated at the same moment that disagree on the status say nothing reliable, so
-/// none is kept (the id counts as not listed this time) and the conflict goes to `problems`.
-fn resolve_duplicates(
-    actions: Vec<FetchedAction>,
-    problems: &mut Vec<String>,
-) -> Vec<FetchedAction> {
-    let mut copies: HashMap<ActionId, Vec<usize>> = HashMap::with_capacity(actions.len());
-    for (i, a) in actions.iter().enumerate() {
-        copies.entry(a.id.clone()).or_default().push(i);
-    }
-    if copies.len() == actions.len() {
-        return actions;
-    }
-    let updated = |a: &FetchedAction| {
-        a.observation
-            .updated_at
-            .as_deref()
-            .and_then(crate::domain::parse_time)
-    };
-    let mut keep = vec![false; actions.len()];
-    for (id, at) in &copies {
-        let latest = at.iter().map(|&i| updated(&actions[i])).max().flatten();
-        let newest: Vec<usize> = at
-            .iter()
-            .copied()
-            .filter(|&i| updated(&actions[i]) == latest)
-            .collect();
-        let status = &actions[newest[0]].status;
-        if newest.iter().all(|&i| actions[i].status == *status) {
-            keep[newest[0]] = true;
-        } else {
-            problems.push(format!(
-                "{id} is listed {} times with conflicting statuses ({}) and the same update time; nothing recorded for it from this answer",
-                at.len(),
-                newest
-                    .iter()
-                    .map(|&i| actions[i].status.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        }
-    }
-    actions
-        .into_iter()
-        .zip(keep)
-        .filter_map(|(a, k)| k.then_some(a))
-        .collect()
-}
-
-fn parse_list(body: &str, ids: &[ActionId]) -> Result<ListAnswer, MdeError> {
-    let page = parse_page(body)?;
+fn parse_list(body: String, ids: &[ActionId]) -> Result<ListAnswer, MdeError> {
+    let page = ListPage::parse(body, None)?;
     let mut answer = ListAnswer {
-        unreadable: page.unreadable,
+        unreadable: page.unreadable.clone(),
         ..ListAnswer::default()
     };
     let asked: std::collections::HashSet<&ActionId> = ids.iter().collect();
-    for a in page.actions {
+    for l in &page.listed {
+        let a = match page.action(l) {
+            Ok(a) => a,
+            Err(e) => {
+                answer.unreadable.push(e);
+                continue;
+            }
+        };
         // An action not asked for means the service did not apply the filter: nothing in
         // such an answer can be trusted to be complete.
         if !asked.contains(&a.id) {
@@ -794,14 +944,14 @@ mod tests {
         let ids = [ActionId::parse(ID).unwrap()];
         // An id not asked for: the service ignored the filter.
         assert!(matches!(
-            parse_list(&body, &ids),
+            parse_list(body.clone(), &ids),
             Err(MdeError::FilterIgnored(_))
         ));
         let both = [ids[0].clone(), ActionId::parse(other).unwrap()];
-        let answer = parse_list(&body, &both).unwrap();
+        let answer = parse_list(body.clone(), &both).unwrap();
         assert_eq!(answer.actions.len(), 2);
         assert_eq!(answer.unreadable.len(), 1);
-        assert!(parse_list(&body[..body.len() / 2], &ids).is_err());
+        assert!(parse_list(body[..body.len() / 2].to_string(), &ids).is_err());
     }
 
     #[test]
@@ -937,31 +1087,26 @@ mod tests {
 
     #[test]
     fn listings_that_contradict_their_filter_are_caught() {
-        let action = |status: &str, created: &str| {
-            FetchedAction::from_json(&format!(
-                r#"{{"id":"{ID}","status":"{status}","creationDateTimeUtc":"{created}"}}"#
-            ))
-            .unwrap()
+        let page = |status: &str, created: &str| {
+            format!(
+                r#"{{"value":[{{"id":"{ID}","status":"{status}","creationDateTimeUtc":"{created}"}}]}}"#
+            )
         };
         let since = crate::domain::parse_time("2026-11-30T10:00:00.000Z");
-        let early = action("Pending", "2026-11-30T09:59:59.99Z");
-        let late = action("Succeeded", "2026-11-30T10:00:00.0004Z");
-        assert!(
-            SweepFilter::CreatedSince
-                .contradicted_by(&early, since)
-                .is_some()
-        );
-        assert!(
-            SweepFilter::CreatedSince
-                .contradicted_by(&late, since)
-                .is_none()
-        );
-        assert!(SweepFilter::StatusIn.contradicted_by(&late, None).is_some());
-        assert!(
-            SweepFilter::StatusEqOr
-                .contradicted_by(&early, None)
-                .is_none()
-        );
+        let early = page("Pending", "2026-11-30T09:59:59.99Z");
+        let late = page("Succeeded", "2026-11-30T10:00:00.0004Z");
+        let ignored = |body: &String, filter, since| {
+            matches!(
+                ListPage::parse(body.clone(), Some((filter, since))),
+                Err(MdeError::FilterIgnored(_))
+            )
+        };
+        assert!(ignored(&early, SweepFilter::CreatedSince, since));
+        assert!(!ignored(&late, SweepFilter::CreatedSince, since));
+        assert!(ignored(&late, SweepFilter::StatusIn, None));
+        assert!(!ignored(&early, SweepFilter::StatusEqOr, None));
+        // Without a listing to check against (an id list), nothing is contradicted.
+        assert_eq!(ListPage::parse(early, None).unwrap().listed.len(), 1);
     }
 
     #[test]
@@ -995,28 +1140,49 @@ mod tests {
             entry("Succeeded", "2026-11-28T10:00:09.5Z"),
             entry("InProgress", "2026-11-28T10:00:05Z"),
         ]);
-        let p = parse_page(&later).unwrap();
+        let p = ListPage::parse(later, None).unwrap();
         assert_eq!(p.entries, 3);
-        assert_eq!(p.actions.len(), 1);
-        assert_eq!(p.actions[0].status.as_str(), "Succeeded");
+        assert_eq!(p.listed.len(), 1);
+        assert_eq!(p.listed[0].status.as_str(), "Succeeded");
+        assert!(p.raw(&p.listed[0]).contains("10:00:09.5Z"));
         assert!(p.unreadable.is_empty());
         let same = page(&[
             entry("InProgress", "2026-11-28T10:00:05Z"),
             entry("InProgress", "2026-11-28T10:00:05Z"),
         ]);
-        assert_eq!(parse_page(&same).unwrap().actions.len(), 1);
+        assert_eq!(ListPage::parse(same, None).unwrap().listed.len(), 1);
         let conflict = page(&[
             entry("Failed", "2026-11-28T10:00:05Z"),
             entry("Succeeded", "2026-11-28T10:00:05Z"),
             entry("Pending", "2026-11-28T10:00:00Z"),
         ]);
-        let p = parse_page(&conflict).unwrap();
-        assert!(p.actions.is_empty());
+        let p = ListPage::parse(conflict, None).unwrap();
+        assert!(p.listed.is_empty());
         assert!(
             p.unreadable[0].contains("conflicting"),
             "{:?}",
             p.unreadable
         );
+    }
+
+    #[test]
+    fn a_listed_entry_keeps_its_verbatim_json_and_reads_in_full_on_demand() {
+        // Escapes cannot be borrowed: the status and the id still read right.
+        let body = format!(
+            r#"{{"value": [{{"id": "{}", "status": "In\u0050rogress", "requestor": "a\"b", "extra": [1, {{"x": null}}]}}, {{"id": "nope", "status": "Pending"}}, 7]}}"#,
+            ID.to_uppercase()
+        );
+        let p = ListPage::parse(body, None).unwrap();
+        assert_eq!(p.entries, 3);
+        assert_eq!(p.listed.len(), 1);
+        assert_eq!(p.unreadable.len(), 2, "{:?}", p.unreadable);
+        let l = &p.listed[0];
+        assert_eq!(l.status, ActionStatus::InProgress);
+        assert_eq!(l.id().as_str(), ID);
+        assert!(p.raw(l).starts_with(r#"{"id""#) && p.raw(l).ends_with("}]}"));
+        let full = p.action(l).unwrap();
+        assert_eq!(full.observation.requestor.as_deref(), Some("a\"b"));
+        assert_eq!(full.observation.raw, p.raw(l));
     }
 
     #[test]
@@ -1066,7 +1232,7 @@ mod tests {
         fn arbitrary_bodies_never_panic(body in ".{0,400}") {
             let _ = describe_error_body(&body);
             let _ = FetchedAction::from_json(&body);
-            let _ = parse_list(&body, &[]);
+            let _ = parse_list(body.clone(), &[]);
         }
     }
 }

@@ -39,7 +39,7 @@ use crate::auth::{AuthError, TokenProvider};
 use crate::budget::RateBudget;
 use crate::config::{DiscoverMode, PollSettings, SweepMode};
 use crate::domain::{ActionId, Tracking};
-use crate::mde::{FetchedAction, MdeClient, MdeError, SweepFilter};
+use crate::mde::{FetchedAction, ListPage, Listed, MdeClient, MdeError, SweepFilter};
 use crate::schedule::{PollPolicy, next_delay};
 use crate::store::{
     DueAction, Endpoint, NextStep, PollResult, PollWrite, Store, StoreError, SweepRecord,

@@ -2,6 +2,7 @@
 //! with it, checking every tracked action found (one transaction per page).
 
 use super::*;
+use std::collections::HashMap;
 
 /// What the loop knows about sweeping this tenant.
 #[derive(Debug, Default)]
@@ -26,6 +27,9 @@ pub(super) struct SweepState {
     /// first sweep works it out), and whether that listing is the first-start backfill.
     pub(super) discover_from: Option<SystemTime>,
     pub(super) backfill: bool,
+    /// The last sweep's index map and page buffer, emptied: allocated once, not once a
+    /// sweep and once a page (memory freed on one thread stays resident in its arena).
+    pub(super) reuse: (HashMap<u128, crate::store::Tracked>, Vec<u8>),
 }
 
 /// How a sweep's listing ended.
@@ -242,18 +246,44 @@ impl Poller {
             outcome: "failed",
             ..SweepRecord::default()
         };
-        let mut seen = std::collections::HashSet::new();
+        // What every listed action is compared with, read once (an index, not the rows):
+        // a page then costs what parsing it costs, and only what changed is written.
+        let loading = tokio::time::Instant::now();
+        let mut tracked = std::mem::take(&mut self.sweep_state().reuse.0);
+        self.store
+            .fill_sweep_index(&mut tracked)
+            .await
+            .map_err(Halt::Store)?;
+        let mut sweep = SweepIndex {
+            tracked,
+            // Actions that would come due before the next sweep get a later safety net when
+            // listed, so that no pass fetches them by id.
+            due_soon: self
+                .store
+                .due_by(started_at + plan.interval * 2)
+                .await
+                .map_err(Halt::Store)?,
+        };
+        debug!(
+            tracked = sweep.tracked.len(),
+            due_soon = sweep.due_soon.len(),
+            ms = loading.elapsed().as_millis() as u64,
+            "sweep index loaded"
+        );
         let result = self
-            .list_tenant(plan, sweep_id, &mut record, &mut seen, cancel)
+            .list_tenant(plan, sweep_id, &mut record, &mut sweep, cancel)
             .await;
         if matches!(result, Ok(Listing::Complete)) {
             let marking = tokio::time::Instant::now();
-            match self
-                .store
-                .make_unseen_due(&seen, started_at, SystemTime::now())
-                .await
-            {
-                Ok(missing) => {
+            let unseen: Vec<ActionId> = sweep
+                .tracked
+                .iter()
+                .filter(|(_, t)| !t.seen && !t.not_found)
+                .map(|(key, _)| ActionId::from_key(*key))
+                .collect();
+            match self.store.make_due(&unseen, SystemTime::now()).await {
+                Ok(_) => {
+                    let missing = unseen.len() as u64;
                     debug!(
                         missing,
                         ms = marking.elapsed().as_millis() as u64,
@@ -298,7 +328,12 @@ impl Poller {
         if let Err(Halt::Cancelled) = result {
             record.outcome = "stopped";
         }
-        seen.clear();
+        {
+            // The map's memory serves the next sweep.
+            let mut tracked = sweep.tracked;
+            tracked.clear();
+            self.sweep_state().reuse.0 = tracked;
+        }
         if let Err(e) = self
             .store
             .finish_sweep(sweep_id, &record, SystemTime::now())
@@ -327,7 +362,7 @@ impl Poller {
         plan: &SweepPlan,
         sweep_id: i64,
         record: &mut SweepRecord,
-        seen: &mut std::collections::HashSet<ActionId>,
+        sweep: &mut SweepIndex,
         cancel: &CancellationToken,
     ) -> Result<Listing, Halt> {
         let since = plan.since.clone().unwrap_or_default();
@@ -338,9 +373,10 @@ impl Poller {
             let page = self
                 .call(Endpoint::List, 0, Some(sweep_id), cancel, |token| {
                     let since = since.clone();
+                    let buffer = std::mem::take(&mut self.sweep_state().reuse.1);
                     async move {
                         self.client
-                            .list_page(&token, plan.filter, &since, top, skip)
+                            .list_page(&token, plan.filter, &since, top, skip, buffer)
                             .await
                     }
                 })
@@ -373,90 +409,9 @@ impl Poller {
                 warn!(problem, "skipped an unreadable action in a sweep page");
             }
             let answered = asked.elapsed();
-            let ids: Vec<ActionId> = page.actions.iter().map(|a| a.id.clone()).collect();
-            let matching = tokio::time::Instant::now();
-            let (mut tracked, lost) = self.store.tracked_among(&ids).await.map_err(Halt::Store)?;
-            if !lost.is_empty() {
-                tracked.extend(self.revive(&lost).await?);
-            }
-            let mut fresh_ids = std::collections::HashSet::new();
-            if self.discovering() {
-                let known: std::collections::HashSet<&ActionId> =
-                    tracked.iter().map(|a| &a.id).chain(lost.iter()).collect();
-                let fresh: Vec<ActionId> = page
-                    .actions
-                    .iter()
-                    .filter(|a| !known.contains(&a.id) && !seen.contains(&a.id) && self.wanted(a))
-                    .map(|a| a.id.clone())
-                    .collect();
-                let unknown = self
-                    .store
-                    .unknown_among(&fresh)
-                    .await
-                    .map_err(Halt::Store)?;
-                let new = self
-                    .store
-                    .discover_among(&unknown, SystemTime::now())
-                    .await
-                    .map_err(Halt::Store)?;
-                record.discovered += new.len() as u64;
-                fresh_ids.extend(new.iter().map(|a| a.id.clone()));
-                self.metrics
-                    .discovered
-                    .fetch_add(new.len() as u64, Ordering::Relaxed);
-                tracked.extend(new);
-            }
-            let matched = matching.elapsed();
-            let mut found: std::collections::HashMap<ActionId, FetchedAction> = page
-                .actions
-                .into_iter()
-                .map(|a| (a.id.clone(), a))
-                .collect();
-            // Rows are written only when something changed or the action would come due
-            // before the next sweep; the rest stay as they are.
-            let horizon = SystemTime::now() + plan.interval;
-            let mut writes = Vec::new();
-            let checked_before = record.checked;
-            for a in tracked {
-                // A page shifted by new actions can list one twice.
-                if !seen.insert(a.id.clone()) {
-                    continue;
-                }
-                let Some(f) = found.remove(&a.id) else {
-                    continue;
-                };
-                record.checked += 1;
-                let changed = a.status.as_deref() != Some(f.status.as_str());
-                record.changed += u64::from(changed);
-                if changed || a.next_poll_at <= horizon {
-                    writes.push(self.observed(&a, f, Some(plan.interval)));
-                }
-            }
             let writing = tokio::time::Instant::now();
-            let written = writes.len();
-            let backfill = self.sweep_state().backfill && plan.filter == SweepFilter::CreatedSince;
-            if backfill {
-                // Only what the backfill found is history; a change of an action someone
-                // enqueued is news even now.
-                let (old, news): (Vec<PollWrite>, Vec<PollWrite>) = std::mem::take(&mut writes)
-                    .into_iter()
-                    .partition(|w| fresh_ids.contains(&w.id));
-                self.write_quietly(&old).await?;
-                self.write(&news).await?;
-                let progress = format!(
-                    "discovery backfill: {} actions listed, {} recorded so far",
-                    record.listed, record.discovered
-                );
-                info!(
-                    page = record.pages,
-                    listed = record.listed,
-                    discovered = record.discovered,
-                    "discovery backfill page"
-                );
-                self.metrics.set_backfill(Some(progress));
-            } else {
-                self.write(&writes).await?;
-            }
+            let checked_before = record.checked;
+            let written = self.check_page(plan, &page, record, sweep).await?;
             self.metrics
                 .checks
                 .fetch_add(record.checked - checked_before, Ordering::Relaxed);
@@ -465,20 +420,160 @@ impl Poller {
                 entries = page.entries,
                 writes = written,
                 answer_ms = answered.as_millis() as u64,
-                match_ms = matched.as_millis() as u64,
-                write_ms = writing.elapsed().as_millis() as u64,
+                check_ms = writing.elapsed().as_millis() as u64,
                 "sweep page"
             );
-            if page.entries < top as usize {
+            let last = page.entries < top as usize;
+            self.sweep_state().reuse.1 = page.into_buffer();
+            if last {
                 return Ok(Listing::Complete);
             }
             skip += u64::from(top);
         }
     }
 
+    /// Compares one page with the sweep's index and writes what changed (and the schedule
+    /// of what would soon come due), `WRITE_CHUNK` actions a transaction; returns how many
+    /// actions were written.
+    async fn check_page(
+        &self,
+        plan: &SweepPlan,
+        page: &ListPage,
+        record: &mut SweepRecord,
+        sweep: &mut SweepIndex,
+    ) -> Result<usize, Halt> {
+        let mut write: Vec<&Listed> = Vec::new();
+        let mut lost: Vec<&Listed> = Vec::new();
+        let mut strangers: Vec<&Listed> = Vec::new();
+        for l in &page.listed {
+            match sweep.tracked.get_mut(&l.key) {
+                // A page shifted by new actions can list one twice.
+                Some(t) if t.seen => {}
+                Some(t) if t.not_found => {
+                    t.seen = true;
+                    lost.push(l);
+                }
+                Some(t) => {
+                    t.seen = true;
+                    record.checked += 1;
+                    let changed = t.status.as_ref() != Some(&l.status);
+                    record.changed += u64::from(changed);
+                    if changed || sweep.due_soon.contains(&l.key) {
+                        write.push(l);
+                    }
+                }
+                None => strangers.push(l),
+            }
+        }
+        if !lost.is_empty() {
+            let ids: Vec<ActionId> = lost.iter().map(|l| l.id()).collect();
+            let revived = self.revive(&ids).await?;
+            record.checked += revived.len() as u64;
+            write.extend(lost.iter().filter(|l| revived.contains(&l.key)));
+        }
+        let mut fresh = std::collections::HashSet::new();
+        if self.discovering() && !strangers.is_empty() {
+            let ids: Vec<ActionId> = strangers.iter().map(|l| l.id()).collect();
+            let unknown: std::collections::HashSet<u128> = self
+                .store
+                .unknown_among(&ids)
+                .await
+                .map_err(Halt::Store)?
+                .iter()
+                .map(ActionId::key)
+                .collect();
+            let wanted: Vec<&Listed> = strangers
+                .iter()
+                .copied()
+                .filter(|l| unknown.contains(&l.key))
+                .filter(|l| page.action(l).is_ok_and(|a| self.wanted(&a)))
+                .collect();
+            let ids: Vec<ActionId> = wanted.iter().map(|l| l.id()).collect();
+            let new = self
+                .store
+                .discover_among(&ids, SystemTime::now())
+                .await
+                .map_err(Halt::Store)?;
+            record.discovered += new.len() as u64;
+            self.metrics
+                .discovered
+                .fetch_add(new.len() as u64, Ordering::Relaxed);
+            fresh.extend(new.iter().map(|a| a.id.key()));
+            for l in wanted.iter().filter(|l| fresh.contains(&l.key)) {
+                sweep.tracked.insert(
+                    l.key,
+                    crate::store::Tracked {
+                        status: None,
+                        not_found: false,
+                        seen: true,
+                    },
+                );
+                record.checked += 1;
+                write.push(l);
+            }
+        }
+        let backfill = self.sweep_state().backfill && plan.filter == SweepFilter::CreatedSince;
+        let mut written = 0;
+        // Chunks bound what is held at once: the first sweep of 100,000 new actions
+        // writes every one, each with its whole answer.
+        for chunk in write.chunks(WRITE_CHUNK) {
+            let ids: Vec<ActionId> = chunk.iter().map(|l| l.id()).collect();
+            let rows: HashMap<u128, DueAction> = self
+                .store
+                .active_among(&ids)
+                .await
+                .map_err(Halt::Store)?
+                .into_iter()
+                .map(|a| (a.id.key(), a))
+                .collect();
+            let mut news = Vec::with_capacity(chunk.len());
+            let mut history = Vec::new();
+            for l in chunk {
+                let Some(row) = rows.get(&l.key) else {
+                    continue;
+                };
+                let found = match page.action(l) {
+                    Ok(found) => found,
+                    Err(problem) => {
+                        warn!(problem, "skipped an unreadable action in a sweep page");
+                        continue;
+                    }
+                };
+                let w = self.observed(row, found, Some(plan.interval));
+                // Only what the backfill found is history; a change of an action someone
+                // enqueued is news even now.
+                if backfill && fresh.contains(&l.key) {
+                    history.push(w);
+                } else {
+                    news.push(w);
+                }
+            }
+            written += news.len() + history.len();
+            self.write_quietly(&history).await?;
+            self.write(&news).await?;
+        }
+        if backfill {
+            let progress = format!(
+                "discovery backfill: {} actions listed, {} recorded so far",
+                record.listed, record.discovered
+            );
+            info!(
+                page = record.pages,
+                listed = record.listed,
+                discovered = record.discovered,
+                "discovery backfill page"
+            );
+            self.metrics.set_backfill(Some(progress));
+        }
+        Ok(written)
+    }
+
     /// Brings back actions that had ended `not_found` and are listed after all; returns
-    /// them ready to be checked from the page in hand.
-    pub(super) async fn revive(&self, ids: &[ActionId]) -> Result<Vec<DueAction>, Halt> {
+    /// the keys of those revived.
+    pub(super) async fn revive(
+        &self,
+        ids: &[ActionId],
+    ) -> Result<std::collections::HashSet<u128>, Halt> {
         let revived = self
             .store
             .revive_among(ids, SystemTime::now())
@@ -490,9 +585,18 @@ impl Poller {
         self.metrics
             .revived
             .fetch_add(revived.len() as u64, Ordering::Relaxed);
-        self.store.active_among(&revived).await.map_err(Halt::Store)
+        Ok(revived.iter().map(ActionId::key).collect())
     }
 }
+
+/// A sweep's view of the tracked actions (`Store::sweep_index`), marked as pages list them.
+pub(super) struct SweepIndex {
+    tracked: HashMap<u128, crate::store::Tracked>,
+    due_soon: std::collections::HashSet<u128>,
+}
+
+/// Actions written per transaction by a sweep.
+const WRITE_CHUNK: usize = 1_000;
 
 /// Which sweep filter to use and what it is expected to cost: the listing from the oldest
 /// tracked action's creation (nothing to fetch afterwards) unless the unfinished-status

@@ -192,6 +192,16 @@ pub struct DueAction {
     pub next_poll_at: SystemTime,
 }
 
+/// One entry of a sweep's index (`Store::sweep_index`).
+#[derive(Debug, Clone)]
+pub struct Tracked {
+    pub status: Option<crate::domain::ActionStatus>,
+    /// Ended `not_found`: a listing brings it back.
+    pub not_found: bool,
+    /// Listed by the sweep in hand (each action is checked once a sweep).
+    pub seen: bool,
+}
+
 /// What one poll of one action found.
 #[derive(Debug, Clone)]
 pub enum PollResult {
@@ -653,10 +663,31 @@ fn read_time(s: &str) -> Result<SystemTime> {
 pub const ACTIVE_AMONG: &str =
     "SELECT action_id, status, poll_count, enqueued_at, next_poll_at FROM actions
     WHERE action_id IN (SELECT value FROM json_each(?1)) AND +tracking = 'active'";
-pub const TRACKED_AMONG: &str =
-    "SELECT action_id, tracking, status, poll_count, enqueued_at, next_poll_at FROM actions
-    WHERE action_id IN (SELECT value FROM json_each(?1))
-      AND +tracking IN ('active', 'not_found')";
+/// One chunk of a sweep's index, in the order of the `actions_tracking` index: the
+/// records, and the last (status, id) read as `status || char(31) || id`. ?1 tracking,
+/// ?2 and ?3 the (status, id) the chunk starts after, ?4 the chunk's size. Actions never
+/// observed (status NULL, first in the index) are read by `SWEEP_INDEX_UNOBSERVED`.
+pub const SWEEP_INDEX: &str = "SELECT coalesce(group_concat(record, ''), ''),
+      max(status || char(31) || action_id)
+    FROM (SELECT action_id, status, action_id || (tracking = 'not_found') || CASE
+            WHEN status = 'Pending' THEN 1 WHEN status = 'InProgress' THEN 2
+            WHEN status = 'Succeeded' THEN 3 WHEN status = 'Failed' THEN 4
+            WHEN status = 'TimeOut' THEN 5 WHEN status = 'Cancelled' THEN 6 ELSE 9 END
+            AS record
+          FROM actions WHERE tracking = ?1 AND (status, action_id) > (?2, ?3)
+          ORDER BY tracking, status, action_id LIMIT ?4)";
+pub const SWEEP_INDEX_UNOBSERVED: &str = "SELECT coalesce(group_concat(record, ''), ''),
+      max(char(31) || action_id)
+    FROM (SELECT action_id, action_id || (tracking = 'not_found') || 0 AS record
+          FROM actions WHERE tracking = ?1 AND status IS NULL AND action_id > ?3
+            AND ?2 IS NOT NULL
+          ORDER BY tracking, status, action_id LIMIT ?4)";
+/// Records per `SWEEP_INDEX` chunk: SQLite builds each chunk's text with the C allocator
+/// on a database thread, and a few megabytes at once there stay resident long after
+/// (each reader thread keeps its own arena).
+const SWEEP_INDEX_CHUNK: u32 = 4_000;
+/// The width of one `SWEEP_INDEX` record.
+const SWEEP_RECORD: usize = 38;
 pub const RECORD_TRANSITIONS: &str = "INSERT INTO transitions
       (action_id, from_status, to_status, observed_at, mde_updated_at)
     SELECT a.action_id, a.status, w.value ->> '$.status', ?2,
@@ -728,9 +759,8 @@ pub const RECORD_FAILED: &str = "UPDATE actions SET
           FROM json_each(?1)) AS w
     WHERE actions.action_id = w.id AND +actions.tracking = 'active'
     RETURNING actions.tracking";
-pub const PAGE_STATEMENTS: [&str; 5] = [
+pub const PAGE_STATEMENTS: [&str; 4] = [
     ACTIVE_AMONG,
-    TRACKED_AMONG,
     RECORD_TRANSITIONS,
     RECORD_OBSERVED,
     RECORD_FAILED,

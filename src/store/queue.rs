@@ -228,60 +228,138 @@ impl Store {
             .collect()
     }
 
-    /// For one sweep page: the active actions among `ids`, and the ones that had ended
-    /// `not_found` (listed after all, so to be revived).
-    pub async fn tracked_among(&self, ids: &[ActionId]) -> Result<(Vec<DueAction>, Vec<ActionId>)> {
-        let rows = sqlx::query(TRACKED_AMONG)
-            .bind(id_list(ids))
-            .fetch_all(&self.reader)
-            .await?;
-        let mut active = Vec::with_capacity(rows.len());
-        let mut lost = Vec::new();
-        for row in &rows {
-            let tracking: String = row.try_get("tracking")?;
-            if tracking == Tracking::Active.as_str() {
-                active.push(due_from_row(row)?);
-            } else {
-                let id: String = row.try_get("action_id")?;
-                lost.push(ActionId::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?);
-            }
-        }
-        Ok((active, lost))
+    /// What a sweep compares each listed action with, in one read of the
+    /// `actions_tracking` index (it holds the status and the key: no table row is read):
+    /// every active action's last status, and the actions that had ended `not_found` (a
+    /// listing brings them back). About 60 bytes an action.
+    pub async fn sweep_index(&self) -> Result<HashMap<u128, Tracked>> {
+        let mut out = HashMap::new();
+        self.fill_sweep_index(&mut out).await?;
+        Ok(out)
     }
 
-    /// Makes due now every active action enqueued before `before` that is not in `seen`: a
-    /// sweep did not list them, so each needs a fetch by id. Returns how many.
-    pub async fn make_unseen_due(
-        &self,
-        seen: &std::collections::HashSet<ActionId>,
-        before: SystemTime,
-        now: SystemTime,
-    ) -> Result<u64> {
-        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
-        let active: Vec<String> = sqlx::query_scalar(
-            "SELECT action_id FROM actions WHERE tracking = 'active' AND enqueued_at < ?1",
-        )
-        .bind(format_time(before))
-        .fetch_all(&mut *tx)
-        .await?;
-        let unseen: Vec<&str> = active
-            .iter()
-            .map(String::as_str)
-            .filter(|id| !seen.contains(*id))
-            .collect();
-        if !unseen.is_empty() {
-            let list = json_array(&unseen);
-            sqlx::query(
-                "UPDATE actions SET next_poll_at = ?2
-                 WHERE action_id IN (SELECT value FROM json_each(?1)) AND +tracking = 'active'",
-            )
-            .bind(list)
-            .bind(format_time(now))
-            .execute(&mut *tx)
-            .await?;
+    /// `sweep_index` into a map that is emptied first: a sweep keeps the map's memory for
+    /// the next one.
+    pub async fn fill_sweep_index(&self, out: &mut HashMap<u128, Tracked>) -> Result<()> {
+        use crate::domain::ActionStatus;
+        out.clear();
+        // One row of fixed-width records rather than 100,000 rows (each row is a hop from
+        // the database thread): the id (36 characters, a CHECK guarantees it), 1 for
+        // not_found, and a digit for the status. A status this version does not know is
+        // read apart (rare).
+        let corrupt = |what: &str| StoreError::Corrupt(format!("sweep index: {what}"));
+        let mut other = Vec::new();
+        let parts = [
+            (Tracking::Active, SWEEP_INDEX_UNOBSERVED),
+            (Tracking::Active, SWEEP_INDEX),
+            (Tracking::NotFound, SWEEP_INDEX_UNOBSERVED),
+            (Tracking::NotFound, SWEEP_INDEX),
+        ];
+        for (tracking, sql) in parts {
+            // Keyset chunks through the (tracking, status) index, in its order.
+            let (mut status, mut after) = (String::new(), String::new());
+            loop {
+                // The chunk's text, and its last (status, id) in index order.
+                let (text, last): (String, Option<String>) = sqlx::query_as(sql)
+                    .bind(tracking.as_str())
+                    .bind(&status)
+                    .bind(&after)
+                    .bind(SWEEP_INDEX_CHUNK)
+                    .fetch_one(&self.reader)
+                    .await?;
+                if !text.is_ascii() || text.len() % SWEEP_RECORD != 0 {
+                    return Err(corrupt("records of the wrong width"));
+                }
+                let records = text.len() / SWEEP_RECORD;
+                out.reserve(records);
+                for record in text.as_bytes().chunks(SWEEP_RECORD) {
+                    let id = std::str::from_utf8(&record[..36]).map_err(|_| corrupt("not text"))?;
+                    let key = crate::domain::guid_key(id)
+                        .ok_or_else(|| corrupt(&format!("'{id}' is not an action id")))?;
+                    let status = match record[37] {
+                        b'0' => None,
+                        b'9' => {
+                            other.push(id.to_string());
+                            None
+                        }
+                        d => Some(
+                            ActionStatus::KNOWN
+                                .get(usize::from(d.wrapping_sub(b'1')))
+                                .cloned()
+                                .ok_or_else(|| corrupt("unknown status code"))?,
+                        ),
+                    };
+                    out.insert(
+                        key,
+                        Tracked {
+                            status,
+                            not_found: record[36] == b'1',
+                            seen: false,
+                        },
+                    );
+                }
+                match last {
+                    Some(last) if records == SWEEP_INDEX_CHUNK as usize && last.len() >= 37 => {
+                        let cut = last.len() - 37;
+                        after = last[cut + 1..].to_string();
+                        status = last[..cut].to_string();
+                    }
+                    _ => break,
+                }
+            }
         }
-        tx.commit().await?;
-        Ok(unseen.len() as u64)
+        if !other.is_empty() {
+            let rows: Vec<(String, String)> = sqlx::query_as(
+                "SELECT action_id, status FROM actions
+                 WHERE action_id IN (SELECT value FROM json_each(?1))",
+            )
+            .bind(json_array(&other))
+            .fetch_all(&self.reader)
+            .await?;
+            for (id, status) in rows {
+                if let Some(t) = crate::domain::guid_key(&id).and_then(|k| out.get_mut(&k)) {
+                    t.status = Some(ActionStatus::parse(&status));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The active actions due by `by` (through the `actions_due` index): a sweep rewrites
+    /// their schedule when it lists them, so that a pass does not fetch them by id.
+    pub async fn due_by(&self, by: SystemTime) -> Result<std::collections::HashSet<u128>> {
+        let text: String = sqlx::query_scalar(
+            // Never observed: written anyway (the listing differs). 100,000 of them just
+            // enqueued would otherwise make one large text.
+            "SELECT json_group_array(action_id) FROM actions
+             WHERE tracking = 'active' AND next_poll_at <= ?1 AND status IS NOT NULL",
+        )
+        .bind(format_time(by))
+        .fetch_one(&self.reader)
+        .await?;
+        let ids: Vec<&str> = serde_json::from_str(&text)
+            .map_err(|e| StoreError::Corrupt(format!("due actions: {e}")))?;
+        Ok(ids
+            .iter()
+            .filter_map(|id| crate::domain::guid_key(id))
+            .collect())
+    }
+
+    /// Makes the active actions among `ids` due now (a sweep did not list them, so each
+    /// needs a fetch by id). Returns how many.
+    pub async fn make_due(&self, ids: &[ActionId], now: SystemTime) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        Ok(sqlx::query(
+            "UPDATE actions SET next_poll_at = ?2
+             WHERE action_id IN (SELECT value FROM json_each(?1)) AND +tracking = 'active'",
+        )
+        .bind(id_list(ids))
+        .bind(format_time(now))
+        .execute(self.writer())
+        .await?
+        .rows_affected())
     }
 
     /// Brings every active action polled later than `later_than` forward to `now`.

@@ -614,6 +614,129 @@ async fn sweep_statements_look_ids_up_by_key() {
             "{sql}\n{plan:?}"
         );
     }
+    // The index a sweep compares its pages with is read from an index alone, never from
+    // the table's rows (about 2 KiB each, with the last answer).
+    for sql in [
+        mde_actiond::store::SWEEP_INDEX,
+        mde_actiond::store::SWEEP_INDEX_UNOBSERVED,
+    ] {
+        let plan: Vec<String> =
+            sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<String, _>("detail"))
+                .collect();
+        // A range of the index, in its order: each chunk costs its own size, not a scan.
+        assert!(
+            plan.iter()
+                .any(|d| d.contains("USING COVERING INDEX actions_tracking (")),
+            "{plan:?}"
+        );
+        assert!(!plan.iter().any(|d| d.contains("TEMP B-TREE")), "{plan:?}");
+    }
+}
+
+/// The sweep index holds every active and not_found action with its last status, keyed
+/// the way listed ids are.
+#[tokio::test]
+async fn the_sweep_index_holds_active_and_lost_actions() {
+    let (_dir, store) = fresh().await;
+    let all = ids(5, 3);
+    let now = SystemTime::now();
+    store.enqueue(&all, now).await.unwrap();
+    assert!(store.sweep_index().await.unwrap().len() == 5);
+    let later = now + Duration::from_secs(3600);
+    store.make_due(&all[..2], later).await.unwrap();
+    assert!(
+        store.due_by(now).await.unwrap().is_empty(),
+        "never observed: a sweep writes them anyway"
+    );
+    use mde_actiond::store::{NextStep, PollResult, PollWrite};
+    let observed = mde_actiond::domain::Observation {
+        status: Some(ActionStatus::InProgress),
+        ..Default::default()
+    };
+    let writes = [
+        PollWrite {
+            id: all[0].clone(),
+            result: PollResult::Observed(Box::new(observed.clone())),
+            next: NextStep::PollAt(later),
+        },
+        PollWrite {
+            id: all[1].clone(),
+            result: PollResult::NotFound,
+            next: NextStep::Finish(Tracking::NotFound),
+        },
+        PollWrite {
+            id: all[2].clone(),
+            result: PollResult::Observed(Box::new(mde_actiond::domain::Observation {
+                status: Some(ActionStatus::Succeeded),
+                ..observed
+            })),
+            next: NextStep::Finish(Tracking::Done),
+        },
+    ];
+    store.record_polls(&writes, now).await.unwrap();
+    let odd = PollWrite {
+        id: all[3].clone(),
+        result: PollResult::Observed(Box::new(mde_actiond::domain::Observation {
+            status: Some(ActionStatus::Other("Queued".into())),
+            ..Default::default()
+        })),
+        next: NextStep::PollAt(later),
+    };
+    store.record_polls(&[odd], now).await.unwrap();
+    let due = store.due_by(later).await.unwrap();
+    assert_eq!(due.len(), 2, "the observed active ones due by then");
+    assert!(due.contains(&all[0].key()) && due.contains(&all[3].key()));
+    assert!(store.due_by(now).await.unwrap().is_empty());
+    let index = store.sweep_index().await.unwrap();
+    assert_eq!(
+        index[&all[3].key()].status,
+        Some(ActionStatus::Other("Queued".into())),
+        "a status this version does not know is read apart"
+    );
+    assert_eq!(index.len(), 4, "the finished one is not in it");
+    assert_eq!(index[&all[0].key()].status, Some(ActionStatus::InProgress));
+    assert!(index[&all[1].key()].not_found);
+    assert!(!index.contains_key(&all[2].key()));
+    let t = &index[&all[4].key()];
+    assert!(t.status.is_none() && !t.not_found && !t.seen);
+}
+
+/// More actions than one chunk of the index read, in several statuses: each is read once.
+#[tokio::test]
+async fn the_sweep_index_reads_in_chunks_across_statuses() {
+    use mde_actiond::store::{NextStep, PollResult, PollWrite};
+    let (_dir, store) = fresh().await;
+    let all = ids(9_500, 4);
+    let now = SystemTime::now();
+    store.enqueue(&all, now).await.unwrap();
+    let status = |i: usize| match i % 3 {
+        0 => None,
+        1 => Some(ActionStatus::Pending),
+        _ => Some(ActionStatus::InProgress),
+    };
+    let writes: Vec<PollWrite> = (0..all.len())
+        .filter_map(|i| {
+            Some(PollWrite {
+                id: all[i].clone(),
+                result: PollResult::Observed(Box::new(mde_actiond::domain::Observation {
+                    status: Some(status(i)?),
+                    ..Default::default()
+                })),
+                next: NextStep::PollAt(now),
+            })
+        })
+        .collect();
+    store.record_polls(&writes, now).await.unwrap();
+    let index = store.sweep_index().await.unwrap();
+    assert_eq!(index.len(), all.len());
+    for (i, id) in all.iter().enumerate() {
+        assert_eq!(index[&id.key()].status, status(i), "{id}");
+    }
 }
 
 fn route(name: &str, events: &[&str], types: &[&str]) -> mde_actiond::store::Route {
