@@ -46,6 +46,7 @@ struct Args {
     ride_along: Option<f64>,
     max_interval: Option<f64>,
     sweep_interval: Option<f64>,
+    lag_per_call: Option<f64>,
     no_sweep: bool,
     /// Actions of other tools in the tenant, as a share of the tracked ones.
     untracked: f64,
@@ -82,6 +83,7 @@ fn parse_args() -> Args {
         ride_along: None,
         max_interval: None,
         sweep_interval: None,
+        lag_per_call: None,
         no_sweep: false,
         untracked: 0.1,
         ceiling: None,
@@ -115,6 +117,9 @@ fn parse_args() -> Args {
             "--sweep-interval" => {
                 args.sweep_interval = Some(value().parse().expect("--sweep-interval SECONDS"))
             }
+            "--lag-per-call" => {
+                args.lag_per_call = Some(value().parse().expect("--lag-per-call SECONDS"))
+            }
             "--no-sweep" => args.no_sweep = true,
             "--untracked" => args.untracked = value().parse().expect("--untracked SHARE"),
             "--peer-limit" => args.peer_limit = value().parse().expect("--peer-limit SECONDS"),
@@ -126,7 +131,7 @@ fn parse_args() -> Args {
                 println!(
                     "bench [--actions N] [--time-scale F] [--strategies a,b] [--seed N] [--untracked SHARE]\n\
                      \x20     [--scenario stampede|trickle] [--arrive-over S]  (trickle: Poisson arrivals over S, a burst of 500 halfway)\n\
-                     \x20     [--ride-along S] [--max-interval S] [--sweep-interval S] [--no-sweep] [--peer-limit WALL_SECONDS]\n\
+                     \x20     [--ride-along S] [--max-interval S] [--sweep-interval S] [--lag-per-call S] [--no-sweep] [--peer-limit WALL_SECONDS]\n\
                      \x20     [--ceiling WALL_SECONDS] [--page-size N]  (ceiling: no rate limit, checks per second, CPU per sweep)\n\
                      \x20     [--others SHARE] [--others-over S]  (actions started elsewhere during the run)\n\
                      strategies: mde-actiond, mde-actiond-discover, elastic-60s, sentinel-30s, xsoar-10s, splunk-5s"
@@ -496,6 +501,8 @@ fn daemon_settings(
         s.poll.sweep_page_size = n;
     }
     s.poll.not_found_after = scaled(d.poll.not_found_after.as_secs_f64());
+    s.poll.lag_per_call = scaled(args.lag_per_call.unwrap_or(p.lag_per_call.as_secs_f64()));
+    s.poll.young_for = scaled(p.young_for.as_secs_f64());
     s.api.timeout = Duration::from_secs(30);
     s.rate_limit = d.rate_limit.clone();
     s.database.checkpoint_interval = Duration::from_secs(1);

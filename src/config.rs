@@ -504,10 +504,21 @@ pub struct PollSettings {
     /// Whether to check every tracked action at once with a paged listing of the tenant when
     /// that is cheaper than asking by id (`auto`), or never (`off`).
     pub sweep: SweepMode,
-    /// The shortest time between two sweeps, when the budget allows: every tracked action is
-    /// checked this often for a handful of calls, whatever their number.
+    /// The longest time between two sweeps while actions are tracked (or discovery is on).
+    /// Sweeps come sooner while changes are likely (see `lag_per_call`), never faster
+    /// than 80% of the budget pays for.
     #[serde(with = "duration_text")]
     pub sweep_interval: Duration,
+    /// How much detection lag one list call is worth: sweeps come every
+    /// `sqrt(2 x lag_per_call / rate of change)`, the interval that minimises lag plus calls
+    /// (`lag_per_call` lag-seconds each), so calls go where changes are: often while
+    /// actions are young or changing, rarely for week-old ones.
+    #[serde(with = "duration_text")]
+    pub lag_per_call: Duration,
+    /// Actions enqueued within this long are expected to change soon: before any change
+    /// is seen, each counts as one change per (age + young_for/10).
+    #[serde(with = "duration_text")]
+    pub young_for: Duration,
     /// Actions per page of a sweep (`$top`; the service allows up to 10,000).
     pub sweep_page_size: u32,
     /// How long the poll loop may show no progress (a hung call, a database that refuses
@@ -587,7 +598,9 @@ impl Default for PollSettings {
             ride_along: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(5),
             sweep: SweepMode::Auto,
-            sweep_interval: Duration::from_secs(30),
+            sweep_interval: Duration::from_secs(120),
+            lag_per_call: Duration::from_secs(25),
+            young_for: Duration::from_secs(600),
             sweep_page_size: MAX_PAGE_SIZE,
             stall_after: None,
             discover: DiscoverMode::Off,

@@ -27,6 +27,9 @@ pub(super) struct SweepState {
     /// first sweep works it out), and whether that listing is the first-start backfill.
     pub(super) discover_from: Option<SystemTime>,
     pub(super) backfill: bool,
+    /// Changes per second among the tracked actions, as the last sweeps saw them
+    /// (exponentially weighted); None until a sweep has measured it.
+    pub(super) change_rate: Option<f64>,
     /// The last sweep's index map and page buffer, emptied: allocated once, not once a
     /// sweep and once a page (memory freed on one thread stays resident in its arena).
     pub(super) reuse: (HashMap<u128, crate::store::Tracked>, Vec<u8>),
@@ -114,10 +117,7 @@ impl Poller {
                 .window_cost
                 .as_ref()
                 .map_or(1, |(_, c)| *c);
-            let interval = self
-                .settings
-                .sweep_interval
-                .max(self.budget.sustainable_interval(cost, SWEEP_SHARE));
+            let interval = self.sweep_cadence(cost).await?;
             return Ok(Some(SweepPlan {
                 filter: SweepFilter::CreatedSince,
                 since: Some(since),
@@ -133,16 +133,31 @@ impl Poller {
         if !discovering && active.div_ceil(batch) <= u64::from(cost) {
             return Ok(None);
         }
-        let interval = self
-            .settings
-            .sweep_interval
-            .max(self.budget.sustainable_interval(cost, SWEEP_SHARE));
+        let interval = self.sweep_cadence(cost).await?;
         Ok(Some(SweepPlan {
             filter,
             since: since.filter(|_| filter == SweepFilter::CreatedSince),
             cost,
             interval,
         }))
+    }
+
+    /// Time between sweeps of `cost` calls: where change is likely, often; where it is not,
+    /// up to `sweep_interval`; never faster than the budget's share for sweeps pays.
+    async fn sweep_cadence(&self, cost: u32) -> Result<Duration, Halt> {
+        let young = self
+            .store
+            .young_change_rate(SystemTime::now(), self.settings.young_for)
+            .await
+            .map_err(Halt::Store)?;
+        let seen = self.sweep_state().change_rate.unwrap_or(0.0);
+        Ok(cadence(
+            self.settings.lag_per_call,
+            cost,
+            seen.max(young),
+            self.settings.sweep_interval,
+            self.budget.sustainable_interval(cost, SWEEP_SHARE),
+        ))
     }
 
     pub(super) fn discovering(&self) -> bool {
@@ -236,7 +251,7 @@ impl Poller {
     ) -> Result<(), Halt> {
         let started_at = SystemTime::now();
         let started = tokio::time::Instant::now();
-        self.sweep_state().last_started = Some(started);
+        let previous = self.sweep_state().last_started.replace(started);
         let sweep_id = self
             .store
             .start_sweep(plan.filter.as_str(), started_at)
@@ -306,6 +321,15 @@ impl Poller {
             };
             let cost = record.pages.max(1) + fetches;
             let mut st = self.sweep_state();
+            // The changes this sweep found happened since the one before started.
+            if let Some(previous) = previous {
+                let gap = started.duration_since(previous).as_secs_f64().max(1e-3);
+                let sample = record.changed as f64 / gap;
+                st.change_rate = Some(match st.change_rate {
+                    Some(rate) => (rate + sample) / 2.0,
+                    None => sample,
+                });
+            }
             match &plan.since {
                 Some(since) => {
                     st.window_cost = Some((since.clone(), cost));
@@ -598,6 +622,28 @@ pub(super) struct SweepIndex {
 /// Actions written per transaction by a sweep.
 const WRITE_CHUNK: usize = 1_000;
 
+/// The time between sweeps that minimises detection lag plus calls. Changes arriving at
+/// `rate` a second wait half an interval on average, and a sweep of `cost` calls is worth
+/// `lag_per_call` of lag per call: lag `rate x T / 2` plus `cost x lag_per_call / T` is
+/// least at `T = sqrt(2 x cost x lag_per_call / rate)`. Calls then go where change is (the
+/// interval shrinks as the square root of the rate), within the budget's `floor` and the
+/// configured `longest`.
+pub(super) fn cadence(
+    lag_per_call: Duration,
+    cost: u32,
+    rate: f64,
+    longest: Duration,
+    floor: Duration,
+) -> Duration {
+    let ideal = if rate.is_finite() && rate > 0.0 {
+        let secs = (2.0 * f64::from(cost.max(1)) * lag_per_call.as_secs_f64() / rate).sqrt();
+        Duration::try_from_secs_f64(secs).unwrap_or(longest)
+    } else {
+        longest
+    };
+    ideal.min(longest).max(floor)
+}
+
 /// Which sweep filter to use and what it is expected to cost: the listing from the oldest
 /// tracked action's creation (nothing to fetch afterwards) unless the unfinished-status
 /// listing was measured cheaper; an unmeasured form is tried when the other costs more than a
@@ -626,6 +672,24 @@ pub(super) fn choose_filter(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cadence_follows_the_square_root_of_the_rate_within_its_bounds() {
+        let s = Duration::from_secs;
+        let t = |cost, rate| cadence(s(20), cost, rate, s(120), s(3));
+        // sqrt(2 x 20 / 2.5) = 4 s; a quarter of the rate, twice the interval.
+        assert_eq!(t(1, 2.5), s(4));
+        assert_eq!(t(1, 0.625), s(8));
+        // Twice the calls a sweep: sqrt(2) times longer.
+        assert!((t(2, 0.625).as_secs_f64() - 8.0 * 2f64.sqrt()).abs() < 1e-9);
+        // The budget's floor and the configured longest interval bound it.
+        assert_eq!(t(1, 1000.0), s(3));
+        assert_eq!(t(1, 0.001), s(120));
+        assert_eq!(t(1, 0.0), s(120));
+        assert_eq!(t(1, f64::NAN), s(120));
+        // A budget too short for the longest interval wins over it.
+        assert_eq!(cadence(s(20), 11, 0.0, s(30), s(41)), s(41));
+    }
 
     #[test]
     fn filter_choice_prefers_the_cheaper_measured_listing() {

@@ -325,6 +325,22 @@ impl Store {
         Ok(())
     }
 
+    /// The changes per second to expect from actions enqueued within `young` before
+    /// `now`: one per (age + young/10) each, from the `actions_active_enqueued` index.
+    pub async fn young_change_rate(&self, now: SystemTime, young: Duration) -> Result<f64> {
+        let since = now.checked_sub(young).unwrap_or(SystemTime::UNIX_EPOCH);
+        Ok(sqlx::query_scalar(
+            "SELECT coalesce(sum(1.0 / max(?3, (julianday(?1) - julianday(enqueued_at)) * 86400.0
+                                              + ?3)), 0.0)
+             FROM actions WHERE tracking = 'active' AND enqueued_at > ?2",
+        )
+        .bind(format_time(now))
+        .bind(format_time(since))
+        .bind((young.as_secs_f64() / 10.0).max(1e-3))
+        .fetch_one(&self.reader)
+        .await?)
+    }
+
     /// The active actions due by `by` (through the `actions_due` index): a sweep rewrites
     /// their schedule when it lists them, so that a pass does not fetch them by id.
     pub async fn due_by(&self, by: SystemTime) -> Result<std::collections::HashSet<u128>> {

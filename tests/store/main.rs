@@ -647,6 +647,20 @@ async fn the_sweep_index_holds_active_and_lost_actions() {
     let now = SystemTime::now();
     store.enqueue(&all, now).await.unwrap();
     assert!(store.sweep_index().await.unwrap().len() == 5);
+    // Just enqueued: each is expected to change within young/10.
+    let young = Duration::from_secs(600);
+    let rate = store.young_change_rate(now, young).await.unwrap();
+    assert!((rate - 5.0 / 60.0).abs() < 1e-3, "{rate}");
+    let older = store
+        .young_change_rate(now + Duration::from_secs(60), young)
+        .await
+        .unwrap();
+    assert!((older - 5.0 / 120.0).abs() < 1e-3, "{older}");
+    let old = store
+        .young_change_rate(now + Duration::from_secs(601), young)
+        .await
+        .unwrap();
+    assert_eq!(old, 0.0, "no longer young");
     let later = now + Duration::from_secs(3600);
     store.make_due(&all[..2], later).await.unwrap();
     assert!(
