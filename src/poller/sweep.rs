@@ -30,9 +30,14 @@ pub(super) struct SweepState {
     /// Changes per second among the tracked actions, as the last sweeps saw them
     /// (exponentially weighted); None until a sweep has measured it.
     pub(super) change_rate: Option<f64>,
+    /// The changes expected of young actions (`Store::young_change_rate`) and when that
+    /// was read: the loop plans at every step, the read is worth one a `YOUNG_RATE_READS`th
+    /// of `young_for`.
+    pub(super) young_rate: Option<(tokio::time::Instant, f64)>,
     /// The last sweep's index map and page buffer, emptied: allocated once, not once a
     /// sweep and once a page (memory freed on one thread stays resident in its arena).
-    pub(super) reuse: (HashMap<u128, crate::store::Tracked>, Vec<u8>),
+    pub(super) spare_index: HashMap<u128, crate::store::Tracked>,
+    pub(super) spare_buffer: Vec<u8>,
 }
 
 /// How a sweep's listing ended.
@@ -145,11 +150,23 @@ impl Poller {
     /// Time between sweeps of `cost` calls: where change is likely, often; where it is not,
     /// up to `sweep_interval`; never faster than the budget's share for sweeps pays.
     async fn sweep_cadence(&self, cost: u32) -> Result<Duration, Halt> {
-        let young = self
-            .store
-            .young_change_rate(SystemTime::now(), self.settings.young_for)
-            .await
-            .map_err(Halt::Store)?;
+        let cached = self
+            .sweep_state()
+            .young_rate
+            .filter(|(at, _)| at.elapsed() < self.settings.young_for / YOUNG_RATE_READS)
+            .map(|(_, rate)| rate);
+        let young = match cached {
+            Some(rate) => rate,
+            None => {
+                let rate = self
+                    .store
+                    .young_change_rate(SystemTime::now(), self.settings.young_for)
+                    .await
+                    .map_err(Halt::Store)?;
+                self.sweep_state().young_rate = Some((tokio::time::Instant::now(), rate));
+                rate
+            }
+        };
         let seen = self.sweep_state().change_rate.unwrap_or(0.0);
         Ok(cadence(
             self.settings.lag_per_call,
@@ -264,7 +281,7 @@ impl Poller {
         // What every listed action is compared with, read once (an index, not the rows):
         // a page then costs what parsing it costs, and only what changed is written.
         let loading = tokio::time::Instant::now();
-        let mut tracked = std::mem::take(&mut self.sweep_state().reuse.0);
+        let mut tracked = std::mem::take(&mut self.sweep_state().spare_index);
         self.store
             .fill_sweep_index(&mut tracked)
             .await
@@ -356,7 +373,7 @@ impl Poller {
             // The map's memory serves the next sweep.
             let mut tracked = sweep.tracked;
             tracked.clear();
-            self.sweep_state().reuse.0 = tracked;
+            self.sweep_state().spare_index = tracked;
         }
         if let Err(e) = self
             .store
@@ -397,7 +414,7 @@ impl Poller {
             let page = self
                 .call(Endpoint::List, 0, Some(sweep_id), cancel, |token| {
                     let since = since.clone();
-                    let buffer = std::mem::take(&mut self.sweep_state().reuse.1);
+                    let buffer = std::mem::take(&mut self.sweep_state().spare_buffer);
                     async move {
                         self.client
                             .list_page(&token, plan.filter, &since, top, skip, buffer)
@@ -448,7 +465,7 @@ impl Poller {
                 "sweep page"
             );
             let last = page.entries < top as usize;
-            self.sweep_state().reuse.1 = page.into_buffer();
+            self.sweep_state().spare_buffer = page.into_buffer();
             if last {
                 return Ok(Listing::Complete);
             }
@@ -618,6 +635,10 @@ pub(super) struct SweepIndex {
     tracked: HashMap<u128, crate::store::Tracked>,
     due_soon: std::collections::HashSet<u128>,
 }
+
+/// Reads of the young actions' expected changes per `young_for` at most (once a second
+/// with the default 10 minutes): a read stands that long.
+const YOUNG_RATE_READS: u32 = 600;
 
 /// Actions written per transaction by a sweep.
 const WRITE_CHUNK: usize = 1_000;

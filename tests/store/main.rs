@@ -295,14 +295,8 @@ async fn schema_matches_the_documented_contract() {
         ("report_settings", &["name", "value"]),
     ];
     for (view, columns) in views {
-        let names: Vec<String> =
-            sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA table_info({view})")))
-                .fetch_all(&pool)
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get::<String, _>("name"))
-                .collect();
+        let query = sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA table_info({view})")));
+        let names = column(&pool, query, "name").await;
         for c in *columns {
             assert!(
                 names.iter().any(|n| n == c),
@@ -596,13 +590,7 @@ async fn sweep_statements_look_ids_up_by_key() {
         if sql.contains("?2") {
             query = query.bind("2030-01-01T00:00:00.000Z");
         }
-        let plan: Vec<String> = query
-            .fetch_all(&pool)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<String, _>("detail"))
-            .collect();
+        let plan = column(&pool, query, "detail").await;
         assert!(
             plan.iter().any(|d| d.contains("USING PRIMARY KEY")),
             "{sql}\n{plan:?}"
@@ -620,14 +608,8 @@ async fn sweep_statements_look_ids_up_by_key() {
         mde_actiond::store::SWEEP_INDEX,
         mde_actiond::store::SWEEP_INDEX_UNOBSERVED,
     ] {
-        let plan: Vec<String> =
-            sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
-                .fetch_all(&pool)
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get::<String, _>("detail"))
-                .collect();
+        let query = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")));
+        let plan = column(&pool, query, "detail").await;
         // A range of the index, in its order: each chunk costs its own size, not a scan.
         assert!(
             plan.iter()
@@ -751,6 +733,21 @@ async fn the_sweep_index_reads_in_chunks_across_statuses() {
     for (i, id) in all.iter().enumerate() {
         assert_eq!(index[&id.key()].status, status(i), "{id}");
     }
+}
+
+/// One text column of every row a query returns.
+async fn column(
+    pool: &sqlx::SqlitePool,
+    query: sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    name: &str,
+) -> Vec<String> {
+    query
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<String, _>(name))
+        .collect()
 }
 
 fn route(name: &str, events: &[&str], types: &[&str]) -> mde_actiond::store::Route {
