@@ -9,7 +9,8 @@
 //! true change to the strategy's observation, in simulated seconds), 429s, and for
 //! mde-actiond peak RSS, CPU seconds and database size. The daemon runs in a process of its
 //! own (this program started again with `--daemon-child`), so its RSS and CPU are its own;
-//! the simulated tenant and the peers run in this one. See docs/benchmarks.md.
+//! the simulated tenant and the peers run in this one. `BENCH_KEEP_DB=1` keeps the daemon's
+//! database for a look afterwards. See docs/benchmarks.md.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -532,7 +533,14 @@ async fn run_ours(args: &Args, discover: bool) -> Outcome {
         // Ids go to the daemon the moment they exist; the rest of the time, a cheap count
         // now and then: the harness must not compete with the daemon.
         match tokio::time::timeout(Duration::from_millis(500), arriving.recv()).await {
-            Ok(Some(batch)) => {
+            Ok(Some(mut batch)) => {
+                // What arrived while the last request was in flight goes in one request, as
+                // a queue consumer would send it: one request per arrival would make the
+                // harness, not the daemon, the bottleneck of a burst (500 arrivals in half
+                // a second of compressed time).
+                while let Ok(more) = arriving.try_recv() {
+                    batch.extend(more);
+                }
                 daemon.enqueue(&batch).await;
                 ids.extend(batch);
                 continue;
@@ -594,6 +602,10 @@ async fn run_ours(args: &Args, discover: bool) -> Outcome {
     within.sort_by(f64::total_cmp);
     let stats = sim.stats();
     let size = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
+    if std::env::var_os("BENCH_KEEP_DB").is_some() {
+        // For a look at the run afterwards (sweeps, api_calls, transitions).
+        eprintln!("database kept at {}", dir.keep().join("bench.db").display());
+    }
     let tracked_all = ids.len() + within.len();
     let sweeps = store.sweeps(u32::MAX).await.expect("sweeps");
     let pages: i64 = sweeps.iter().map(|s| s.pages).sum();

@@ -599,7 +599,7 @@ impl Default for PollSettings {
             shutdown_grace: Duration::from_secs(5),
             sweep: SweepMode::Auto,
             sweep_interval: Duration::from_secs(120),
-            lag_per_call: Duration::from_secs(25),
+            lag_per_call: Duration::from_secs(75),
             young_for: Duration::from_secs(600),
             sweep_page_size: MAX_PAGE_SIZE,
             stall_after: None,

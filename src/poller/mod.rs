@@ -114,6 +114,17 @@ enum CallError {
     Store(StoreError),
 }
 
+/// What sweeps cover while they run, as a pass needs it.
+#[derive(Debug, Clone, Copy)]
+struct Covered {
+    /// Time between sweeps.
+    interval: Duration,
+    /// Until the next sweep is due.
+    until_sweep: Duration,
+    /// The last sweep did not list some tracked actions: only a fetch by id checks them.
+    owed: bool,
+}
+
 /// Why a chunk stopped early; the sweep loop decides how long to wait.
 enum Halt {
     Cancelled,
@@ -373,7 +384,12 @@ impl Poller {
             return Ok(None);
         }
         let until_sweep = plan.interval.saturating_sub(since_last.unwrap_or_default());
-        let idle = self.pass(cancel, Some(plan.interval)).await?;
+        let sweeps = Covered {
+            interval: plan.interval,
+            until_sweep,
+            owed: pass_owed,
+        };
+        let idle = self.pass(cancel, Some(sweeps)).await?;
         Ok(idle.map(|d| d.min(until_sweep).max(Duration::from_millis(1))))
     }
 

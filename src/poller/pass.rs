@@ -4,12 +4,13 @@
 use super::*;
 
 impl Poller {
-    /// One pass over the due actions. `covered`: the sweep interval while sweeps run.
+    /// One pass over the due actions. `sweeps`: what sweeps cover while they run.
     pub(super) async fn pass(
         self: Arc<Self>,
         cancel: &CancellationToken,
-        covered: Option<Duration>,
+        sweeps: Option<Covered>,
     ) -> Result<Option<Duration>, Halt> {
+        let covered = sweeps.map(|s| s.interval);
         let now = SystemTime::now();
         let batch = self.effective_batch() as usize;
         let limit = batch * self.settings.concurrency.max(1) as usize;
@@ -25,6 +26,20 @@ impl Poller {
                 .and_then(|a| a.next_poll_at.duration_since(now).ok())
                 .unwrap_or(INTAKE_CHECK);
             return Ok(Some(until_first.min(INTAKE_CHECK)));
+        }
+        match sweeps {
+            Some(s) if !s.owed && !self.worth_a_call(due, s.until_sweep) => {
+                // The next sweep checks them; they are looked at again as more come due.
+                return Ok(Some(INTAKE_CHECK));
+            }
+            None => {
+                if let Some(wait) =
+                    self.ride_to_next_call(&candidates[..due], &candidates[due..], now)
+                {
+                    return Ok(Some(wait));
+                }
+            }
+            Some(_) => {}
         }
         self.metrics.passes.fetch_add(1, Ordering::Relaxed);
         let pass_started = tokio::time::Instant::now();
@@ -58,6 +73,38 @@ impl Poller {
             Some(h) => Err(h),
             None => Ok(None),
         }
+    }
+
+    /// While sweeps run, whether `due` actions are worth a call by id now rather than the
+    /// wait for the next sweep (due in `until_sweep`), which lists them anyway. The call
+    /// would spare each of them (up to a batch) at most that wait; it is made when that is
+    /// more than `lag_per_call`, the price the sweep cadence puts on a call. (Otherwise
+    /// every young action's backoff and every arrival of a trickle costs calls on top of
+    /// the sweeps that check the same actions; the cadence already counts young actions'
+    /// likely changes.) Actions a sweep did not list are fetched regardless.
+    pub(super) fn worth_a_call(&self, due: usize, until_sweep: Duration) -> bool {
+        let batch = self.effective_batch() as usize;
+        until_sweep.mul_f64(due.min(batch) as f64) >= self.settings.lag_per_call
+    }
+
+    /// Without sweeps: when every due action is new (never polled) and the next call goes
+    /// out anyway within `initial_interval` (the next action's poll), how long the new ones
+    /// wait to ride along with it. They wait when that is worth less than a call (as
+    /// `worth_a_call` prices it): a trickle of arrivals then costs the calls the backoff
+    /// of the young ones makes anyway, not one more call each. A new action is still
+    /// checked within `initial_interval`, and at once when nothing else is due soon.
+    fn ride_to_next_call(
+        &self,
+        due: &[DueAction],
+        later: &[DueAction],
+        now: SystemTime,
+    ) -> Option<Duration> {
+        if !due.iter().all(|a| a.poll_count == 0) {
+            return None;
+        }
+        let next = later.first()?.next_poll_at.duration_since(now).ok()?;
+        (next <= self.settings.initial_interval && !self.worth_a_call(due.len(), next))
+            .then_some(next)
     }
 
     /// Polls one chunk and writes its findings in one transaction.

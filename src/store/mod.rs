@@ -692,7 +692,7 @@ pub const RECORD_TRANSITIONS: &str = "INSERT INTO transitions
       (action_id, from_status, to_status, observed_at, mde_updated_at)
     SELECT a.action_id, a.status, w.value ->> '$.status', ?2,
            w.value ->> '$.updated_at'
-    FROM json_each(?1) AS w CROSS JOIN actions AS a
+    FROM jsonb_each(?1) AS w CROSS JOIN actions AS a
       ON a.action_id = w.value ->> '$.id'
     WHERE +a.tracking = 'active' AND w.value ->> '$.status' IS NOT NULL
       AND a.status IS NOT w.value ->> '$.status'
@@ -739,7 +739,7 @@ pub const RECORD_OBSERVED: &str = "UPDATE actions SET
             value ->> '$.raw' AS raw, value ->> '$.tracking' AS tracking,
             value ->> '$.next_poll_at' AS next_poll_at,
             value ->> '$.finished_at' AS finished_at
-          FROM json_each(?1)) AS w
+          FROM jsonb_each(?1)) AS w
     WHERE actions.action_id = w.id AND +actions.tracking = 'active'
     RETURNING actions.tracking";
 pub const RECORD_FAILED: &str = "UPDATE actions SET
@@ -756,7 +756,7 @@ pub const RECORD_FAILED: &str = "UPDATE actions SET
             value ->> '$.tracking' AS tracking,
             value ->> '$.next_poll_at' AS next_poll_at,
             value ->> '$.finished_at' AS finished_at
-          FROM json_each(?1)) AS w
+          FROM jsonb_each(?1)) AS w
     WHERE actions.action_id = w.id AND +actions.tracking = 'active'
     RETURNING actions.tracking";
 pub const PAGE_STATEMENTS: [&str; 4] = [

@@ -1,0 +1,71 @@
+//! Times `Store::record_polls` as the first sweep of many new actions calls it: every row
+//! gets its first answer (about 700 bytes, like the simulator's). A profiling aid:
+//!
+//!     cargo run --release --example store_write -- 20000 1000   # actions, rows per write
+//!     perf record -g target/release/examples/store_write 20000 1000
+use std::time::{Duration, Instant, SystemTime};
+
+use mde_actiond::domain::{ActionId, ActionStatus, Observation};
+use mde_actiond::store::{NextStep, OpenMode, PollResult, PollWrite, Store};
+
+#[tokio::main]
+async fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .map_or(100_000, |s| s.parse().unwrap());
+    let chunk: usize = std::env::args().nth(2).map_or(1000, |s| s.parse().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("w.db"), OpenMode::ReadWrite)
+        .await
+        .unwrap();
+    let ids: Vec<ActionId> = (0..n)
+        .map(|i| ActionId::parse(&format!("{:08x}-0000-4000-8000-{:012x}", i, i)).unwrap())
+        .collect();
+    let now = SystemTime::now();
+    let t = Instant::now();
+    for c in ids.chunks(10_000) {
+        store.enqueue(c, now).await.unwrap();
+    }
+    eprintln!("enqueue {n}: {:?}", t.elapsed());
+    let pad = "x".repeat(400);
+    let t = Instant::now();
+    for c in ids.chunks(chunk) {
+        let writes: Vec<PollWrite> = c
+            .iter()
+            .map(|id| {
+                let raw = format!(
+                    "{{\"id\":\"{}\",\"type\":\"Isolate\",\"status\":\"Pending\",\"requestor\":\"soc@contoso.com\",\"requestorComment\":\"{pad}\",\"creationDateTimeUtc\":\"2026-12-01T10:00:00.000Z\",\"lastUpdateDateTimeUtc\":\"2026-12-01T10:00:00.000Z\"}}",
+                    id.as_str()
+                );
+                PollWrite {
+                    id: id.clone(),
+                    result: PollResult::Observed(Box::new(Observation {
+                        status: Some(ActionStatus::Pending),
+                        action_type: Some("Isolate".into()),
+                        machine_id: Some("1e5bc9d7e413ddd7902c2932e418702b84d0cc07".into()),
+                        computer_dns_name: Some("desktop-01.contoso.com".into()),
+                        requestor: Some("soc@contoso.com".into()),
+                        requestor_comment: Some(pad.clone()),
+                        external_id: None,
+                        created_at: Some("2026-12-01T10:00:00.000Z".into()),
+                        updated_at: Some("2026-12-01T10:00:00.000Z".into()),
+                        title: None,
+                        scope: Some("Full".into()),
+                        request_source: Some("PublicApi".into()),
+                        error_hresult: Some(0),
+                        cancellation_requestor: None,
+                        cancellation_comment: None,
+                        cancelled_at: None,
+                        raw,
+                    })),
+                    next: NextStep::PollAt(now + Duration::from_secs(1200)),
+                }
+            })
+            .collect();
+        store
+            .record_polls(&writes, SystemTime::now())
+            .await
+            .unwrap();
+    }
+    eprintln!("record {n} in chunks of {chunk}: {:?}", t.elapsed());
+}
