@@ -75,36 +75,29 @@ impl Poller {
         }
     }
 
-    /// While sweeps run, whether `due` actions are worth a call by id now rather than the
-    /// wait for the next sweep (due in `until_sweep`), which lists them anyway. The call
-    /// would spare each of them (up to a batch) at most that wait; it is made when that is
-    /// more than `lag_per_call`, the price the sweep cadence puts on a call. (Otherwise
-    /// every young action's backoff and every arrival of a trickle costs calls on top of
-    /// the sweeps that check the same actions; the cadence already counts young actions'
-    /// likely changes.) Actions a sweep did not list are fetched regardless.
     pub(super) fn worth_a_call(&self, due: usize, until_sweep: Duration) -> bool {
-        let batch = self.effective_batch() as usize;
-        until_sweep.mul_f64(due.min(batch) as f64) >= self.settings.lag_per_call
+        worth_a_call(
+            due,
+            self.effective_batch() as usize,
+            until_sweep,
+            self.settings.lag_per_call,
+        )
     }
 
-    /// Without sweeps: when every due action is new (never polled) and the next call goes
-    /// out anyway within `initial_interval` (the next action's poll), how long the new ones
-    /// wait to ride along with it. They wait when that is worth less than a call (as
-    /// `worth_a_call` prices it): a trickle of arrivals then costs the calls the backoff
-    /// of the young ones makes anyway, not one more call each. A new action is still
-    /// checked within `initial_interval`, and at once when nothing else is due soon.
     fn ride_to_next_call(
         &self,
         due: &[DueAction],
         later: &[DueAction],
         now: SystemTime,
     ) -> Option<Duration> {
-        if !due.iter().all(|a| a.poll_count == 0) {
-            return None;
-        }
-        let next = later.first()?.next_poll_at.duration_since(now).ok()?;
-        (next <= self.settings.initial_interval && !self.worth_a_call(due.len(), next))
-            .then_some(next)
+        ride_to_next_call(
+            due,
+            later,
+            now,
+            self.settings.initial_interval,
+            self.effective_batch() as usize,
+            self.settings.lag_per_call,
+        )
     }
 
     /// Polls one chunk and writes its findings in one transaction.
@@ -202,5 +195,92 @@ impl Poller {
             Some(h) => Err(h),
             None => Ok(()),
         }
+    }
+}
+
+/// While sweeps run, whether `due` actions are worth a call by id now rather than the wait
+/// for the next sweep (`until_sweep`), which lists them anyway. The call would spare each of
+/// them (up to a `batch`) at most that wait; it is made when that is more than `price`
+/// (`lag_per_call`, what the sweep cadence puts on a call). Otherwise every young action's
+/// backoff and every arrival of a trickle costs calls on top of the sweeps that check the
+/// same actions; the cadence already counts young actions' likely changes. (Actions a sweep
+/// did not list are fetched regardless: the caller does not ask.)
+fn worth_a_call(due: usize, batch: usize, until_sweep: Duration, price: Duration) -> bool {
+    until_sweep.mul_f64(due.min(batch.max(1)) as f64) >= price
+}
+
+/// Without sweeps: when every due action is new (never polled) and the next call goes out
+/// anyway within `initial` (the first of the `later` candidates comes due), how long the new
+/// ones wait to ride along with it. They wait when that is worth less than a call: a
+/// trickle of arrivals then costs the calls the young ones' backoff makes anyway, not one
+/// more each. A new action is still checked within `initial`, and at once when nothing else
+/// is due soon.
+fn ride_to_next_call(
+    due: &[DueAction],
+    later: &[DueAction],
+    now: SystemTime,
+    initial: Duration,
+    batch: usize,
+    price: Duration,
+) -> Option<Duration> {
+    if !due.iter().all(|a| a.poll_count == 0) {
+        return None;
+    }
+    let next = later.first()?.next_poll_at.duration_since(now).ok()?;
+    (next <= initial && !worth_a_call(due.len(), batch, next, price)).then_some(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    fn action(n: u32, polls: u32, due_in: Duration, now: SystemTime) -> DueAction {
+        DueAction {
+            id: ActionId::parse(&format!("{n:08x}-0000-4000-8000-000000000000")).unwrap(),
+            status: None,
+            poll_count: polls,
+            enqueued_at: now,
+            next_poll_at: now + due_in,
+        }
+    }
+
+    #[test]
+    fn a_call_between_sweeps_must_save_more_than_its_price() {
+        // One action, the sweep 10 s away: 10 s saved is less than a 75 s call.
+        assert!(!worth_a_call(1, 100, S(10), S(75)));
+        // Eight actions each spared 10 s: 80 s, worth it.
+        assert!(worth_a_call(8, 100, S(10), S(75)));
+        // A call holds a batch: more due than that saves no more per call.
+        assert!(!worth_a_call(1_000, 5, S(10), S(75)));
+        assert!(worth_a_call(1_000, 8, S(10), S(75)));
+        // The sweep is due now: nothing to save.
+        assert!(!worth_a_call(100, 100, Duration::ZERO, S(75)));
+    }
+
+    #[test]
+    fn new_actions_ride_along_with_a_poll_that_is_soon() {
+        let now = SystemTime::now();
+        let new = [action(1, 0, Duration::ZERO, now)];
+        let later = [action(2, 3, S(4), now)];
+        let ride = |due: &[DueAction], later: &[DueAction]| {
+            ride_to_next_call(due, later, now, S(10), 100, S(75))
+        };
+        assert_eq!(ride(&new, &later), Some(S(4)));
+        // Alone: checked at once.
+        assert_eq!(ride(&new, &[]), None);
+        // The next poll is past initial_interval: at once.
+        assert_eq!(ride(&new, &[action(2, 3, S(11), now)]), None);
+        // An action that was polled before is due by its backoff: the pass goes now.
+        assert_eq!(
+            ride(&[new[0].clone(), action(3, 1, Duration::ZERO, now)], &later),
+            None
+        );
+        // Twenty new ones waiting 4 s each cost more than a call.
+        let many: Vec<DueAction> = (0..20)
+            .map(|n| action(10 + n, 0, Duration::ZERO, now))
+            .collect();
+        assert_eq!(ride(&many, &later), None);
     }
 }
