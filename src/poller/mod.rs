@@ -7,9 +7,10 @@
 //! - A *sweep* lists the whole tenant in pages (`$filter` on creation time or on the
 //!   unfinished statuses) and checks every tracked action on each page, one transaction per
 //!   page. It costs the same for ten actions or a hundred thousand, so once more actions are
-//!   tracked than its pages' worth of list calls by id, sweeps check everything every
-//!   `sweep_interval` (or as often as the budget allows) and passes are left with young
-//!   actions, which change soon, and with what a sweep did not list.
+//!   tracked than its pages' worth of list calls by id, sweeps check everything at the
+//!   cadence `sweep::cadence` sets (between the budget's floor and `sweep_interval`) and
+//!   passes are left with what a sweep did not list, and with due actions only when the
+//!   wait for the next sweep would cost them more than a call (`pass::worth_a_call`).
 //!
 //! No per-action state lives in memory beyond the page or batch in hand (a sweep keeps the ids
 //! it saw, to find the ones it did not). No database connection is held across an HTTP
