@@ -5,7 +5,8 @@
 //!     perf record -g target/release/examples/store_write 20000 1000
 use std::time::{Duration, Instant, SystemTime};
 
-use mde_actiond::domain::{ActionId, ActionStatus, Observation};
+use mde_actiond::domain::ActionId;
+use mde_actiond::mde::FetchedAction;
 use mde_actiond::store::{NextStep, OpenMode, PollResult, PollWrite, Store};
 
 #[tokio::main]
@@ -34,30 +35,14 @@ async fn main() {
             .iter()
             .map(|id| {
                 let raw = format!(
-                    "{{\"id\":\"{}\",\"type\":\"Isolate\",\"status\":\"Pending\",\"requestor\":\"soc@contoso.com\",\"requestorComment\":\"{pad}\",\"creationDateTimeUtc\":\"2026-12-01T10:00:00.000Z\",\"lastUpdateDateTimeUtc\":\"2026-12-01T10:00:00.000Z\"}}",
+                    "{{\"id\":\"{}\",\"type\":\"Isolate\",\"status\":\"Pending\",\"machineId\":\"1e5bc9d7e413ddd7902c2932e418702b84d0cc07\",\"computerDnsName\":\"desktop-01.contoso.com\",\"scope\":\"Full\",\"requestSource\":\"PublicApi\",\"errorHResult\":0,\"requestor\":\"soc@contoso.com\",\"requestorComment\":\"{pad}\",\"creationDateTimeUtc\":\"2026-12-01T10:00:00.000Z\",\"lastUpdateDateTimeUtc\":\"2026-12-01T10:00:00.000Z\"}}",
                     id.as_str()
                 );
+                // The observation as the daemon derives it from an answer.
+                let found = FetchedAction::from_json(&raw).expect("a MachineAction");
                 PollWrite {
                     id: id.clone(),
-                    result: PollResult::Observed(Box::new(Observation {
-                        status: Some(ActionStatus::Pending),
-                        action_type: Some("Isolate".into()),
-                        machine_id: Some("1e5bc9d7e413ddd7902c2932e418702b84d0cc07".into()),
-                        computer_dns_name: Some("desktop-01.contoso.com".into()),
-                        requestor: Some("soc@contoso.com".into()),
-                        requestor_comment: Some(pad.clone()),
-                        external_id: None,
-                        created_at: Some("2026-12-01T10:00:00.000Z".into()),
-                        updated_at: Some("2026-12-01T10:00:00.000Z".into()),
-                        title: None,
-                        scope: Some("Full".into()),
-                        request_source: Some("PublicApi".into()),
-                        error_hresult: Some(0),
-                        cancellation_requestor: None,
-                        cancellation_comment: None,
-                        cancelled_at: None,
-                        raw,
-                    })),
+                    result: PollResult::Observed(Box::new(found.observation)),
                     next: NextStep::PollAt(now + Duration::from_secs(1200)),
                 }
             })
