@@ -1,5 +1,7 @@
-//! Times `Store::record_polls` as the first sweep of many new actions calls it: every row
-//! gets its first answer (about 700 bytes, like the simulator's). A profiling aid:
+//! Times `Store::record_polls` as the first sweeps of many new actions call it: every row
+//! gets its first answer (about 700 bytes, like the simulator's), then a second one
+//! (`Pending` to `InProgress`). Ids are random, as MDE's are, so rows land all over the
+//! table. A profiling aid:
 //!
 //!     cargo run --release --example store_write -- 20000 1000   # actions, rows per write
 //!     perf record -g target/release/examples/store_write 20000 1000
@@ -19,8 +21,20 @@ async fn main() {
     let store = Store::open(&dir.path().join("w.db"), OpenMode::ReadWrite)
         .await
         .unwrap();
+    let mut rng = fastrand::Rng::with_seed(7);
     let ids: Vec<ActionId> = (0..n)
-        .map(|i| ActionId::parse(&format!("{:08x}-0000-4000-8000-{:012x}", i, i)).unwrap())
+        .map(|_| {
+            let (a, b) = (rng.u64(..), rng.u64(..));
+            let id = format!(
+                "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+                a >> 32,
+                (a >> 16) & 0xffff,
+                a & 0xfff,
+                b >> 52,
+                b & 0xffff_ffff_ffff
+            );
+            ActionId::parse(&id).unwrap()
+        })
         .collect();
     let now = SystemTime::now();
     let t = Instant::now();
@@ -29,28 +43,38 @@ async fn main() {
     }
     eprintln!("enqueue {n}: {:?}", t.elapsed());
     let pad = "x".repeat(400);
-    let t = Instant::now();
-    for c in ids.chunks(chunk) {
-        let writes: Vec<PollWrite> = c
-            .iter()
-            .map(|id| {
-                let raw = format!(
-                    "{{\"id\":\"{}\",\"type\":\"Isolate\",\"status\":\"Pending\",\"machineId\":\"1e5bc9d7e413ddd7902c2932e418702b84d0cc07\",\"computerDnsName\":\"desktop-01.contoso.com\",\"scope\":\"Full\",\"requestSource\":\"PublicApi\",\"errorHResult\":0,\"requestor\":\"soc@contoso.com\",\"requestorComment\":\"{pad}\",\"creationDateTimeUtc\":\"2026-12-01T10:00:00.000Z\",\"lastUpdateDateTimeUtc\":\"2026-12-01T10:00:00.000Z\"}}",
-                    id.as_str()
-                );
-                // The observation as the daemon derives it from an answer.
-                let found = FetchedAction::from_json(&raw).expect("a MachineAction");
-                PollWrite {
-                    id: id.clone(),
-                    result: PollResult::Observed(Box::new(found.observation)),
-                    next: NextStep::PollAt(now + Duration::from_secs(1200)),
-                }
-            })
-            .collect();
-        store
-            .record_polls(&writes, SystemTime::now())
-            .await
-            .unwrap();
+    for status in ["Pending", "InProgress"] {
+        let t = Instant::now();
+        for c in ids.chunks(chunk) {
+            let writes: Vec<PollWrite> = c
+                .iter()
+                .map(|id| {
+                    let raw = format!(
+                        "{{\"id\":\"{}\",\"type\":\"Isolate\",\"status\":\"{status}\",\"machineId\":\"1e5bc9d7e413ddd7902c2932e418702b84d0cc07\",\"computerDnsName\":\"desktop-01.contoso.com\",\"scope\":\"Full\",\"requestSource\":\"PublicApi\",\"errorHResult\":0,\"requestor\":\"soc@contoso.com\",\"requestorComment\":\"{pad}\",\"creationDateTimeUtc\":\"2026-12-01T10:00:00.000Z\",\"lastUpdateDateTimeUtc\":\"2026-12-01T10:00:00.000Z\"}}",
+                        id.as_str()
+                    );
+                    // The observation as the daemon derives it from an answer.
+                    let found = FetchedAction::from_json(&raw).expect("a MachineAction");
+                    PollWrite {
+                        id: id.clone(),
+                        result: PollResult::Observed(Box::new(found.observation)),
+                        next: NextStep::PollAt(now + Duration::from_secs(1200)),
+                    }
+                })
+                .collect();
+            store
+                .record_polls(&writes, SystemTime::now())
+                .await
+                .unwrap();
+        }
+        eprintln!(
+            "record {n} {status} in chunks of {chunk}: {:?}",
+            t.elapsed()
+        );
     }
-    eprintln!("record {n} in chunks of {chunk}: {:?}", t.elapsed());
+    let size = std::fs::metadata(dir.path().join("w.db")).unwrap().len();
+    eprintln!("database: {} MiB", size >> 20);
+    if std::env::var_os("KEEP_DB").is_some() {
+        eprintln!("kept at {}", dir.keep().join("w.db").display());
+    }
 }

@@ -176,7 +176,9 @@ async fn a_full_disk_pauses_polling_and_it_resumes_by_itself_losing_nothing() {
 async fn a_write_that_fails_on_a_full_disk_leaves_the_writer_usable() {
     use mde_actiond::domain::{ActionId, Tracking};
     use mde_actiond::store::{NextStep, Observation, OpenMode, PollResult, PollWrite, Store};
-    let Some(fs) = Tmpfs::mount("64m") else {
+    // Room for the file and the WAL of the retried 8 MB transaction, which spills the
+    // page cache several times (about 70 MB at 8 KiB pages).
+    let Some(fs) = Tmpfs::mount("112m") else {
         return;
     };
     let path = fs.path().join("t.db");
