@@ -24,12 +24,7 @@ async fn fresh() -> (tempfile::TempDir, Store) {
 
 /// The file as a reporting tool opens it, after the store has closed it.
 async fn read_only(dir: &tempfile::TempDir) -> sqlx::SqlitePool {
-    sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}?mode=ro",
-        dir.path().join("t.db").display()
-    ))
-    .await
-    .unwrap()
+    read_only_at(&dir.path().join("t.db")).await
 }
 
 fn observed(id: &ActionId, status: ActionStatus, next: NextStep) -> PollWrite {
@@ -940,23 +935,14 @@ async fn a_1_3_database_gains_the_outbox_and_keeps_its_rows() {
 async fn new_files_use_8_kib_pages_and_older_files_convert() {
     use sqlx::Connection;
     async fn pragmas(path: &std::path::Path) -> (i64, String, i64) {
-        let mut c =
-            sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", path.display()))
-                .await
-                .unwrap();
-        let size: i64 = sqlx::query_scalar("PRAGMA page_size")
-            .fetch_one(&mut c)
-            .await
-            .unwrap();
-        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-            .fetch_one(&mut c)
-            .await
-            .unwrap();
-        let vacuum: i64 = sqlx::query_scalar("PRAGMA auto_vacuum")
-            .fetch_one(&mut c)
-            .await
-            .unwrap();
-        (size, mode, vacuum)
+        sqlx::query_as(
+            "SELECT (SELECT page_size FROM pragma_page_size()),
+                    (SELECT journal_mode FROM pragma_journal_mode()),
+                    (SELECT auto_vacuum FROM pragma_auto_vacuum())",
+        )
+        .fetch_one(&read_only_at(path).await)
+        .await
+        .unwrap()
     }
     let (dir, store) = fresh().await;
     store.close().await;
