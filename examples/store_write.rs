@@ -22,20 +22,7 @@ async fn main() {
         .await
         .unwrap();
     let mut rng = fastrand::Rng::with_seed(7);
-    let ids: Vec<ActionId> = (0..n)
-        .map(|_| {
-            let (a, b) = (rng.u64(..), rng.u64(..));
-            let id = format!(
-                "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-                a >> 32,
-                (a >> 16) & 0xffff,
-                a & 0xfff,
-                b >> 52,
-                b & 0xffff_ffff_ffff
-            );
-            ActionId::parse(&id).unwrap()
-        })
-        .collect();
+    let ids: Vec<ActionId> = (0..n).map(|_| ActionId::random(&mut rng)).collect();
     let now = SystemTime::now();
     let t = Instant::now();
     for c in ids.chunks(10_000) {
