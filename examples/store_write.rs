@@ -3,8 +3,12 @@
 //! (`Pending` to `InProgress`). Ids are random, as MDE's are, so rows land all over the
 //! table. A profiling aid:
 //!
-//!     cargo run --release --example store_write -- 20000 1000   # actions, rows per write
-//!     perf record -g target/release/examples/store_write 20000 1000
+//!     cargo run --release --example store_write -- 20000 1000 10  # actions, rows per
+//!                                             # statement batch, batches per transaction
+//!     perf record -g target/release/examples/store_write 20000 1000 10
+
+//!
+//! A sweep page of 10,000 is ten batches of 1,000 in one transaction (`PollBatch`).
 use std::time::{Duration, Instant, SystemTime};
 
 use mde_actiond::domain::ActionId;
@@ -17,6 +21,7 @@ async fn main() {
         .nth(1)
         .map_or(100_000, |s| s.parse().unwrap());
     let chunk: usize = std::env::args().nth(2).map_or(1000, |s| s.parse().unwrap());
+    let per_tx: usize = std::env::args().nth(3).map_or(10, |s| s.parse().unwrap());
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("w.db"), OpenMode::ReadWrite)
         .await
@@ -32,8 +37,10 @@ async fn main() {
     let pad = "x".repeat(400);
     for status in ["Pending", "InProgress"] {
         let t = Instant::now();
-        for c in ids.chunks(chunk) {
-            let writes: Vec<PollWrite> = c
+        for page in ids.chunks(chunk * per_tx) {
+            let mut batch = store.begin_polls().await.unwrap();
+            for c in page.chunks(chunk) {
+                let writes: Vec<PollWrite> = c
                 .iter()
                 .map(|id| {
                     let raw = format!(
@@ -49,13 +56,15 @@ async fn main() {
                     }
                 })
                 .collect();
-            store
-                .record_polls(&writes, SystemTime::now())
-                .await
-                .unwrap();
+                batch
+                    .record(&writes, SystemTime::now(), true)
+                    .await
+                    .unwrap();
+            }
+            batch.commit().await.unwrap();
         }
         eprintln!(
-            "record {n} {status} in chunks of {chunk}: {:?}",
+            "record {n} {status} in batches of {chunk}, {per_tx} a transaction: {:?}",
             t.elapsed()
         );
     }

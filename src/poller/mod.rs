@@ -412,31 +412,25 @@ impl Poller {
         w.checks = checks;
     }
 
-    /// Writes one call's (or one page's) findings in one transaction.
+    /// Writes one call's findings in one transaction.
     async fn write(&self, writes: &[PollWrite]) -> Result<(), Halt> {
-        self.write_with(writes, true).await
-    }
-
-    /// `write` without notification events (the discovery backfill).
-    async fn write_quietly(&self, writes: &[PollWrite]) -> Result<(), Halt> {
-        self.write_with(writes, false).await
-    }
-
-    async fn write_with(&self, writes: &[PollWrite], notify: bool) -> Result<(), Halt> {
         if writes.is_empty() {
             return Ok(());
         }
         let write_started = tokio::time::Instant::now();
-        let now = SystemTime::now();
-        let summary = if notify {
-            self.store.record_polls(writes, now).await
-        } else {
-            self.store.record_polls_quietly(writes, now).await
-        }
-        .map_err(Halt::Store)?;
-        self.metrics
-            .db_write_seconds
-            .observe(write_started.elapsed());
+        let summary = self
+            .store
+            .record_polls(writes, SystemTime::now())
+            .await
+            .map_err(Halt::Store)?;
+        self.committed(summary, write_started.elapsed());
+        Ok(())
+    }
+
+    /// Tells what a committed write found: metrics, the notifier, the log. `writing` is
+    /// the time spent in the database for it.
+    fn committed(&self, summary: crate::store::WriteSummary, writing: std::time::Duration) {
+        self.metrics.db_write_seconds.observe(writing);
         if summary.deliveries > 0 {
             self.outbox.send_modify(|n| *n = n.wrapping_add(1));
         }
@@ -465,6 +459,5 @@ impl Poller {
         self.metrics
             .finished
             .fetch_add(summary.finished.into(), Ordering::Relaxed);
-        Ok(())
     }
 }

@@ -33,6 +33,7 @@ pub use outbox::{
 mod log;
 mod outbox;
 mod queue;
+pub use queue::PollBatch;
 mod reads;
 mod upkeep;
 
@@ -202,6 +203,9 @@ pub struct Tracked {
     pub not_found: bool,
     /// Listed by the sweep in hand (each action is checked once a sweep).
     pub seen: bool,
+    /// Active and due for a poll before the time the index was read for: a sweep that
+    /// lists it writes its later schedule, so that no pass fetches it by id.
+    pub due_soon: bool,
 }
 
 /// What one poll of one action found.
@@ -690,6 +694,15 @@ pub const SWEEP_INDEX_UNOBSERVED: &str = "SELECT coalesce(group_concat(record, '
           FROM actions WHERE tracking = ?1 AND status IS NULL AND action_id > ?3
             AND ?2 IS NOT NULL
           ORDER BY tracking, status, action_id LIMIT ?4)";
+/// One chunk of the active actions due by ?1, through the `actions_due` index: their ids
+/// end to end, and the last (next_poll_at, id) as `next_poll_at || char(31) || id`; ?2 and
+/// ?3 the (next_poll_at, id) the chunk starts after, ?4 the chunk's size.
+pub const SWEEP_DUE: &str = "SELECT coalesce(group_concat(action_id, ''), ''),
+      max(next_poll_at || char(31) || action_id)
+    FROM (SELECT action_id, next_poll_at FROM actions
+          WHERE tracking = 'active' AND next_poll_at <= ?1
+            AND (next_poll_at, action_id) > (?2, ?3)
+          ORDER BY tracking, next_poll_at, action_id LIMIT ?4)";
 /// Records per `SWEEP_INDEX` chunk: SQLite builds each chunk's text with the C allocator
 /// on a database thread, and a few megabytes at once there stay resident long after
 /// (each reader thread keeps its own arena).

@@ -232,17 +232,22 @@ impl Store {
     /// `actions_tracking` index (it holds the status and the key: no table row is read):
     /// every active action's last status, and the actions that had ended `not_found` (a
     /// listing brings them back). About 60 bytes an action.
-    pub async fn sweep_index(&self) -> Result<HashMap<u128, Tracked>> {
+    pub async fn sweep_index(&self, due_by: SystemTime) -> Result<HashMap<u128, Tracked>> {
         let mut out = HashMap::new();
-        self.fill_sweep_index(&mut out).await?;
+        self.fill_sweep_index(&mut out, due_by).await?;
         Ok(out)
     }
 
     /// `sweep_index` into a map that is emptied first: a sweep keeps the map's memory for
     /// the next one.
-    pub async fn fill_sweep_index(&self, out: &mut HashMap<u128, Tracked>) -> Result<()> {
+    pub async fn fill_sweep_index(
+        &self,
+        out: &mut HashMap<u128, Tracked>,
+        due_by: SystemTime,
+    ) -> Result<()> {
         use crate::domain::ActionStatus;
         out.clear();
+        let due_by = format_time(due_by);
         // One row of fixed-width records rather than 100,000 rows (each row is a hop from
         // the database thread): the id (36 characters, a CHECK guarantees it), 1 for
         // not_found, and a digit for the status. A status this version does not know is
@@ -295,6 +300,7 @@ impl Store {
                             status,
                             not_found: record[36] == b'1',
                             seen: false,
+                            due_soon: false,
                         },
                     );
                 }
@@ -306,6 +312,35 @@ impl Store {
                     }
                     _ => break,
                 }
+            }
+        }
+        // The due ones in chunks of the `actions_due` index too: one list of them all was,
+        // at 100,000 just observed, megabytes of text at once (and its copies).
+        let (mut next, mut after) = (String::new(), String::new());
+        loop {
+            let (text, last): (String, Option<String>) = sqlx::query_as(SWEEP_DUE)
+                .bind(&due_by)
+                .bind(&next)
+                .bind(&after)
+                .bind(SWEEP_INDEX_CHUNK)
+                .fetch_one(&self.reader)
+                .await?;
+            if !text.is_ascii() || text.len() % 36 != 0 {
+                return Err(corrupt("due ids of the wrong width"));
+            }
+            for id in text.as_bytes().chunks(36) {
+                let id = std::str::from_utf8(id).map_err(|_| corrupt("not text"))?;
+                if let Some(t) = crate::domain::guid_key(id).and_then(|k| out.get_mut(&k)) {
+                    t.due_soon = true;
+                }
+            }
+            match last {
+                Some(last) if text.len() / 36 == SWEEP_INDEX_CHUNK as usize && last.len() > 37 => {
+                    let cut = last.len() - 37;
+                    after = last[cut + 1..].to_string();
+                    next = last[..cut].to_string();
+                }
+                _ => break,
             }
         }
         if !other.is_empty() {
@@ -339,26 +374,6 @@ impl Store {
         .bind((young.as_secs_f64() / 10.0).max(1e-3))
         .fetch_one(&self.reader)
         .await?)
-    }
-
-    /// The active actions due by `by` (through the `actions_due` index): a sweep rewrites
-    /// their schedule when it lists them, so that a pass does not fetch them by id.
-    pub async fn due_by(&self, by: SystemTime) -> Result<std::collections::HashSet<u128>> {
-        let text: String = sqlx::query_scalar(
-            // Never observed: written anyway (the listing differs). 100,000 of them just
-            // enqueued would otherwise make one large text.
-            "SELECT json_group_array(action_id) FROM actions
-             WHERE tracking = 'active' AND next_poll_at <= ?1 AND status IS NOT NULL",
-        )
-        .bind(format_time(by))
-        .fetch_one(&self.reader)
-        .await?;
-        let ids: Vec<&str> = serde_json::from_str(&text)
-            .map_err(|e| StoreError::Corrupt(format!("due actions: {e}")))?;
-        Ok(ids
-            .iter()
-            .filter_map(|id| crate::domain::guid_key(id))
-            .collect())
     }
 
     /// Makes the active actions among `ids` due now (a sweep did not list them, so each
@@ -397,29 +412,44 @@ impl Store {
         writes: &[PollWrite],
         now: SystemTime,
     ) -> Result<WriteSummary> {
-        self.record(writes, now, true).await
+        let mut batch = self.begin_polls().await?;
+        batch.record(writes, now, true).await?;
+        batch.commit().await
     }
 
-    /// `record_polls` without notification events: what a discovery backfill records is
-    /// history (days-old outcomes), not news.
-    pub async fn record_polls_quietly(
-        &self,
-        writes: &[PollWrite],
-        now: SystemTime,
-    ) -> Result<WriteSummary> {
-        self.record(writes, now, false).await
+    /// A transaction for several `record_polls` batches: a sweep page's writes commit
+    /// once (one fsync, each index page written to the WAL once) while each statement
+    /// still binds a bounded batch. It holds the only write connection until committed
+    /// or dropped (dropping rolls back): other writers wait for it.
+    pub async fn begin_polls(&self) -> Result<PollBatch> {
+        Ok(PollBatch {
+            tx: self.writer().begin_with("BEGIN IMMEDIATE").await?,
+            summary: WriteSummary::default(),
+        })
     }
+}
 
+/// An open transaction of poll writes (`Store::begin_polls`).
+pub struct PollBatch {
+    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    summary: WriteSummary,
+}
+
+impl PollBatch {
+    /// Writes what a batch of polls found; `notify` queues notification events for its
+    /// transitions (a discovery backfill's history is not news). Nothing is visible, nor
+    /// durable, before `commit`.
     #[instrument(skip_all, fields(count = writes.len()))]
-    async fn record(
-        &self,
+    pub async fn record(
+        &mut self,
         writes: &[PollWrite],
         now: SystemTime,
         notify: bool,
-    ) -> Result<WriteSummary> {
+    ) -> Result<()> {
         let now_text = format_time(now);
-        let mut summary = WriteSummary::default();
-        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
+        let tx = &mut self.tx;
+        let summary = &mut self.summary;
+        let first = summary.transitions.len();
         // A handful of statements per batch, each taking the whole batch as one JSON array:
         // per-row statements cost a round trip to the database thread each, which made
         // writing the answers of a 10,000-action sweep page take most of a second.
@@ -429,13 +459,13 @@ impl Store {
                 let mut recorded: Vec<CommittedTransition> = sqlx::query_as(RECORD_TRANSITIONS)
                     .bind(list)
                     .bind(&now_text)
-                    .fetch_all(&mut *tx)
+                    .fetch_all(&mut **tx)
                     .await?;
                 summary.transitions.append(&mut recorded);
                 let tracking: Vec<String> = sqlx::query_scalar(RECORD_OBSERVED)
                     .bind(list)
                     .bind(&now_text)
-                    .fetch_all(&mut *tx)
+                    .fetch_all(&mut **tx)
                     .await?;
                 summary.finished += finished_among(&tracking);
             }
@@ -443,16 +473,21 @@ impl Store {
                 let tracking: Vec<String> = sqlx::query_scalar(RECORD_FAILED)
                     .bind(list)
                     .bind(&now_text)
-                    .fetch_all(&mut *tx)
+                    .fetch_all(&mut **tx)
                     .await?;
                 summary.finished += finished_among(&tracking);
             }
         }
         if notify {
-            let ids: Vec<i64> = summary.transitions.iter().map(|t| t.id).collect();
-            summary.deliveries = outbox::queue_transition_events(&mut tx, &ids, &now_text).await?;
+            let ids: Vec<i64> = summary.transitions[first..].iter().map(|t| t.id).collect();
+            summary.deliveries += outbox::queue_transition_events(tx, &ids, &now_text).await?;
         }
-        tx.commit().await?;
-        Ok(summary)
+        Ok(())
+    }
+
+    /// Commits every batch recorded; returns what they committed.
+    pub async fn commit(self) -> Result<WriteSummary> {
+        self.tx.commit().await?;
+        Ok(self.summary)
     }
 }

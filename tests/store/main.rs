@@ -427,6 +427,64 @@ async fn a_replayed_observation_is_not_a_new_transition() {
     assert!(row.next_poll_at.is_none());
 }
 
+/// A sweep page writes in several batches and commits once: nothing is seen before the
+/// commit, a dropped batch leaves no trace, and a later batch sees an earlier one's rows.
+#[tokio::test]
+async fn a_poll_batch_commits_all_its_writes_or_none() {
+    let (_dir, store) = fresh().await;
+    let a = ids(4, 9);
+    let now = SystemTime::now();
+    store.enqueue(&a, now).await.unwrap();
+    let later = NextStep::PollAt(now + Duration::from_secs(5));
+    let first: Vec<PollWrite> = a
+        .iter()
+        .map(|id| observed(id, ActionStatus::Pending, later.clone()))
+        .collect();
+    let second = [observed(&a[0], ActionStatus::InProgress, later.clone())];
+
+    let mut batch = store.begin_polls().await.unwrap();
+    batch.record(&first, now, true).await.unwrap();
+    batch.record(&second, now, true).await.unwrap();
+    drop(batch);
+    for id in &a {
+        assert!(store.transitions(id).await.unwrap().is_empty());
+        let row = store.action(id).await.unwrap().unwrap();
+        assert_eq!((row.status, row.poll_count), (None, 0));
+    }
+
+    let mut batch = store.begin_polls().await.unwrap();
+    batch.record(&first, now, true).await.unwrap();
+    // The writer is held: a reader still sees the state before the batch.
+    assert!(store.transitions(&a[1]).await.unwrap().is_empty());
+    batch.record(&second, now, true).await.unwrap();
+    let summary = batch.commit().await.unwrap();
+    assert_eq!(summary.transitions.len(), 5);
+    let log: Vec<(Option<String>, String)> = store
+        .transitions(&a[0])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.from_status, t.to_status))
+        .collect();
+    assert_eq!(
+        log,
+        vec![
+            (None, "Pending".into()),
+            (Some("Pending".into()), "InProgress".into()),
+        ]
+    );
+    for id in &a[1..] {
+        let row = store.action(id).await.unwrap().unwrap();
+        assert_eq!(row.status.as_deref(), Some("Pending"));
+    }
+    // The write connection is free again.
+    store
+        .record_polls(&[observed(&a[1], ActionStatus::InProgress, later)], now)
+        .await
+        .unwrap();
+    assert_eq!(store.transitions(&a[1]).await.unwrap().len(), 2);
+}
+
 #[tokio::test]
 async fn errors_count_without_touching_status() {
     let (_dir, store) = fresh().await;
@@ -613,6 +671,18 @@ async fn sweep_statements_look_ids_up_by_key() {
         );
         assert!(!plan.iter().any(|d| d.contains("TEMP B-TREE")), "{plan:?}");
     }
+    // The due ones too, from the `actions_due` index alone.
+    let query = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN QUERY PLAN {}",
+        mde_actiond::store::SWEEP_DUE
+    )));
+    let plan = column(&pool, query, "detail").await;
+    assert!(
+        plan.iter()
+            .any(|d| d.contains("USING COVERING INDEX actions_due (")),
+        "{plan:?}"
+    );
+    assert!(!plan.iter().any(|d| d.contains("TEMP B-TREE")), "{plan:?}");
 }
 
 /// The sweep index holds every active and not_found action with its last status, keyed
@@ -623,7 +693,7 @@ async fn the_sweep_index_holds_active_and_lost_actions() {
     let all = ids(5, 3);
     let now = SystemTime::now();
     store.enqueue(&all, now).await.unwrap();
-    assert!(store.sweep_index().await.unwrap().len() == 5);
+    assert!(store.sweep_index(now).await.unwrap().len() == 5);
     // Just enqueued: each is expected to change within young/10.
     let young = Duration::from_secs(600);
     let rate = store.young_change_rate(now, young).await.unwrap();
@@ -640,10 +710,16 @@ async fn the_sweep_index_holds_active_and_lost_actions() {
     assert_eq!(old, 0.0, "no longer young");
     let later = now + Duration::from_secs(3600);
     store.make_due(&all[..2], later).await.unwrap();
-    assert!(
-        store.due_by(now).await.unwrap().is_empty(),
-        "never observed: a sweep writes them anyway"
-    );
+    let due = |index: &std::collections::HashMap<u128, mde_actiond::store::Tracked>| {
+        let mut keys: Vec<u128> = index
+            .iter()
+            .filter(|(_, t)| t.due_soon)
+            .map(|(k, _)| *k)
+            .collect();
+        keys.sort();
+        keys
+    };
+
     use mde_actiond::store::{NextStep, PollResult, PollWrite};
     let observed = mde_actiond::domain::Observation {
         status: Some(ActionStatus::InProgress),
@@ -679,11 +755,16 @@ async fn the_sweep_index_holds_active_and_lost_actions() {
         next: NextStep::PollAt(later),
     };
     store.record_polls(&[odd], now).await.unwrap();
-    let due = store.due_by(later).await.unwrap();
-    assert_eq!(due.len(), 2, "the observed active ones due by then");
-    assert!(due.contains(&all[0].key()) && due.contains(&all[3].key()));
-    assert!(store.due_by(now).await.unwrap().is_empty());
-    let index = store.sweep_index().await.unwrap();
+    // all[4], never observed, has been due since its enqueueing (a sweep writes it
+    // anyway); all[0] and all[3] are due at `later`; all[1] is lost and all[2] finished.
+    let mut by_then = vec![all[0].key(), all[3].key(), all[4].key()];
+    by_then.sort();
+    assert_eq!(due(&store.sweep_index(later).await.unwrap()), by_then);
+    assert_eq!(
+        due(&store.sweep_index(now).await.unwrap()),
+        vec![all[4].key()]
+    );
+    let index = store.sweep_index(now).await.unwrap();
     assert_eq!(
         index[&all[3].key()].status,
         Some(ActionStatus::Other("Queued".into())),
@@ -723,11 +804,18 @@ async fn the_sweep_index_reads_in_chunks_across_statuses() {
         })
         .collect();
     store.record_polls(&writes, now).await.unwrap();
-    let index = store.sweep_index().await.unwrap();
+    let index = store.sweep_index(now).await.unwrap();
     assert_eq!(index.len(), all.len());
     for (i, id) in all.iter().enumerate() {
         assert_eq!(index[&id.key()].status, status(i), "{id}");
     }
+    // Due now, every one, read in chunks of the due index as well.
+    assert!(index.values().all(|t| t.due_soon));
+    let earlier = store
+        .sweep_index(now - Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(earlier.values().all(|t| !t.due_soon));
 }
 
 /// One text column of every row a query returns.
