@@ -10,7 +10,9 @@
 //! mde-actiond peak RSS, CPU seconds and database size. The daemon runs in a process of its
 //! own (this program started again with `--daemon-child`), so its RSS and CPU are its own;
 //! the simulated tenant and the peers run in this one. `BENCH_KEEP_DB=1` keeps the daemon's
-//! database for a look afterwards. See docs/benchmarks.md.
+//! database for a look afterwards; `BENCH_DAEMON_WRAP="heaptrack -o /tmp/ht"` runs the
+//! daemon child under a profiler. A peer stopped by `--peer-limit` also gets its lag with
+//! the changes it had not seen counted at the stop (lower bounds). See docs/benchmarks.md.
 
 use std::collections::HashMap;
 use std::sync::Arc;
