@@ -304,13 +304,9 @@ impl Store {
                         },
                     );
                 }
-                match last {
-                    Some(last) if records == SWEEP_INDEX_CHUNK as usize && last.len() >= 37 => {
-                        let cut = last.len() - 37;
-                        after = last[cut + 1..].to_string();
-                        status = last[..cut].to_string();
-                    }
-                    _ => break,
+                match resume_after(last, records == SWEEP_INDEX_CHUNK as usize) {
+                    Some(key) => (status, after) = key,
+                    None => break,
                 }
             }
         }
@@ -334,13 +330,9 @@ impl Store {
                     t.due_soon = true;
                 }
             }
-            match last {
-                Some(last) if text.len() / 36 == SWEEP_INDEX_CHUNK as usize && last.len() > 37 => {
-                    let cut = last.len() - 37;
-                    after = last[cut + 1..].to_string();
-                    next = last[..cut].to_string();
-                }
-                _ => break,
+            match resume_after(last, text.len() / 36 == SWEEP_INDEX_CHUNK as usize) {
+                Some(key) => (next, after) = key,
+                None => break,
             }
         }
         if !other.is_empty() {
@@ -427,6 +419,15 @@ impl Store {
             summary: WriteSummary::default(),
         })
     }
+}
+
+/// Where the next keyset chunk of the sweep's reads starts: the chunk's last key,
+/// `first || char(31) || id` (a 36-character id), split in two; `None` when the chunk was
+/// not full (it was the last).
+fn resume_after(last: Option<String>, full: bool) -> Option<(String, String)> {
+    let last = last.filter(|l| full && l.len() >= 37)?;
+    let cut = last.len() - 37;
+    Some((last[..cut].to_string(), last[cut + 1..].to_string()))
 }
 
 /// An open transaction of poll writes (`Store::begin_polls`).

@@ -41,6 +41,17 @@ fn observed(id: &ActionId, status: ActionStatus, next: NextStep) -> PollWrite {
     }
 }
 
+/// An action's transitions as (from, to).
+async fn status_log(store: &Store, id: &ActionId) -> Vec<(Option<String>, String)> {
+    store
+        .transitions(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.from_status, t.to_status))
+        .collect()
+}
+
 /// (name, declared type, NOT NULL)
 type Column = (&'static str, &'static str, bool);
 
@@ -406,15 +417,8 @@ async fn a_replayed_observation_is_not_a_new_transition() {
         .await
         .unwrap();
     assert_eq!(s.transitions.len(), 0);
-    let log: Vec<(Option<String>, String)> = store
-        .transitions(&a[0])
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|t| (t.from_status, t.to_status))
-        .collect();
     assert_eq!(
-        log,
+        status_log(&store, &a[0]).await,
         vec![
             (None, "Pending".into()),
             (Some("Pending".into()), "InProgress".into()),
@@ -459,15 +463,8 @@ async fn a_poll_batch_commits_all_its_writes_or_none() {
     batch.record(&second, now, true).await.unwrap();
     let summary = batch.commit().await.unwrap();
     assert_eq!(summary.transitions.len(), 5);
-    let log: Vec<(Option<String>, String)> = store
-        .transitions(&a[0])
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|t| (t.from_status, t.to_status))
-        .collect();
     assert_eq!(
-        log,
+        status_log(&store, &a[0]).await,
         vec![
             (None, "Pending".into()),
             (Some("Pending".into()), "InProgress".into()),
