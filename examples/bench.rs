@@ -913,15 +913,39 @@ async fn run_ceiling(args: &Args, secs: f64) {
     while complete(store.clone()).await < warm && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let sweeps0 = complete(store.clone()).await;
+    // CPU per sweep is read between sweep completions (to within a 20 ms look), so that
+    // neither a sweep in flight at the window's end nor the rest of the warm-up's writes
+    // count: a 15 s window holds only a dozen sweeps.
+    let next_sweep = |after: usize| {
+        let store = store.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            loop {
+                let n = complete(store.clone()).await;
+                if n > after || tokio::time::Instant::now() > deadline {
+                    return n;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let mut sweeps0 = complete(store.clone()).await;
+    if sweeps0 > 0 {
+        sweeps0 = next_sweep(sweeps0).await;
+    }
     let (_, cpu0) = daemon.usage();
     let checks0 = checks_now().await;
     let started = tokio::time::Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     let checks = checks_now().await - checks0;
     let wall = started.elapsed().as_secs_f64();
-    let (peak, cpu1) = daemon.usage();
-    let sweeps = complete(store.clone()).await - sweeps0;
+    let (mut peak, mut cpu1) = daemon.usage();
+    let mut sweeps = complete(store.clone()).await;
+    if sweeps > sweeps0 {
+        sweeps = next_sweep(sweeps).await;
+        (peak, cpu1) = daemon.usage();
+    }
+    let sweeps = sweeps - sweeps0;
     let cpu = cpu1 - cpu0;
     daemon.stop().await;
     let stats = sim.stats();

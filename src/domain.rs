@@ -332,8 +332,6 @@ impl fmt::Display for Tracking {
     }
 }
 
-/// Formats a time the way the database stores it: UTC RFC 3339 with milliseconds and `Z`,
-/// fixed width so that text order is time order.
 /// `d` before now, or `None` when that is before 1970 (which no timestamp here can name:
 /// `--since 100000y` is an input error, not a panic).
 pub fn time_ago(d: Duration) -> Option<SystemTime> {
@@ -342,8 +340,18 @@ pub fn time_ago(d: Duration) -> Option<SystemTime> {
         .filter(|t| *t >= SystemTime::UNIX_EPOCH)
 }
 
+/// Formats a time the way the database stores it: UTC RFC 3339 with milliseconds and `Z`,
+/// fixed width so that text order is time order.
 pub fn format_time(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// A time MDE sent, cut to the milliseconds the database keeps: what `normalize_time`
+/// stores, without rendering it (a sweep compares 100,000 of them).
+pub fn parse_time_millis(s: &str) -> Option<SystemTime> {
+    let t = parse_time(s)?;
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_millis(since.as_millis() as u64))
 }
 
 /// Parses a time MDE sent (any number of fractional digits, `Z`) or one we stored.

@@ -448,7 +448,7 @@ impl SweepFilter {
                 let since = since?;
                 // Stored times are cut to milliseconds, as is `since`: compare like with like.
                 let text = created?;
-                let created = normalize_time(text).and_then(|t| crate::domain::parse_time(&t))?;
+                let created = crate::domain::parse_time_millis(text)?;
                 (created < since).then(|| {
                     format!(
                         "{id} was created at {text}, before the filter's {}",
@@ -507,6 +507,8 @@ struct WireListed<'a> {
     last_update_date_time_utc: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     last_update_time_utc: Option<Cow<'a, str>>,
+    #[serde(borrow, default, rename = "type")]
+    action_type: Option<Cow<'a, str>>,
 }
 
 impl ListPage {
@@ -589,6 +591,25 @@ impl ListPage {
     pub fn raw(&self, l: &Listed) -> &str {
         let (start, len) = (l.span.0 as usize, l.span.1 as usize);
         &self.body[start..start + len]
+    }
+
+    /// Whether the entry says nothing the store lacks, given the update time stored for
+    /// it (`DueAction::updated_at`): MDE moves `lastUpdateDateTimeUtc` with each change of
+    /// an action, so the same status (the caller compares it) and the same update time
+    /// are the same answer. A live response's commands progress under one status and
+    /// nothing documents that they move the update time, so such an entry is never taken
+    /// as unchanged; nor is one without an update time.
+    pub fn unchanged_since(&self, l: &Listed, stored_updated_at: Option<&str>) -> bool {
+        let Some(stored) = stored_updated_at else {
+            return false;
+        };
+        serde_json::from_str::<WireListed>(self.raw(l)).is_ok_and(|w| {
+            w.action_type.as_deref() != Some("LiveResponse")
+                && w.last_update_date_time_utc
+                    .or(w.last_update_time_utc)
+                    .and_then(|t| normalize_time(&t))
+                    .is_some_and(|t| t == stored)
+        })
     }
 
     /// The whole action of an entry.
@@ -896,6 +917,8 @@ mod tests {
     use proptest::prelude::*;
 
     const ID: &str = "2e9da30d-27f6-4208-81f2-9cd3d67893ba";
+    const ID2: &str = "4c3f1a2b-0d5e-4f6a-8b7c-9d0e1f2a3b4c";
+    const ID3: &str = "7a8b9c0d-1e2f-4a3b-8c4d-5e6f7a8b9c0d";
 
     #[test]
     fn reads_the_documented_example_and_both_field_spellings() {
@@ -1107,6 +1130,32 @@ mod tests {
         assert!(!ignored(&early, SweepFilter::StatusEqOr, None));
         // Without a listing to check against (an id list), nothing is contradicted.
         assert_eq!(ListPage::parse(early, None).unwrap().listed.len(), 1);
+    }
+
+    #[test]
+    fn a_listed_answer_is_unchanged_only_with_the_stored_update_time() {
+        let page = ListPage::parse(
+            format!(
+                r#"{{"value":[
+                {{"id":"{ID}","type":"Isolate","status":"InProgress","lastUpdateDateTimeUtc":"2026-11-30T10:00:01.9316312Z"}},
+                {{"id":"{ID2}","type":"LiveResponse","status":"InProgress","lastUpdateTimeUtc":"2026-11-30T10:00:01.93Z"}},
+                {{"id":"{ID3}","status":"Pending"}}]}}"#
+            ),
+            None,
+        )
+        .unwrap();
+        let [isolate, live, bare] = &page.listed[..] else {
+            panic!("{:?}", page.listed)
+        };
+        // The stored time is the normalized one: fractional digits past the millisecond
+        // say nothing new.
+        let stored = "2026-11-30T10:00:01.931Z";
+        assert!(page.unchanged_since(isolate, Some(stored)));
+        assert!(!page.unchanged_since(isolate, Some("2026-11-30T10:00:01.932Z")));
+        assert!(!page.unchanged_since(isolate, None));
+        // A live response's commands move under one status: always read in full.
+        assert!(!page.unchanged_since(live, Some("2026-11-30T10:00:01.930Z")));
+        assert!(!page.unchanged_since(bare, Some(stored)));
     }
 
     #[test]

@@ -243,6 +243,7 @@ mod tests {
             poll_count: polls,
             enqueued_at: now,
             next_poll_at: now + due_in,
+            updated_at: None,
         }
     }
 

@@ -570,6 +570,19 @@ impl Poller {
                 let Some(row) = rows.get(&l.key) else {
                     continue;
                 };
+                // Listed as it was last written: only the schedule moves, and neither the
+                // answer's parse nor its copy through SQLite is paid for.
+                if row.status.as_deref() == Some(l.status.as_str())
+                    && !l.status.is_terminal()
+                    && page.unchanged_since(l, row.updated_at.as_deref())
+                {
+                    news.push(PollWrite {
+                        id: row.id.clone(),
+                        result: PollResult::Unchanged,
+                        next: self.next_step(row, Some(plan.interval)),
+                    });
+                    continue;
+                }
                 let found = match page.action(l) {
                     Ok(found) => found,
                     Err(problem) => {

@@ -193,6 +193,9 @@ pub struct DueAction {
     pub poll_count: u32,
     pub enqueued_at: SystemTime,
     pub next_poll_at: SystemTime,
+    /// MDE's `lastUpdateDateTimeUtc` as last written (normalized), when known: with the
+    /// status, what tells a sweep whether a listed answer is news.
+    pub updated_at: Option<String>,
 }
 
 /// One entry of a sweep's index (`Store::sweep_index`).
@@ -212,6 +215,10 @@ pub struct Tracked {
 #[derive(Debug, Clone)]
 pub enum PollResult {
     Observed(Box<Observation>),
+    /// A sweep listed the action with the status and update time stored: the answer is
+    /// the one already written, so only the schedule moves (no row rewrite, no answer
+    /// copied through SQLite: most of a sweep's cost when nothing changes).
+    Unchanged,
     /// MDE answered 404 to the single GET.
     NotFound,
     /// The poll failed in a way that does not say anything about the action.
@@ -663,6 +670,7 @@ fn due_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<DueAction> {
         poll_count: u32::try_from(count).unwrap_or(u32::MAX),
         enqueued_at: read_time(&enqueued)?,
         next_poll_at: read_time(&next)?,
+        updated_at: row.try_get("mde_updated_at")?,
     })
 }
 
@@ -673,7 +681,8 @@ fn read_time(s: &str) -> Result<SystemTime> {
 /// The statements of one sweep page (and of every poll batch), public so a test can check
 /// their query plans: each looks listed ids up by key.
 pub const ACTIVE_AMONG: &str =
-    "SELECT action_id, status, poll_count, enqueued_at, next_poll_at FROM actions
+    "SELECT action_id, status, poll_count, enqueued_at, next_poll_at, mde_updated_at
+    FROM actions
     WHERE action_id IN (SELECT value FROM json_each(?1)) AND +tracking = 'active'";
 /// One chunk of a sweep's index, in the order of the `actions_tracking` index: the
 /// records, and the last (status, id) read as `status || char(31) || id`. ?1 tracking,
@@ -882,16 +891,18 @@ fn rows_to_write(group: &[&PollWrite], now: &str) -> (Option<String>, Option<Str
                 next_poll_at,
                 finished_at,
             }),
-            PollResult::NotFound | PollResult::Error(_) => failed.push(FailedRow {
-                id: w.id.as_str(),
-                error: match &w.result {
-                    PollResult::Error(e) => Some(e.as_str()),
-                    _ => None,
-                },
-                tracking: tracking.as_str(),
-                next_poll_at,
-                finished_at,
-            }),
+            PollResult::Unchanged | PollResult::NotFound | PollResult::Error(_) => {
+                failed.push(FailedRow {
+                    id: w.id.as_str(),
+                    error: match &w.result {
+                        PollResult::Error(e) => Some(e.as_str()),
+                        _ => None,
+                    },
+                    tracking: tracking.as_str(),
+                    next_poll_at,
+                    finished_at,
+                })
+            }
         }
     }
     (

@@ -104,7 +104,7 @@ impl Store {
              SELECT value, 'active', ?2, ?2, 'discovered' FROM json_each(?1) WHERE true
              ORDER BY value
              ON CONFLICT (action_id) DO NOTHING
-             RETURNING action_id, status, poll_count, enqueued_at, next_poll_at",
+             RETURNING action_id, status, poll_count, enqueued_at, next_poll_at, mde_updated_at",
         )
         .bind(id_list(ids))
         .bind(format_time(now))
@@ -149,8 +149,8 @@ impl Store {
     #[instrument(skip_all)]
     pub async fn due_actions(&self, horizon: SystemTime, limit: u32) -> Result<Vec<DueAction>> {
         let rows = sqlx::query(
-            "SELECT action_id, status, poll_count, enqueued_at, next_poll_at FROM actions
-             WHERE tracking = 'active' AND next_poll_at <= ?1
+            "SELECT action_id, status, poll_count, enqueued_at, next_poll_at, mde_updated_at
+             FROM actions WHERE tracking = 'active' AND next_poll_at <= ?1
              ORDER BY next_poll_at LIMIT ?2",
         )
         .bind(format_time(horizon))

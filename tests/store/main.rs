@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use mde_actiond::domain::{ActionId, ActionStatus, Tracking};
+use mde_actiond::domain::{ActionId, ActionStatus, Tracking, format_time};
 use mde_actiond::store::{
     Enqueued, NextStep, Observation, OpenMode, PollResult, PollWrite, Store, StoreError,
 };
@@ -483,6 +483,79 @@ async fn a_poll_batch_commits_all_its_writes_or_none() {
 }
 
 #[tokio::test]
+async fn an_unchanged_listing_moves_only_the_schedule() {
+    let (_dir, store) = fresh().await;
+    let a = ids(2, 21);
+    let now = SystemTime::now();
+    store.enqueue(&a, now).await.unwrap();
+    let soon = NextStep::PollAt(now + Duration::from_secs(5));
+    let first: Vec<PollWrite> = a
+        .iter()
+        .map(|id| observed(id, ActionStatus::InProgress, soon.clone()))
+        .collect();
+    store.record_polls(&first, now).await.unwrap();
+    let before = store.action(&a[0]).await.unwrap().unwrap();
+    // What a sweep reads of the listed actions carries the stored update time.
+    let rows = store.active_among(&a).await.unwrap();
+    assert!(
+        rows.iter()
+            .all(|r| r.updated_at.as_deref() == Some("2026-11-28T10:00:00.000Z")),
+        "{rows:?}"
+    );
+
+    let later = now + Duration::from_secs(60);
+    let summary = store
+        .record_polls(
+            &[
+                PollWrite {
+                    id: a[0].clone(),
+                    result: PollResult::Unchanged,
+                    next: NextStep::PollAt(later + Duration::from_secs(600)),
+                },
+                PollWrite {
+                    id: a[1].clone(),
+                    result: PollResult::Unchanged,
+                    next: NextStep::Finish(Tracking::GaveUp),
+                },
+            ],
+            later,
+        )
+        .await
+        .unwrap();
+    assert!(summary.transitions.is_empty());
+    assert_eq!(summary.finished, 1);
+    let after = store.action(&a[0]).await.unwrap().unwrap();
+    assert_eq!(after.poll_count, before.poll_count + 1);
+    assert_eq!(after.last_polled_at, Some(format_time(later)));
+    assert_eq!(
+        after.next_poll_at,
+        Some(format_time(later + Duration::from_secs(600)))
+    );
+    // The answer, the status and the error columns are the ones written before.
+    assert_eq!(
+        (
+            &after.status,
+            &after.last_response,
+            &after.mde_updated_at,
+            after.error_count,
+            &after.last_error
+        ),
+        (
+            &before.status,
+            &before.last_response,
+            &before.mde_updated_at,
+            0,
+            &None
+        )
+    );
+    assert_eq!(status_log(&store, &a[0]).await.len(), 1);
+    let gave_up = store.action(&a[1]).await.unwrap().unwrap();
+    assert_eq!(gave_up.tracking, "gave_up");
+    assert_eq!(gave_up.status.as_deref(), Some("InProgress"));
+    assert!(gave_up.finished_at.is_some());
+}
+
+#[tokio::test]
 async fn errors_count_without_touching_status() {
     let (_dir, store) = fresh().await;
     let a = ids(1, 3);
@@ -517,8 +590,8 @@ async fn the_due_query_uses_its_index() {
     store.close().await;
     let pool = read_only(&dir).await;
     let plan: Vec<String> = sqlx::query(
-        "EXPLAIN QUERY PLAN SELECT action_id, status, poll_count, enqueued_at, next_poll_at FROM actions
-         WHERE tracking = 'active' AND next_poll_at <= ?1 ORDER BY next_poll_at LIMIT ?2",
+        "EXPLAIN QUERY PLAN SELECT action_id, status, poll_count, enqueued_at, next_poll_at,
+         mde_updated_at FROM actions WHERE tracking = 'active' AND next_poll_at <= ?1 ORDER BY next_poll_at LIMIT ?2",
     )
     .bind("2030-01-01T00:00:00.000Z")
     .bind(100)
