@@ -772,7 +772,9 @@ pub const RECORD_OBSERVED: &str = "UPDATE actions SET
           FROM jsonb_each(?1)) AS w
     WHERE actions.action_id = w.id AND +actions.tracking = 'active'
     RETURNING actions.tracking";
-pub const RECORD_FAILED: &str = "UPDATE actions SET
+/// A poll that brought no answer to store (a failure, a final 404, a listing that showed
+/// the action unchanged): its count, its next poll and the failure, if there was one.
+pub const RECORD_SCHEDULE: &str = "UPDATE actions SET
       last_polled_at = ?2,
       poll_count = actions.poll_count + 1,
       error_count = actions.error_count + (w.error IS NOT NULL),
@@ -793,7 +795,7 @@ pub const PAGE_STATEMENTS: [&str; 4] = [
     ACTIVE_AMONG,
     RECORD_TRANSITIONS,
     RECORD_OBSERVED,
-    RECORD_FAILED,
+    RECORD_SCHEDULE,
 ];
 
 /// Splits a batch so no id appears twice in a group: each group is one set of statements,
@@ -850,7 +852,7 @@ struct ObservedRow<'a> {
 }
 
 #[derive(Serialize)]
-struct FailedRow<'a> {
+struct ScheduleRow<'a> {
     id: &'a str,
     error: Option<&'a str>,
     tracking: &'static str,
@@ -861,7 +863,7 @@ struct FailedRow<'a> {
 /// The group's observations and failures as JSON arrays for `json_each` (`None` when empty).
 fn rows_to_write(group: &[&PollWrite], now: &str) -> (Option<String>, Option<String>) {
     let mut observed = Vec::new();
-    let mut failed = Vec::new();
+    let mut scheduled = Vec::new();
     for w in group {
         let (tracking, next_poll_at, finished_at) = match &w.next {
             NextStep::PollAt(t) => (Tracking::Active, Some(format_time(*t)), None),
@@ -892,7 +894,7 @@ fn rows_to_write(group: &[&PollWrite], now: &str) -> (Option<String>, Option<Str
                 finished_at,
             }),
             PollResult::Unchanged | PollResult::NotFound | PollResult::Error(_) => {
-                failed.push(FailedRow {
+                scheduled.push(ScheduleRow {
                     id: w.id.as_str(),
                     error: match &w.result {
                         PollResult::Error(e) => Some(e.as_str()),
@@ -907,7 +909,7 @@ fn rows_to_write(group: &[&PollWrite], now: &str) -> (Option<String>, Option<Str
     }
     (
         (!observed.is_empty()).then(|| json_array(&observed)),
-        (!failed.is_empty()).then(|| json_array(&failed)),
+        (!scheduled.is_empty()).then(|| json_array(&scheduled)),
     )
 }
 

@@ -455,7 +455,7 @@ impl PollBatch {
         // per-row statements cost a round trip to the database thread each, which made
         // writing the answers of a 10,000-action sweep page take most of a second.
         for group in distinct_groups(writes) {
-            let (observed, failed) = rows_to_write(&group, &now_text);
+            let (observed, scheduled) = rows_to_write(&group, &now_text);
             if let Some(list) = &observed {
                 let mut recorded: Vec<CommittedTransition> = sqlx::query_as(RECORD_TRANSITIONS)
                     .bind(list)
@@ -470,8 +470,8 @@ impl PollBatch {
                     .await?;
                 summary.finished += finished_among(&tracking);
             }
-            if let Some(list) = &failed {
-                let tracking: Vec<String> = sqlx::query_scalar(RECORD_FAILED)
+            if let Some(list) = &scheduled {
+                let tracking: Vec<String> = sqlx::query_scalar(RECORD_SCHEDULE)
                     .bind(list)
                     .bind(&now_text)
                     .fetch_all(&mut **tx)
