@@ -600,15 +600,15 @@ impl ListPage {
     /// nothing documents that they move the update time, so such an entry is never taken
     /// as unchanged; nor is one without an update time.
     pub fn unchanged_since(&self, l: &Listed, stored_updated_at: Option<&str>) -> bool {
-        let Some(stored) = stored_updated_at else {
+        let Some(stored) = stored_updated_at.and_then(crate::domain::parse_time) else {
             return false;
         };
         serde_json::from_str::<WireListed>(self.raw(l)).is_ok_and(|w| {
             w.action_type.as_deref() != Some("LiveResponse")
                 && w.last_update_date_time_utc
                     .or(w.last_update_time_utc)
-                    .and_then(|t| normalize_time(&t))
-                    .is_some_and(|t| t == stored)
+                    .and_then(|t| crate::domain::parse_time_millis(&t))
+                    == Some(stored)
         })
     }
 

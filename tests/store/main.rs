@@ -41,6 +41,13 @@ fn observed(id: &ActionId, status: ActionStatus, next: NextStep) -> PollWrite {
     }
 }
 
+/// The same answer for each of `ids`.
+fn observed_all(ids: &[ActionId], status: ActionStatus, next: &NextStep) -> Vec<PollWrite> {
+    ids.iter()
+        .map(|id| observed(id, status.clone(), next.clone()))
+        .collect()
+}
+
 /// An action's transitions as (from, to).
 async fn status_log(store: &Store, id: &ActionId) -> Vec<(Option<String>, String)> {
     store
@@ -440,10 +447,7 @@ async fn a_poll_batch_commits_all_its_writes_or_none() {
     let now = SystemTime::now();
     store.enqueue(&a, now).await.unwrap();
     let later = NextStep::PollAt(now + Duration::from_secs(5));
-    let first: Vec<PollWrite> = a
-        .iter()
-        .map(|id| observed(id, ActionStatus::Pending, later.clone()))
-        .collect();
+    let first = observed_all(&a, ActionStatus::Pending, &later);
     let second = [observed(&a[0], ActionStatus::InProgress, later.clone())];
 
     let mut batch = store.begin_polls().await.unwrap();
@@ -489,10 +493,7 @@ async fn an_unchanged_listing_moves_only_the_schedule() {
     let now = SystemTime::now();
     store.enqueue(&a, now).await.unwrap();
     let soon = NextStep::PollAt(now + Duration::from_secs(5));
-    let first: Vec<PollWrite> = a
-        .iter()
-        .map(|id| observed(id, ActionStatus::InProgress, soon.clone()))
-        .collect();
+    let first = observed_all(&a, ActionStatus::InProgress, &soon);
     store.record_polls(&first, now).await.unwrap();
     let before = store.action(&a[0]).await.unwrap().unwrap();
     // What a sweep reads of the listed actions carries the stored update time.
