@@ -447,6 +447,23 @@ pub struct AuthSettings {
     /// Overrides `https://<api host>/.default`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
+    /// `/readyz` turns not ready once no usable token could be had for this long
+    /// (`DEFAULT_TOKEN_GRACE` when unset); a refusal by the identity platform does at once.
+    #[serde(
+        with = "optional_duration_text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub token_grace: Option<Duration>,
+}
+
+/// `auth.token_grace` by default: longer than a few token requests backed off (1, 2, 4, 8,
+/// 16, 32 s), shorter than the 5 minutes before a token's expiry that refreshes start.
+pub const DEFAULT_TOKEN_GRACE: Duration = Duration::from_secs(120);
+
+impl AuthSettings {
+    pub fn token_grace(&self) -> Duration {
+        self.token_grace.unwrap_or(DEFAULT_TOKEN_GRACE)
+    }
 }
 
 pub const IMDS_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";

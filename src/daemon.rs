@@ -120,7 +120,10 @@ impl Daemon {
         let http = http_client(settings.api.timeout, settings.api.connect_timeout)?;
         let source = crate::auth::build_source(settings, http.clone())
             .map_err(|p| DaemonError::Config(ConfigError::Invalid(vec![p])))?;
-        let tokens = Arc::new(TokenProvider::new(source));
+        let tokens = Arc::new(TokenProvider::with_grace(
+            source,
+            settings.auth.token_grace(),
+        ));
         let client = MdeClient::new(http, &settings.api_base_url());
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let poller = Arc::new(Poller::new(
@@ -194,10 +197,15 @@ impl Daemon {
             "mde-actiond polling"
         );
         let mut handle = tokio::spawn(self.poller.clone().run(stop.clone()));
-        let upkeep = self
-            .housekeeping
-            .take()
-            .map(|h| tokio::spawn(h.run(stop.clone())));
+        let upkeep = self.housekeeping.take().map(|h| {
+            let (metrics, stop) = (self.runtime.metrics.clone(), stop.clone());
+            tokio::spawn(async move {
+                crate::panics::restart_on_panic("housekeeping", &metrics, &stop, || {
+                    h.clone().run(stop.clone())
+                })
+                .await
+            })
+        });
         let senders = self
             .notifications
             .take()

@@ -316,6 +316,12 @@ pub fn explain_auth_error(e: &AuthError, method: AuthMethod) -> String {
             (AuthError::Transient(_), _) => {
                 "the identity platform could not be reached; check network, proxy and auth.authority"
             }
+            (AuthError::Redirected { .. }, _) => {
+                "something between here and the identity platform redirects token requests: check auth.authority and any proxy (redirects are never followed, so the credential stays here)"
+            }
+            (AuthError::Invalid(_), _) => {
+                "the answer is not a token this daemon can use: is auth.authority really the identity platform?"
+            }
             _ => "see the identity platform's message",
         },
     };

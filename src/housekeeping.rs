@@ -17,6 +17,7 @@ pub const PRUNE_BATCH: u32 = 500;
 const VACUUM_PAGES: u32 = 2000;
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
+#[derive(Clone)]
 pub struct Housekeeping {
     pub store: Store,
     pub checkpoint_interval: Duration,

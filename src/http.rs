@@ -170,6 +170,8 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
         paused_now: budget.paused_for.is_some(),
         token_refreshes: s.runtime.tokens.refreshes(),
         token_failures: s.runtime.tokens.failures(),
+        token_failures_by_cause: s.runtime.tokens.failures_by_cause(),
+        token_panics: s.runtime.tokens.panics(),
         up_seconds: s.started.elapsed().as_secs_f64(),
         ready: s.runtime.not_ready().is_empty(),
         since_progress_seconds: s.runtime.poller.since_progress().as_secs_f64(),
@@ -235,32 +237,14 @@ async fn enqueue(State(s): State<Arc<HttpState>>, request: axum::extract::Reques
             );
         }
     };
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Intake {
-        ids: Vec<serde_json::Value>,
-        #[serde(default)]
-        correlation: Option<String>,
-        #[serde(default)]
-        callback_url: Option<String>,
-    }
-    let intake: Intake = match serde_json::from_slice(&body) {
+    let Intake {
+        ids,
+        valid,
+        refusals,
+        request,
+    } = match read_intake(&body) {
         Ok(i) => i,
-        Err(e) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "body must be JSON like {{\"ids\": [\"<guid>\", ...], \"correlation\": \"...\", \"callback_url\": \"https://...\"}} (the last two optional): {e}"
-                ),
-            );
-        }
-    };
-    if intake.ids.is_empty() {
-        return problem(StatusCode::BAD_REQUEST, "\"ids\" is empty");
-    }
-    let request = NotifyRequest {
-        correlation: intake.correlation,
-        callback_url: intake.callback_url,
+        Err(message) => return problem(StatusCode::BAD_REQUEST, message),
     };
     // A refused callback refuses the whole request: taking the ids without it would leave
     // the caller waiting for a call that never comes.
@@ -269,23 +253,6 @@ async fn enqueue(State(s): State<Arc<HttpState>>, request: axum::extract::Reques
             StatusCode::BAD_REQUEST,
             format!("nothing was enqueued: {why}"),
         );
-    }
-    // Same validation as the CLI: each id parsed on its own; valid ones are taken even when
-    // others are refused.
-    let mut valid = Vec::new();
-    let mut refusals: Vec<Option<String>> = Vec::with_capacity(intake.ids.len());
-    for raw in &intake.ids {
-        let parsed = match raw {
-            serde_json::Value::String(text) => ActionId::parse(text).map_err(|e| e.to_string()),
-            other => Err(format!("{other} is not a string")),
-        };
-        match parsed {
-            Ok(id) => {
-                valid.push(id);
-                refusals.push(None);
-            }
-            Err(reason) => refusals.push(Some(reason)),
-        }
     }
     let taken = match crate::intake::enqueue_with(
         &s.runtime.store,
@@ -333,11 +300,11 @@ async fn enqueue(State(s): State<Arc<HttpState>>, request: axum::extract::Reques
         added: 0,
         known: 0,
         refused: 0,
-        results: Vec::with_capacity(intake.ids.len()),
+        results: Vec::with_capacity(ids.len()),
     };
     // A duplicate within one request reports what happened to its first occurrence.
     let mut taken = taken.iter();
-    for (raw, refusal) in intake.ids.iter().zip(&refusals) {
+    for (raw, refusal) in ids.iter().zip(&refusals) {
         let outcome = match refusal {
             Some(reason) => {
                 answer.refused += 1;
@@ -408,6 +375,60 @@ async fn action(
         .into_response()
 }
 
+/// An intake body, read: each id parsed on its own (the CLI's validation), so valid ones
+/// are taken even when others are refused.
+struct Intake {
+    ids: Vec<serde_json::Value>,
+    valid: Vec<ActionId>,
+    /// Per entry of `ids`: why it was refused, if it was.
+    refusals: Vec<Option<String>>,
+    request: NotifyRequest,
+}
+
+fn read_intake(body: &[u8]) -> Result<Intake, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        ids: Vec<serde_json::Value>,
+        #[serde(default)]
+        correlation: Option<String>,
+        #[serde(default)]
+        callback_url: Option<String>,
+    }
+    let body: Body = serde_json::from_slice(body).map_err(|e| {
+        format!(
+            "body must be JSON like {{\"ids\": [\"<guid>\", ...], \"correlation\": \"...\", \"callback_url\": \"https://...\"}} (the last two optional): {e}"
+        )
+    })?;
+    if body.ids.is_empty() {
+        return Err("\"ids\" is empty".into());
+    }
+    let mut valid = Vec::new();
+    let mut refusals = Vec::with_capacity(body.ids.len());
+    for raw in &body.ids {
+        let parsed = match raw {
+            serde_json::Value::String(text) => ActionId::parse(text).map_err(|e| e.to_string()),
+            other => Err(format!("{other} is not a string")),
+        };
+        match parsed {
+            Ok(id) => {
+                valid.push(id);
+                refusals.push(None);
+            }
+            Err(reason) => refusals.push(Some(reason)),
+        }
+    }
+    Ok(Intake {
+        ids: body.ids,
+        valid,
+        refusals,
+        request: NotifyRequest {
+            correlation: body.correlation,
+            callback_url: body.callback_url,
+        },
+    })
+}
+
 /// `mde-actiond healthcheck`: GET `path` on the configured listener; Ok on a 2xx.
 pub async fn probe(
     addr: std::net::SocketAddr,
@@ -422,18 +443,19 @@ pub async fn probe(
         std::net::IpAddr::V4(ip) => ip.to_string(),
     };
     let url = format!("http://{host}:{}{path}", addr.port());
-    let client = reqwest::Client::builder()
-        .timeout(timeout)
-        .no_proxy()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let response = client
+    let mut policy = crate::outbound::Policy::new(timeout, timeout);
+    policy.no_proxy = true;
+    let client = crate::outbound::Outbound::new(policy).map_err(|e| e.to_string())?;
+    let answer = client
         .get(&url)
         .send()
         .await
-        .map_err(|e| format!("{url}: {}", crate::mde::error_chain(&e)))?;
-    let status = response.status();
-    let body = response.text().await.unwrap_or_default();
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = answer.status();
+    let body = answer
+        .text(crate::outbound::Cap::ERROR)
+        .await
+        .unwrap_or_default();
     if status.is_success() {
         Ok(())
     } else {
@@ -443,7 +465,53 @@ pub async fn probe(
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{constant_time_eq, read_intake};
+    use proptest::prelude::*;
+
+    /// An intake body's id entries: GUIDs in their accepted spellings, near misses, other
+    /// JSON types.
+    fn id_entry() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<u128>().prop_map(|n| format!("\"{}\"", uuid_text(n))),
+            any::<u128>().prop_map(|n| format!("\"{{{}}}\"", uuid_text(n).to_uppercase())),
+            "\"[0-9a-f-]{0,40}\"",
+            any::<i64>().prop_map(|n| n.to_string()),
+            Just("null".to_string()),
+            Just("[]".to_string()),
+        ]
+    }
+
+    fn uuid_text(n: u128) -> String {
+        let h = format!("{n:032x}");
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_intake_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = read_intake(&body);
+        }
+
+        /// Every id taken is one the body named, and each entry is taken or refused.
+        #[test]
+        fn intake_takes_only_ids_the_body_names(entries in proptest::collection::vec(id_entry(), 1..20)) {
+            let body = format!("{{\"ids\": [{}]}}", entries.join(","));
+            let intake = read_intake(body.as_bytes()).unwrap();
+            prop_assert_eq!(intake.refusals.len(), entries.len());
+            prop_assert_eq!(intake.valid.len(), intake.refusals.iter().filter(|r| r.is_none()).count());
+            let lower = body.to_lowercase();
+            for id in &intake.valid {
+                prop_assert!(lower.contains(id.as_str()), "{} not in {}", id, body);
+            }
+        }
+    }
 
     #[test]
     fn token_comparison() {

@@ -22,6 +22,8 @@ pub mod logging;
 pub mod mde;
 pub mod metrics;
 pub mod notify;
+pub mod outbound;
+pub mod panics;
 pub mod poller;
 pub mod report;
 pub mod runtime;

@@ -13,9 +13,10 @@ use serde_json::value::RawValue;
 
 use crate::domain::Observation;
 use crate::domain::{ActionId, ActionStatus, MAX_RETRY_AFTER, normalize_time};
+use crate::outbound::{BodyError, Cap, Outbound, Policy};
+pub use crate::outbound::{BuildError, error_chain};
 use crate::secret::Secret;
 
-pub const USER_AGENT: &str = concat!("mde-actiond/", env!("CARGO_PKG_VERSION"));
 /// How much of an error body is kept in messages.
 const ERROR_SNIPPET: usize = 300;
 
@@ -51,6 +52,16 @@ pub enum MdeError {
     /// A 4xx that retrying will not fix by itself (e.g. 403: the app lacks Machine.Read.All).
     #[error("{message}")]
     Rejected { status: u16, message: String },
+    /// A 3xx: not followed (the bearer token and the answer's trust stay with the configured
+    /// origin), and nothing in it is read.
+    #[error(
+        "HTTP {status} redirecting to {origin} refused: redirects are never followed; check api.base_url (or a proxy on the way)"
+    )]
+    Redirected { status: u16, origin: String },
+    /// The front end could not take the request's headers (431, or a 400 page about header
+    /// size): the token is unusable as it is, like a 401.
+    #[error("MDE cannot take the token as a header (HTTP {status}){}", detail_suffix(.detail))]
+    TokenUnusable { status: u16, detail: String },
 }
 
 fn detail_suffix(s: &str) -> String {
@@ -73,6 +84,18 @@ impl MdeError {
             MdeError::Forbidden(_) => Some(403),
             MdeError::Transient { status, .. } => *status,
             MdeError::Rejected { status, .. } => Some(*status),
+            MdeError::Redirected { status, .. } => Some(*status),
+            MdeError::TokenUnusable { status, .. } => Some(*status),
+        }
+    }
+
+    /// What the API said about the token, when it refused it (401, 431, a 400 on the header):
+    /// the call gate drops that token and gets another.
+    pub fn token_refusal(&self) -> Option<String> {
+        match self {
+            MdeError::Unauthorized(detail) => Some(detail.clone()),
+            MdeError::TokenUnusable { .. } => Some(self.to_string()),
+            _ => None,
         }
     }
 
@@ -88,6 +111,8 @@ impl MdeError {
             MdeError::Forbidden(_) => "forbidden",
             MdeError::Transient { .. } => "transient",
             MdeError::Rejected { .. } => "rejected",
+            MdeError::Redirected { .. } => "redirected",
+            MdeError::TokenUnusable { .. } => "token_unusable",
         }
     }
 }
@@ -196,38 +221,17 @@ pub struct ListAnswer {
 
 #[derive(Clone, Debug)]
 pub struct MdeClient {
-    http: reqwest::Client,
+    http: Outbound,
     base_url: String,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("cannot build HTTP client: {0}")]
-pub struct BuildError(String);
-
 /// Builds the one HTTP client of the process (shared with the token source).
-pub fn http_client(
-    timeout: Duration,
-    connect_timeout: Duration,
-) -> Result<reqwest::Client, BuildError> {
-    reqwest::Client::builder()
-        .user_agent(USER_AGENT)
-        .timeout(timeout)
-        .connect_timeout(connect_timeout)
-        .pool_idle_timeout(Duration::from_secs(50))
-        .tcp_nodelay(true)
-        .build()
-        .map_err(|e| {
-            // reqwest says only "builder error"; the usual cause in a slim image is a missing
-            // trust store, which TLS to Microsoft's endpoints needs.
-            BuildError(format!(
-                "{}; TLS needs the system's CA certificates (/etc/ssl/certs/ca-certificates.crt, package ca-certificates)",
-                error_chain(&e)
-            ))
-        })
+pub fn http_client(timeout: Duration, connect_timeout: Duration) -> Result<Outbound, BuildError> {
+    Outbound::new(Policy::new(timeout, connect_timeout))
 }
 
 impl MdeClient {
-    pub fn new(http: reqwest::Client, base_url: &str) -> Self {
+    pub fn new(http: Outbound, base_url: &str) -> Self {
         Self {
             http,
             base_url: base_url.trim_end_matches('/').to_string(),
@@ -242,7 +246,7 @@ impl MdeClient {
     ) -> Result<FetchedAction, MdeError> {
         // ActionId holds only hex digits and hyphens, so it is safe in a path as it is.
         let url = format!("{}/api/machineactions/{}", self.base_url, id);
-        let body = self.send(token, &url, true).await?;
+        let body = self.send(token, &url, Expect::Action).await?;
         let action = FetchedAction::from_json(&body).map_err(|message| MdeError::Transient {
             status: Some(200),
             message,
@@ -264,7 +268,8 @@ impl MdeClient {
         ids: &[ActionId],
     ) -> Result<ListAnswer, MdeError> {
         let url = self.list_url(ids);
-        let body = self.send(token, &url, false).await?;
+        let entries = u32::try_from(ids.len()).unwrap_or(u32::MAX);
+        let body = self.send(token, &url, Expect::Page(entries)).await?;
         parse_list(body, ids)
     }
 
@@ -281,7 +286,9 @@ impl MdeClient {
         buffer: Vec<u8>,
     ) -> Result<ListPage, MdeError> {
         let url = self.page_url(&filter.text(since), top, skip);
-        let body = self.send_into(token, &url, false, buffer).await?;
+        let body = self
+            .send_into(token, &url, Expect::Page(top), buffer)
+            .await?;
         ListPage::parse(body, Some((filter, crate::domain::parse_time(since))))
     }
 
@@ -300,7 +307,7 @@ impl MdeClient {
     /// The cheapest call there is (`$top=1`), for `doctor`.
     pub async fn probe(&self, token: &Secret) -> Result<(), MdeError> {
         let url = format!("{}/api/machineactions?$top=1", self.base_url);
-        self.send(token, &url, false).await.map(|_| ())
+        self.send(token, &url, Expect::Page(1)).await.map(|_| ())
     }
 
     pub fn list_url(&self, ids: &[ActionId]) -> String {
@@ -313,8 +320,8 @@ impl MdeClient {
         )
     }
 
-    async fn send(&self, token: &Secret, url: &str, single: bool) -> Result<String, MdeError> {
-        self.send_into(token, url, single, Vec::new()).await
+    async fn send(&self, token: &Secret, url: &str, expect: Expect) -> Result<String, MdeError> {
+        self.send_into(token, url, expect, Vec::new()).await
     }
 
     /// `send`, reading the answer into `buffer` (emptied first): a sweep hands the same
@@ -324,61 +331,73 @@ impl MdeClient {
         &self,
         token: &Secret,
         url: &str,
-        single: bool,
-        mut buffer: Vec<u8>,
+        expect: Expect,
+        buffer: Vec<u8>,
     ) -> Result<String, MdeError> {
-        let response = self
+        let single = matches!(expect, Expect::Action);
+        let answer = self
             .http
             .get(url)
             .bearer_auth(token.expose())
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
             .await
-            .map_err(|e| transport_error(&e))?;
-        let status = response.status();
-        let retry_after = parse_retry_after(response.headers(), SystemTime::now());
-        let mut response = response;
-        // A 10,000-action page is megabytes: it is read into one buffer of the announced
-        // length (collecting the chunks first and joining them would hold it twice), and
-        // checked as UTF-8 in place; only an answer that is not UTF-8 is copied (lossily).
-        let announced = response
-            .content_length()
-            .unwrap_or(0)
-            .min(MAX_ANSWER as u64);
-        buffer.clear();
-        buffer.reserve(announced as usize);
-        let mut bytes = buffer;
-        loop {
-            let chunk = response.chunk().await.map_err(|e| MdeError::Transient {
-                status: Some(status.as_u16()),
-                message: format!(
-                    "answer cut off (HTTP {}): {}",
-                    status.as_u16(),
-                    error_chain(&e)
-                ),
+            .map_err(|e| MdeError::Transient {
+                status: None,
+                message: e.to_string(),
             })?;
-            let Some(chunk) = chunk else { break };
-            if bytes.len() + chunk.len() > MAX_ANSWER {
-                return Err(MdeError::Transient {
-                    status: Some(status.as_u16()),
-                    message: format!(
-                        "answer longer than {} MiB (HTTP {}); a smaller poll.sweep_page_size asks for less",
-                        MAX_ANSWER >> 20,
-                        status.as_u16()
-                    ),
-                });
-            }
-            bytes.extend_from_slice(&chunk);
+        let status = answer.status();
+        if let Some(r) = answer.redirect() {
+            return Err(MdeError::Redirected {
+                status: r.status,
+                origin: r.origin,
+            });
         }
+        let retry_after = parse_retry_after(answer.headers(), SystemTime::now());
+        let bytes = if status.is_success() {
+            answer
+                .read(expect.cap(), buffer)
+                .await
+                .map_err(|e| MdeError::Transient {
+                    status: Some(status.as_u16()),
+                    message: match (e, expect) {
+                        (e @ BodyError::TooLong { .. }, Expect::Page(_)) => {
+                            format!("{e}; a smaller poll.sweep_page_size asks for less")
+                        }
+                        (e, _) => e.to_string(),
+                    },
+                })?
+        } else {
+            // An error answer is read only as far as it explains itself: a 429 with an
+            // endless body is still a 429.
+            answer.first_bytes(Cap::ERROR, ERROR_READ_WAIT).await
+        };
         let body = String::from_utf8(bytes)
             .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
         classify(status, retry_after, body, single, url)
     }
 }
 
-/// The longest answer read: a page of 10,000 actions is about 10 MiB; an endless or
-/// absurd answer must not take the daemon's memory with it.
-const MAX_ANSWER: usize = 128 << 20;
+/// How long the next piece of an error answer is waited for.
+const ERROR_READ_WAIT: Duration = Duration::from_secs(5);
+
+/// What a call's answer holds, which sets how much of it is read and what a 404 means.
+#[derive(Clone, Copy)]
+enum Expect {
+    /// One action: a 404 in the API's shape says the id is unknown.
+    Action,
+    /// A list of up to this many actions.
+    Page(u32),
+}
+
+impl Expect {
+    fn cap(self) -> Cap {
+        match self {
+            Expect::Action => Cap::ACTION,
+            Expect::Page(n) => Cap::page(n),
+        }
+    }
+}
 
 /// The statuses of an action that has not finished.
 pub const UNFINISHED: [&str; 2] = ["Pending", "InProgress"];
@@ -736,6 +755,18 @@ fn classify(
             detail,
         },
         401 => MdeError::Unauthorized(detail),
+        431 => MdeError::TokenUnusable {
+            status: code,
+            detail,
+        },
+        // HTTP.sys and gateways answer an oversized header with a 400 page of their own; the
+        // API's 400s are its JSON error shape.
+        400 if !is_api_error(&body) && body.to_ascii_lowercase().contains("header") => {
+            MdeError::TokenUnusable {
+                status: code,
+                detail,
+            }
+        }
         403 => MdeError::Forbidden(detail),
         429 => MdeError::RateLimited { retry_after },
         400 if !single => MdeError::FilterRejected(detail),
@@ -845,36 +876,6 @@ fn snippet(s: &str) -> String {
     } else {
         one_line
     }
-}
-
-fn transport_error(e: &reqwest::Error) -> MdeError {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "cannot connect"
-    } else {
-        "connection failed"
-    };
-    MdeError::Transient {
-        status: None,
-        message: format!("{kind}: {}", error_chain(e)),
-    }
-}
-
-/// The error and its causes on one line; reqwest's top-level message alone rarely says why.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = cause.source();
-    }
-    // reqwest names the URL it failed on, userinfo and all.
-    crate::secret::redact_userinfo(&s)
 }
 
 /// `Retry-After` as delay-seconds or an HTTP date, at most `MAX_RETRY_AFTER` (with a warning
@@ -1265,7 +1266,7 @@ mod tests {
             .map(|_| ActionId::random(&mut rng))
             .collect();
         let client = MdeClient::new(
-            reqwest::Client::new(),
+            http_client(Duration::from_secs(5), Duration::from_secs(5)).unwrap(),
             "https://api.securitycenter.microsoft.com/",
         );
         let url = client.list_url(&ids);
@@ -1276,12 +1277,117 @@ mod tests {
         assert!(reqwest::Url::parse(&url).is_ok());
     }
 
+    /// One listed entry as a hostile service might write it: an id asked for or not, any
+    /// status, times and fields of odd types, sometimes not an object at all.
+    fn entry(asked: Vec<String>) -> impl Strategy<Value = String> {
+        let id = prop_oneof![
+            proptest::sample::select(asked).prop_map(|s| format!("\"{s}\"")),
+            any::<u128>().prop_map(|n| format!("\"{}\"", guid(n))),
+            Just("null".to_string()),
+            Just("42".to_string()),
+        ];
+        let status = prop_oneof![
+            Just("\"Succeeded\""),
+            Just("\"Pending\""),
+            Just("\"InProgress\""),
+            Just("\"Cancelled\""),
+            Just("\"Bogus\""),
+            Just("7"),
+        ];
+        let time = prop_oneof![
+            Just("\"2026-01-01T00:00:00.1234567Z\"".to_string()),
+            Just("\"9999-99-99T99:99:99Z\"".to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+        ];
+        let odd = prop_oneof![
+            Just("{}".to_string()),
+            any::<f64>().prop_map(|f| if f.is_finite() {
+                format!("{f:e}")
+            } else {
+                "0".into()
+            }),
+            "\"[^\"\\\\]{0,20}\"",
+        ];
+        (id, status, time, odd, 0u8..10).prop_map(|(id, status, time, odd, shape)| match shape {
+            0 => "[]".to_string(),
+            1 => odd,
+            _ => format!(
+                r#"{{"id":{id},"status":{status},"lastUpdateDateTimeUtc":{time},"errorHResult":{odd},"title":{odd},"commands":[{odd}]}}"#
+            ),
+        })
+    }
+
+    fn guid(n: u128) -> String {
+        let h = format!("{n:032x}");
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        )
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bodies_never_panic(body in ".{0,400}") {
             let _ = describe_error_body(&body);
             let _ = FetchedAction::from_json(&body);
             let _ = parse_list(body.clone(), &[]);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let body = String::from_utf8_lossy(&bytes).into_owned();
+            let _ = describe_error_body(&body);
+            let _ = FetchedAction::from_json(&body);
+            let _ = ListPage::parse(body.clone(), Some((SweepFilter::StatusIn, None)));
+            let _ = parse_list(body, &[]);
+        }
+
+        /// A list answer yields only actions that were asked for, or no answer at all.
+        #[test]
+        fn list_answers_never_yield_an_action_outside_the_request(
+            asked in proptest::collection::vec(any::<u128>(), 1..5),
+            entries in proptest::collection::vec(entry(vec![guid(1), guid(2)]), 0..8),
+        ) {
+            let mut ids: Vec<ActionId> = asked.iter().map(|n| ActionId::parse(&guid(*n)).unwrap()).collect();
+            ids.push(ActionId::parse(&guid(1)).unwrap());
+            ids.push(ActionId::parse(&guid(2)).unwrap());
+            let body = format!(r#"{{"value":[{}]}}"#, entries.join(","));
+            if let Ok(answer) = parse_list(body, &ids) {
+                for (id, action) in &answer.actions {
+                    prop_assert!(ids.contains(id));
+                    prop_assert_eq!(&action.id, id);
+                }
+            }
+        }
+
+        /// A single action's answer is about the id it names, or an error.
+        #[test]
+        fn single_answers_are_whole_or_refused(e in entry(vec![guid(1)])) {
+            if let Ok(a) = FetchedAction::from_json(&e) {
+                prop_assert!(e.contains(a.id.as_str()));
+            }
+        }
+
+        /// Whatever Retry-After holds, the pause is at most an hour and nothing panics.
+        #[test]
+        fn retry_after_is_bounded(value in prop_oneof![
+            ".{0,40}",
+            any::<u64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|f| f.to_string()),
+            "[0-9]{20,60}",
+            Just("Fri, 31 Dec 9999 23:59:59 GMT".to_string()),
+        ]) {
+            let mut headers = HeaderMap::new();
+            if let Ok(v) = reqwest::header::HeaderValue::from_str(&value) {
+                headers.insert(RETRY_AFTER, v);
+            }
+            if let Some(wait) = parse_retry_after(&headers, SystemTime::now()) {
+                prop_assert!(wait <= MAX_RETRY_AFTER);
+            }
         }
     }
 }

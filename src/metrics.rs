@@ -107,7 +107,14 @@ pub struct Metrics {
     backfill: Mutex<Option<String>>,
     /// Notification attempts by destination and outcome (delivered, retry, dead, gone).
     deliveries: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// 3xx answers of the API, never followed.
+    pub redirects_refused: AtomicU64,
+    /// Panics caught, by the task that panicked (one of `PANIC_TASKS`).
+    panics: Mutex<BTreeMap<&'static str, u64>>,
 }
+
+/// The tasks whose panics are caught and counted (`mde_actiond_panics_total{task}`).
+pub const PANIC_TASKS: [&str; 4] = ["poller", "token", "notify", "housekeeping"];
 
 /// A condition that makes the daemon not ready while it lasts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -188,6 +195,8 @@ impl Default for Metrics {
             deliveries: Mutex::new(BTreeMap::new()),
             discovered: AtomicU64::new(0),
             backfill: Mutex::new(None),
+            redirects_refused: AtomicU64::new(0),
+            panics: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -203,6 +212,10 @@ pub struct Snapshot {
     pub paused_now: bool,
     pub token_refreshes: u64,
     pub token_failures: u64,
+    /// Failed token requests by cause (`auth::FAILURE_CAUSES`).
+    pub token_failures_by_cause: Vec<(&'static str, u64)>,
+    /// Panics of the token source, caught by the token cache (counted as task `token`).
+    pub token_panics: u64,
     pub up_seconds: f64,
     /// What `/readyz` would say, less its database-lock probe (a scrape must not wait on it).
     pub ready: bool,
@@ -225,6 +238,23 @@ pub struct NotifySnapshot {
 }
 
 impl Metrics {
+    /// A panic of `task` was caught; returns how many that task has had.
+    pub fn count_panic(&self, task: &'static str) -> u64 {
+        let mut map = self.panics.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(task).or_default();
+        *n += 1;
+        *n
+    }
+
+    pub fn panics(&self, task: &str) -> u64 {
+        self.panics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(task)
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub fn count_call(&self, endpoint: &'static str, http_status: Option<u16>) {
         let code = http_status.map_or_else(|| "none".to_string(), |c| c.to_string());
         let mut map = self
@@ -449,6 +479,38 @@ impl Metrics {
             "mde_actiond_token_failures_total",
             "Failed token requests.",
             snap.token_failures,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mde_actiond_token_failures_by_cause_total Failed token requests by cause (refused, transient, local, redirected, invalid_answer, panic).\n# TYPE mde_actiond_token_failures_by_cause_total counter"
+        );
+        for (cause, n) in &snap.token_failures_by_cause {
+            let _ = writeln!(
+                out,
+                "mde_actiond_token_failures_by_cause_total{{cause=\"{cause}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mde_actiond_panics_total Panics caught and contained, by task (the task backs off and goes on).\n# TYPE mde_actiond_panics_total counter"
+        );
+        for task in PANIC_TASKS {
+            let _ = writeln!(
+                out,
+                "mde_actiond_panics_total{{task=\"{task}\"}} {}",
+                self.panics(task)
+                    + if task == "token" {
+                        snap.token_panics
+                    } else {
+                        0
+                    }
+            );
+        }
+        counter(
+            &mut out,
+            "mde_actiond_redirects_refused_total",
+            "API answers that were redirects (3xx), never followed.",
+            Self::get(&self.redirects_refused),
         );
         counter(
             &mut out,

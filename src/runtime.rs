@@ -28,9 +28,7 @@ impl Runtime {
     /// database write lock, which a metrics scrape must not wait on); empty when ready.
     pub fn not_ready(&self) -> Vec<String> {
         let mut reasons = Vec::new();
-        if let Some(refusal) = self.tokens.refusal() {
-            reasons.push(format!("no access token: {refusal}"));
-        }
+        reasons.extend(self.tokens.unusable());
         reasons.extend(self.metrics.blockers());
         if let Some(left) = self.budget.remaining().paused_for {
             reasons.push(format!(

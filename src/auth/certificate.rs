@@ -237,7 +237,7 @@ fn asn1_time(tag: u8, value: &[u8]) -> Option<SystemTime> {
 
 /// Client-credentials grant with a certificate's client assertion.
 pub struct CertificateSource {
-    pub http: reqwest::Client,
+    pub http: crate::outbound::Outbound,
     pub token_url: String,
     pub client_id: String,
     pub scope: String,

@@ -1,11 +1,12 @@
 //! Azure managed identity: the VM's Instance Metadata Service, or the App Service / Container
 //! Apps endpoint (IDENTITY_ENDPOINT with its X-IDENTITY-HEADER).
 
-use super::{AuthError, TokenFuture, TokenSource, parse_token_answer};
+use super::{AuthError, TokenFuture, TokenSource, read_token_answer};
+use crate::outbound::Outbound;
 use crate::secret::Secret;
 
 pub struct ManagedIdentitySource {
-    pub http: reqwest::Client,
+    pub http: Outbound,
     pub endpoint: String,
     /// The resource (the scope without `/.default`).
     pub resource: String,
@@ -22,29 +23,27 @@ impl TokenSource for ManagedIdentitySource {
             let request = match &self.identity_header {
                 Some(header) => {
                     query.push(("api-version", "2019-08-01"));
-                    self.http
-                        .get(&self.endpoint)
-                        .header("X-IDENTITY-HEADER", header.expose())
+                    self.http.get(&self.endpoint).header(
+                        reqwest::header::HeaderName::from_static("x-identity-header"),
+                        header.expose(),
+                    )
                 }
                 None => {
                     query.push(("api-version", "2018-02-01"));
-                    self.http.get(&self.endpoint).header("Metadata", "true")
+                    self.http
+                        .get(&self.endpoint)
+                        .header(reqwest::header::HeaderName::from_static("metadata"), "true")
                 }
             };
             if let Some(id) = &self.client_id {
                 query.push(("client_id", id.as_str()));
             }
-            let response = request.query(&query).send().await.map_err(|e| {
-                AuthError::Transient(format!(
-                    "managed identity endpoint: {}",
-                    crate::mde::error_chain(&e)
-                ))
-            })?;
-            let status = response.status().as_u16();
-            let body = response.text().await.map_err(|e| {
-                AuthError::Transient(format!("answer cut off: {}", crate::mde::error_chain(&e)))
-            })?;
-            parse_token_answer(status, &body)
+            let answer = request
+                .query(&query)
+                .send()
+                .await
+                .map_err(|e| AuthError::Transient(format!("managed identity endpoint: {e}")))?;
+            read_token_answer(answer).await
         })
     }
 }

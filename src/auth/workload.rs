@@ -7,7 +7,7 @@ use super::certificate::ASSERTION_TYPE;
 use super::{AuthError, TokenFuture, TokenSource, post_token_form};
 
 pub struct WorkloadIdentitySource {
-    pub http: reqwest::Client,
+    pub http: crate::outbound::Outbound,
     pub token_url: String,
     pub client_id: String,
     pub scope: String,

@@ -8,12 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
+use reqwest::header::HeaderName;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{NotifyKind, Problem, Settings};
 use crate::domain::HostPattern;
 use crate::metrics::Metrics;
+use crate::outbound::{Cap, Outbound, Policy, SendFailure};
 use crate::secret::Secret;
 use crate::store::{CALLBACK, DeliveryResult, DueDelivery, Route, Store};
 
@@ -52,7 +54,7 @@ pub struct Destination {
     waits: Vec<Duration>,
     /// Disabled after failing this long without a success (not for callbacks).
     disable_after: Option<Duration>,
-    client: reqwest::Client,
+    client: Outbound,
     /// The Defender portal of the tenant's cloud, for links in chat messages.
     portal: &'static str,
     host: String,
@@ -117,18 +119,14 @@ fn read_keys(path: Option<&Path>, key: &'static str) -> Result<Option<SigningKey
         })
 }
 
-fn client(timeout: Duration, allow: Option<Vec<HostPattern>>) -> Result<reqwest::Client, Problem> {
-    let mut b = reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(10)))
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("mde-actiond/", env!("CARGO_PKG_VERSION")));
+fn client(timeout: Duration, allow: Option<Vec<HostPattern>>) -> Result<Outbound, Problem> {
+    let mut policy = Policy::new(timeout, timeout.min(Duration::from_secs(10)));
     if let Some(allow) = allow {
-        b = b.dns_resolver(Arc::new(GuardedResolver { allow }));
+        policy.resolver = Some(Arc::new(GuardedResolver { allow }));
     }
-    b.build().map_err(|e| Problem {
+    Outbound::new(policy).map_err(|e| Problem {
         key: "notify",
-        message: format!("cannot build the HTTP client: {e}"),
+        message: e.to_string(),
     })
 }
 
@@ -280,16 +278,22 @@ impl Destination {
             .client
             .post(&url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header("webhook-id", id)
-            .header("webhook-timestamp", timestamp.to_string());
+            .header(HeaderName::from_static("webhook-id"), id)
+            .header(
+                HeaderName::from_static("webhook-timestamp"),
+                &timestamp.to_string(),
+            );
         if let Some(keys) = &self.keys {
-            req = req.header("webhook-signature", keys.sign(id, timestamp, &body));
+            req = req.header(
+                HeaderName::from_static("webhook-signature"),
+                &keys.sign(id, timestamp, &body),
+            );
         }
         match (&self.token, self.kind) {
             (Some(t), NotifyKind::SplunkHec) => {
                 req = req.header(
                     reqwest::header::AUTHORIZATION,
-                    format!("Splunk {}", t.expose()),
+                    &format!("Splunk {}", t.expose()),
                 )
             }
             (Some(t), _) => req = req.bearer_auth(t.expose()),
@@ -299,12 +303,10 @@ impl Destination {
             Ok(r) => r,
             Err(e) => {
                 // Without the URL: Teams and Slack URLs are credentials.
-                let what = if e.is_timeout() {
-                    "timed out".to_string()
-                } else if e.is_connect() {
-                    format!("cannot connect: {}", root_cause(&e))
-                } else {
-                    format!("no answer: {}", root_cause(&e))
+                let what = match e.kind {
+                    SendFailure::TimedOut => "timed out".to_string(),
+                    SendFailure::Connect => format!("cannot connect: {}", e.root_cause),
+                    SendFailure::Other => format!("no answer: {}", e.root_cause),
                 };
                 return Answer::Retry {
                     status: None,
@@ -340,14 +342,6 @@ impl Destination {
     }
 }
 
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = e;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    crate::secret::redact_userinfo(&cause.to_string())
-}
-
 /// HEC's event endpoint, unless the URL names a path of its own.
 fn splunk_endpoint(url: &str) -> String {
     match reqwest::Url::parse(url) {
@@ -360,14 +354,10 @@ fn splunk_endpoint(url: &str) -> String {
 }
 
 /// The start of an error answer, on one line of printable text.
-async fn first_bytes(mut response: reqwest::Response) -> String {
-    let mut buf = Vec::new();
-    while buf.len() < ANSWER_BYTES {
-        match tokio::time::timeout(Duration::from_secs(2), response.chunk()).await {
-            Ok(Ok(Some(chunk))) => buf.extend_from_slice(&chunk),
-            _ => break,
-        }
-    }
+async fn first_bytes(answer: crate::outbound::Answer) -> String {
+    let mut buf = answer
+        .first_bytes(Cap::RECEIVER, Duration::from_secs(2))
+        .await;
     buf.truncate(ANSWER_BYTES);
     let text: String = String::from_utf8_lossy(&buf)
         .chars()
@@ -448,11 +438,17 @@ impl Notifications {
                 store: self.store.clone(),
                 metrics: self.metrics.clone(),
             };
-            let mut wake = written.clone();
-            let mut scanned = scan_tx.subscribe();
+            let wake = written.clone();
+            let scanned = scan_tx.subscribe();
             let stop = stop.clone();
+            let metrics = self.metrics.clone();
             tasks.push(tokio::spawn(async move {
-                sender.run(&mut wake, &mut scanned, stop).await
+                crate::panics::restart_on_panic("notify", &metrics, &stop, || {
+                    let (sender, mut wake, mut scanned, stop) =
+                        (sender.clone(), wake.clone(), scanned.clone(), stop.clone());
+                    async move { sender.run(&mut wake, &mut scanned, stop).await }
+                })
+                .await
             }));
         }
         if !self.destinations.is_empty() {
@@ -499,6 +495,7 @@ async fn stuck_scan(
     }
 }
 
+#[derive(Clone)]
 struct Sender {
     destination: Arc<Destination>,
     store: Store,

@@ -43,6 +43,12 @@ impl Poller {
                     MdeError::Rejected { .. } | MdeError::Unauthorized(_) => {
                         error!(error = %e, "MDE refused the call");
                     }
+                    MdeError::Redirected { .. } => {
+                        self.metrics
+                            .redirects_refused
+                            .fetch_add(1, Ordering::Relaxed);
+                        warn!(error = %e, "redirect refused; will retry with backoff");
+                    }
                     _ => warn!(error = %e, "poll failed; will retry with backoff"),
                 }
                 Ok(e.to_string())
@@ -127,20 +133,23 @@ impl Poller {
             {
                 warn!(error = %e, "cannot record an API call's outcome");
             }
+            let refusal = result.as_ref().err().and_then(MdeError::token_refusal);
             match result {
                 // While fresh tokens are being refused, the token this call used was fresh.
-                Err(MdeError::Unauthorized(detail)) if !retried && !self.tokens.rejecting() => {
+                Err(_) if refusal.is_some() && !retried && !self.tokens.rejecting() => {
                     debug!(
-                        detail,
+                        detail = refusal.as_deref().unwrap_or_default(),
                         "token refused; fetching a new one and retrying once"
                     );
                     self.tokens.invalidate(&token).await;
                     retried = true;
                 }
-                Err(MdeError::Unauthorized(detail)) => {
+                Err(e) if refusal.is_some() => {
+                    let detail = refusal.unwrap_or_default();
                     let wait = self.tokens.rejected(&token, &detail).await;
+                    let code = e.http_status().unwrap_or(401);
                     let why = format!(
-                        "MDE rejects our tokens (401 to a freshly issued one: {detail}); token requests back off, next in {}",
+                        "MDE rejects our tokens ({code} to a freshly issued one: {detail}); token requests back off, next in {}",
                         crate::domain::format_duration(wait)
                     );
                     if self

@@ -132,6 +132,8 @@ enum Halt {
     RateLimited,
     Auth(AuthError),
     Store(StoreError),
+    /// A step or one of its tasks panicked (the text it carried).
+    Panicked(String),
 }
 
 impl Poller {
@@ -225,8 +227,18 @@ impl Poller {
     /// call starts.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         self.beat();
+        let mut panics_in_a_row = 0u32;
         while !cancel.is_cancelled() {
-            let result = self.clone().step(&cancel).await;
+            let result = {
+                use futures_util::FutureExt;
+                std::panic::AssertUnwindSafe(self.clone().step(&cancel))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| Err(Halt::Panicked(crate::panics::message(&*panic))))
+            };
+            if !matches!(result, Err(Halt::Panicked(_))) {
+                panics_in_a_row = 0;
+            }
             // A step that could not write shows no progress: while the database refuses
             // writes, /healthz fails after the stall limit and a supervisor may restart us.
             if !matches!(result, Err(Halt::Store(_))) {
@@ -249,6 +261,16 @@ impl Poller {
                 Err(Halt::Store(e)) => {
                     self.store_failed(&e);
                     STORE_RETRY
+                }
+                Err(Halt::Panicked(what)) => {
+                    let n = self.metrics.count_panic("poller");
+                    let wait = crate::panics::backoff(panics_in_a_row);
+                    panics_in_a_row = panics_in_a_row.saturating_add(1);
+                    // Logged once per backoff window: the next try comes after `wait`.
+                    error!(panic = %what, panics = n, wait_s = wait.as_secs(), "the poll loop panicked; backing off before the next step");
+                    self.metrics
+                        .set_last_error(&format!("the poll loop panicked: {what}"));
+                    wait
                 }
             };
             if pause.is_zero() {

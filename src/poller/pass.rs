@@ -65,6 +65,10 @@ impl Poller {
             match joined {
                 Ok(Ok(())) => {}
                 Ok(Err(h)) => halt = Some(h),
+                // The loop counts it and backs off; the other chunks' answers stand.
+                Err(e) if e.is_panic() => {
+                    halt = Some(Halt::Panicked(crate::panics::message(&*e.into_panic())))
+                }
                 Err(e) => error!(error = %e, "a poll task failed"),
             }
         }

@@ -47,6 +47,16 @@ pub enum Reply {
         body: Vec<u8>,
         keep: usize,
     },
+    /// `head`, then `fill` bytes up to `length` (announced), or without a length until the
+    /// client hangs up; then close. Never held in memory.
+    Stream {
+        status: u16,
+        head: Vec<u8>,
+        fill: u8,
+        /// Ends the body when it has a length (so that it is whole JSON).
+        tail: Vec<u8>,
+        length: Option<u64>,
+    },
 }
 
 impl Reply {
@@ -69,6 +79,23 @@ impl Reply {
 
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, req: Request) -> impl std::future::Future<Output = Reply> + Send;
+
+    /// The longest request head taken; a longer one is answered 431 and the connection
+    /// closed.
+    fn max_head(&self) -> usize {
+        MAX_HEAD
+    }
+
+    /// Told of each request refused for its head's length.
+    fn head_too_long(&self) {}
+}
+
+/// Why no request was read.
+enum NoRequest {
+    /// The connection ended, or what came was not HTTP.
+    Closed,
+    /// The head went past the limit.
+    HeadTooLong,
 }
 
 pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, stop: CancellationToken) {
@@ -95,8 +122,19 @@ async fn connection<H: Handler>(stream: TcpStream, _peer: SocketAddr, handler: A
     let _ = stream.set_nodelay(true);
     let mut reader = BufReader::new(stream);
     loop {
-        let Some(req) = read_request(&mut reader).await else {
-            return;
+        let req = match read_request(&mut reader, handler.max_head()).await {
+            Ok(req) => req,
+            Err(NoRequest::Closed) => return,
+            Err(NoRequest::HeadTooLong) => {
+                handler.head_too_long();
+                let body = br#"{"error":{"code":"RequestHeaderFieldsTooLarge","message":"Request Header Fields Too Large"}}"#;
+                let head = head(431, "application/json", body.len(), &[], true);
+                let stream = reader.get_mut();
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(body).await;
+                let _ = stream.flush().await;
+                return;
+            }
         };
         let close = req
             .header("connection")
@@ -109,6 +147,39 @@ async fn connection<H: Handler>(stream: TcpStream, _peer: SocketAddr, handler: A
                 let head = head(status, "application/json", body.len(), &[], true);
                 let _ = stream.write_all(head.as_bytes()).await;
                 let _ = stream.write_all(&body[..keep.min(body.len())]).await;
+                let _ = stream.flush().await;
+                return;
+            }
+            Reply::Stream {
+                status,
+                head: start,
+                fill,
+                tail,
+                length,
+            } => {
+                let mut h = format!(
+                    "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\n",
+                    reason(status)
+                );
+                if let Some(n) = length {
+                    h.push_str(&format!("content-length: {n}\r\n"));
+                }
+                h.push_str("connection: close\r\n\r\n");
+                if stream.write_all(h.as_bytes()).await.is_err()
+                    || stream.write_all(&start).await.is_err()
+                {
+                    return;
+                }
+                let block = vec![fill; 64 * 1024];
+                let mut left = length.map(|n| n.saturating_sub((start.len() + tail.len()) as u64));
+                while left != Some(0) {
+                    let n = left.map_or(block.len(), |l| l.min(block.len() as u64) as usize);
+                    if stream.write_all(&block[..n]).await.is_err() {
+                        return;
+                    }
+                    left = left.map(|l| l - n as u64);
+                }
+                let _ = stream.write_all(&tail).await;
                 let _ = stream.flush().await;
                 return;
             }
@@ -153,6 +224,8 @@ fn head(
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        307 => "Temporary Redirect",
+        431 => "Request Header Fields Too Large",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
@@ -166,37 +239,59 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-async fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
+async fn read_request(
+    reader: &mut BufReader<TcpStream>,
+    max_head: usize,
+) -> Result<Request, NoRequest> {
+    use NoRequest::Closed;
     let mut line = String::new();
-    let mut head_len = 0;
+    let mut head_len = 0usize;
+    // Each line is read at most as far as the head may still grow, so a client sending an
+    // endless header costs this server nothing.
+    let limit = max_head.min(MAX_HEAD);
+    async fn next_line(
+        reader: &mut BufReader<TcpStream>,
+        line: &mut String,
+        head_len: &mut usize,
+        limit: usize,
+    ) -> Result<usize, NoRequest> {
+        line.clear();
+        let room = (limit + 1).saturating_sub(*head_len) as u64;
+        let n = (&mut *reader)
+            .take(room)
+            .read_line(line)
+            .await
+            .map_err(|_| NoRequest::Closed)?;
+        *head_len += n;
+        if *head_len > limit {
+            return Err(NoRequest::HeadTooLong);
+        }
+        Ok(n)
+    }
     // Tolerate stray blank lines between requests.
     loop {
-        line.clear();
-        let n = reader.read_line(&mut line).await.ok()?;
+        let n = next_line(reader, &mut line, &mut head_len, limit).await?;
         if n == 0 {
-            return None;
+            return Err(Closed);
         }
-        head_len += n;
         if !line.trim().is_empty() {
             break;
         }
     }
     let mut parts = line.split_whitespace();
-    let method = parts.next()?.to_string();
-    let target = parts.next()?.to_string();
+    let method = parts.next().ok_or(Closed)?.to_string();
+    let target = parts.next().ok_or(Closed)?.to_string();
     let mut headers = Vec::new();
     loop {
-        line.clear();
-        let n = reader.read_line(&mut line).await.ok()?;
-        head_len += n;
-        if n == 0 || head_len > MAX_HEAD {
-            return None;
+        let n = next_line(reader, &mut line, &mut head_len, limit).await?;
+        if n == 0 {
+            return Err(Closed);
         }
         let l = line.trim_end();
         if l.is_empty() {
             break;
         }
-        let (k, v) = l.split_once(':')?;
+        let (k, v) = l.split_once(':').ok_or(Closed)?;
         headers.push((k.trim().to_string(), v.trim().to_string()));
     }
     let len = headers
@@ -205,15 +300,15 @@ async fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
         .and_then(|(_, v)| v.parse::<usize>().ok())
         .unwrap_or(0);
     if len > MAX_BODY {
-        return None;
+        return Err(Closed);
     }
     let mut body = vec![0; len];
-    reader.read_exact(&mut body).await.ok()?;
+    reader.read_exact(&mut body).await.map_err(|_| Closed)?;
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p.to_string(), q.to_string()),
         None => (target, String::new()),
     };
-    Some(Request {
+    Ok(Request {
         method,
         path,
         query,

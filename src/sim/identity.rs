@@ -25,7 +25,7 @@ pub(super) fn issue_token(s: &mut State, app_id: &str) -> (String, Duration) {
         .unwrap_or_default()
         .as_secs();
     let header = json!({"typ": "JWT", "alg": "RS256", "kid": "sim"});
-    let claims = json!({
+    let mut claims = json!({
         "aud": s.config.token_audience,
         "iss": format!("https://sts.windows.net/{SIM_TENANT}/"),
         "tid": SIM_TENANT,
@@ -36,6 +36,11 @@ pub(super) fn issue_token(s: &mut State, app_id: &str) -> (String, Duration) {
         "exp": now + lifetime.as_secs().max(1),
         "uti": format!("{:016x}", s.rng.u64(..)),
     });
+    // A token grown by claims (an app in hundreds of groups, a gateway adding its own), so
+    // that it is still one the API takes when the front end does.
+    if let Some(super::Hostile::LongToken(bytes)) = &s.config.hostile_token {
+        claims["xms_pad"] = json!("x".repeat(bytes.saturating_mul(3) / 4));
+    }
     let token = format!(
         "{}.{}.{}",
         b64url(header.to_string().as_bytes()),

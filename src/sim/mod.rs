@@ -8,6 +8,7 @@
 
 mod http;
 mod identity;
+pub mod recorder;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -20,7 +21,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{ActionId, ActionStatus, format_time};
-use http::{Reply, Request, form_decode};
+pub use http::Request;
+use http::{Reply, form_decode};
 use identity::{check_client_credential, issue_token, seed_token, token_forbidden};
 
 pub const SIM_TENANT: &str = "00000000-0000-4000-8000-00000000beef";
@@ -61,6 +63,26 @@ impl Fault {
         Fault::TooManyRequests,
     ];
 }
+
+/// Answers an attacker on the network path (or a compromised proxy, or a wrong
+/// `api.base_url`/authority) would give, for the security tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hostile {
+    /// 307 to this origin, path and query kept (a hijacking proxy collecting requests).
+    RedirectTo(String),
+    /// 200 announcing this many bytes (`Content-Length`) and sending them.
+    Huge(u64),
+    /// 200 without a length, sending until the client hangs up.
+    Endless,
+    /// Token endpoint: a granted token of about this many bytes (a JWT grown by claims),
+    /// which the API takes while its header fits the front end's limit.
+    LongToken(usize),
+    /// Token endpoint: a granted answer with this JSON text as `expires_in`.
+    ExpiresIn(String),
+}
+
+/// HTTP.sys's default `MaxRequestBytes`: a request head longer than this gets 431.
+pub const SIM_MAX_REQUEST_HEAD: usize = 16 * 1024;
 
 /// A sliding-window rate limit like the service's (per app and tenant).
 #[derive(Debug, Clone)]
@@ -118,6 +140,12 @@ pub struct SimConfig {
     pub token_roles: Vec<String>,
     /// `aud` in issued tokens; the API answers 403 unless it is `SIM_API_AUDIENCE`.
     pub token_audience: String,
+    /// What API calls meet instead of the API (`None`: the API).
+    pub hostile_api: Option<Hostile>,
+    /// What token requests meet instead of the identity platform (`None`: the platform).
+    pub hostile_token: Option<Hostile>,
+    /// The longest request head the front end takes; longer ones get 431.
+    pub max_request_head: usize,
 }
 
 /// The app registration's certificate: the public key that verifies assertions and the DER
@@ -167,6 +195,9 @@ impl Default for SimConfig {
             managed_identity: None,
             token_roles: vec!["Machine.Read.All".into()],
             token_audience: SIM_API_AUDIENCE.into(),
+            hostile_api: None,
+            hostile_token: None,
+            max_request_head: SIM_MAX_REQUEST_HEAD,
         }
     }
 }
@@ -493,6 +524,10 @@ pub struct SimStats {
     pub forbidden_calls: u64,
     pub faults_injected: u64,
     pub faults_by_kind: HashMap<String, u64>,
+    /// Requests refused with 431 because their head was longer than `max_request_head`.
+    pub oversized_heads: u64,
+    /// Requests answered with a `Hostile` answer, API and token endpoint.
+    pub hostile_answers: u64,
     pub not_found_answers: u64,
     /// API calls that named each action (a list call counts for every id in it).
     pub calls_by_action: HashMap<ActionId, u64>,
@@ -816,6 +851,11 @@ impl Simulator {
         self.lock().config.fault_rate = rate;
     }
 
+    /// Probability that a token request fails with a 503 from now on.
+    pub fn set_token_fault_rate(&self, rate: f64) {
+        self.lock().config.token_fault_rate = rate;
+    }
+
     pub fn set_faults(&self, faults: Vec<Fault>) {
         self.lock().config.faults = faults;
     }
@@ -862,6 +902,20 @@ impl Simulator {
         self.lock().config.ignored_filters = forms;
     }
 
+    /// API calls meet `hostile` from now on (`None`: the API again).
+    pub fn set_hostile_api(&self, hostile: Option<Hostile>) {
+        self.lock().config.hostile_api = hostile;
+    }
+
+    /// Token requests meet `hostile` from now on (`None`: the identity platform again).
+    pub fn set_hostile_token(&self, hostile: Option<Hostile>) {
+        self.lock().config.hostile_token = hostile;
+    }
+
+    pub fn set_max_request_head(&self, bytes: usize) {
+        self.lock().config.max_request_head = bytes;
+    }
+
     /// Sets the roles of tokens issued from now on.
     pub fn set_token_roles(&self, roles: Vec<String>) {
         self.lock().config.token_roles = roles;
@@ -881,8 +935,20 @@ impl Tenant {
 }
 
 impl http::Handler for Tenant {
+    fn max_head(&self) -> usize {
+        self.lock().config.max_request_head
+    }
+
+    fn head_too_long(&self) {
+        self.lock().stats.oversized_heads += 1;
+    }
+
     async fn handle(&self, req: Request) -> Reply {
         if req.method == "POST" && req.path.ends_with("/oauth2/v2.0/token") {
+            let hostile = self.lock().config.hostile_token.clone();
+            if let Some(reply) = hostile.as_ref().and_then(|h| self.hostile(h, &req, true)) {
+                return reply;
+            }
             return self.token(&req).await;
         }
         if req.method == "GET"
@@ -894,6 +960,10 @@ impl http::Handler for Tenant {
             if req.method != "GET" {
                 return odata_error(405, "MethodNotAllowed", "Only GET is simulated");
             }
+            let hostile = self.lock().config.hostile_api.clone();
+            if let Some(reply) = hostile.as_ref().and_then(|h| self.hostile(h, &req, false)) {
+                return reply;
+            }
             return self.api(&req).await;
         }
         // What a wrong `api.base_url` path meets: the front end's page, not the API's JSON.
@@ -903,6 +973,54 @@ impl http::Handler for Tenant {
             extra_headers: Vec::new(),
             body: b"<!DOCTYPE html><html><head><title>404 - File or directory not found.</title></head><body><h2>404 - File or directory not found.</h2></body></html>".to_vec(),
         }
+    }
+}
+
+impl Tenant {
+    /// The hostile answer to `req`, or `None` when `hostile` is one the normal path gives
+    /// (the token endpoint's long tokens and odd lifetimes).
+    fn hostile(&self, hostile: &Hostile, req: &Request, token_endpoint: bool) -> Option<Reply> {
+        let reply = match hostile {
+            Hostile::RedirectTo(origin) => {
+                let target = if req.query.is_empty() {
+                    format!("{}{}", origin.trim_end_matches('/'), req.path)
+                } else {
+                    format!("{}{}?{}", origin.trim_end_matches('/'), req.path, req.query)
+                };
+                Reply::Full {
+                    status: 307,
+                    content_type: "text/html",
+                    extra_headers: vec![("location", target)],
+                    body: b"<html><body>Moved</body></html>".to_vec(),
+                }
+            }
+            // Something that starts like the answer it replaces, then goes on and on.
+            Hostile::Huge(bytes) => Reply::Stream {
+                status: 200,
+                head: if token_endpoint {
+                    b"{\"token_type\":\"Bearer\",\"expires_in\":3599,\"access_token\":\"".to_vec()
+                } else {
+                    b"{\"value\":[{\"status\":\"Succeeded\",\"id\":\"".to_vec()
+                },
+                fill: b'A',
+                tail: if token_endpoint {
+                    b"\"}".to_vec()
+                } else {
+                    b"\"}]}".to_vec()
+                },
+                length: Some(*bytes),
+            },
+            Hostile::Endless => Reply::Stream {
+                status: 200,
+                head: b"{\"value\":\"".to_vec(),
+                fill: b'A',
+                tail: Vec::new(),
+                length: None,
+            },
+            Hostile::LongToken(_) | Hostile::ExpiresIn(_) => return None,
+        };
+        self.lock().stats.hostile_answers += 1;
+        Some(reply)
     }
 }
 
@@ -997,6 +1115,18 @@ impl Tenant {
             return r;
         }
         let (token, lifetime) = issue_token(&mut s, SIM_CLIENT_ID);
+        if let Some(Hostile::ExpiresIn(raw)) = s.config.hostile_token.clone() {
+            s.stats.hostile_answers += 1;
+            return Reply::json(
+                200,
+                format!(
+                    r#"{{"token_type":"Bearer","expires_in":{raw},"ext_expires_in":{raw},"access_token":"{token}"}}"#
+                ),
+            );
+        }
+        if matches!(s.config.hostile_token, Some(Hostile::LongToken(_))) {
+            s.stats.hostile_answers += 1;
+        }
         Reply::json(
             200,
             json!({
