@@ -1,6 +1,16 @@
 //! Typed client for the two MachineAction calls, with error classification.
 //!
 //! Knows nothing of the database or the budget: it sends one request and says what came back.
+// Network input is parsed here: no unwrap, no unchecked arithmetic, no indexing that can
+// panic (tests may).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::arithmetic_side_effects
+    )
+)]
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -584,7 +594,11 @@ impl ListPage {
                 listed.push(Listed {
                     key,
                     status,
-                    span: ((text.as_ptr() as usize - base) as u32, text.len() as u32),
+                    // A sub-slice of the body (capped far below 4 GiB), so the offset fits.
+                    span: (
+                        (text.as_ptr() as usize).saturating_sub(base) as u32,
+                        text.len() as u32,
+                    ),
                 });
             }
             page.value.len()
@@ -609,7 +623,9 @@ impl ListPage {
     /// The entry's JSON object as MDE sent it.
     pub fn raw(&self, l: &Listed) -> &str {
         let (start, len) = (l.span.0 as usize, l.span.1 as usize);
-        &self.body[start..start + len]
+        self.body
+            .get(start..start.saturating_add(len))
+            .unwrap_or("")
     }
 
     /// Whether the entry says nothing the store lacks, given the update time stored for
@@ -696,7 +712,7 @@ impl ListPage {
 
 /// Percent-encodes a query value (RFC 3986 unreserved characters stay as they are).
 fn encode_query_value(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() * 2);
+    let mut out = String::with_capacity(value.len().saturating_mul(2));
     for b in value.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':') {
             out.push(b as char);
@@ -856,9 +872,9 @@ pub fn describe_error_body(body: &str) -> String {
     if trimmed.starts_with('<') {
         let lower = trimmed.to_ascii_lowercase();
         if let (Some(a), Some(b)) = (lower.find("<title>"), lower.find("</title>"))
-            && a + 7 <= b
+            && let Some(title) = trimmed.get(a.saturating_add("<title>".len())..b)
         {
-            return format!("HTML page: {}", snippet(trimmed[a + 7..b].trim()));
+            return format!("HTML page: {}", snippet(title.trim()));
         }
         return "HTML page".to_string();
     }

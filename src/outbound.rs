@@ -6,6 +6,17 @@
 //! rustls. An [`Answer`] hides the response it wraps: its body can only be read through
 //! [`Answer::read`] with a [`Cap`], so no caller can read an unbounded body by mistake
 //! (`clippy.toml` forbids reqwest's own readers everywhere else).
+// Network input is parsed here: no unwrap, no unchecked arithmetic, no indexing that can
+// panic (tests may).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::arithmetic_side_effects,
+        clippy::indexing_slicing
+    )
+)]
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,7 +63,7 @@ impl Cap {
     pub const fn page(entries: u32) -> Cap {
         let entries = if entries == 0 { 1 } else { entries } as usize;
         Cap {
-            bytes: (64 << 10) + entries * PAGE_ENTRY_BYTES,
+            bytes: (64usize << 10).saturating_add(entries.saturating_mul(PAGE_ENTRY_BYTES)),
             what: "list page",
         }
     }
@@ -322,8 +333,8 @@ impl Answer {
             let next = tokio::time::timeout(wait, response.chunk()).await;
             match next {
                 Ok(Ok(Some(chunk))) => {
-                    let room = cap.bytes - buf.len();
-                    buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    let room = cap.bytes.saturating_sub(buf.len());
+                    buf.extend_from_slice(chunk.get(..room).unwrap_or(&chunk));
                 }
                 _ => break,
             }

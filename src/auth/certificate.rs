@@ -154,7 +154,7 @@ impl Credential {
             "jti": ActionId::random(&mut rng).as_str(),
             "nbf": secs,
             "iat": secs,
-            "exp": secs + ASSERTION_LIFETIME.as_secs(),
+            "exp": secs.saturating_add(ASSERTION_LIFETIME.as_secs()),
         });
         let input = signing_input(&header, &claims);
         let mut signature = vec![0; self.key.public_modulus_len()];
@@ -204,9 +204,10 @@ fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         }
         let mut len = 0usize;
         for i in 0..n {
-            len = (len << 8) | *input.get(2 + i)? as usize;
+            // At most 4 length bytes: 32 bits, which fit.
+            len = (len << 8) | *input.get(i.checked_add(2)?)? as usize;
         }
-        (len, 2 + n)
+        (len, n.checked_add(2)?)
     };
     let end = header.checked_add(len)?;
     Some((tag, input.get(header..end)?, input.get(end..)?))

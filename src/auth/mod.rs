@@ -3,6 +3,16 @@
 //! platform fails.
 //!
 //! Nothing here logs or formats a secret or a token: they live in `Secret`.
+// Network input is parsed here: no unwrap, no unchecked arithmetic, no indexing that can
+// panic (tests may).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::arithmetic_side_effects
+    )
+)]
 
 pub mod certificate;
 pub mod files;
@@ -415,9 +425,7 @@ fn parse_token_answer(status: u16, body: &str) -> Result<AccessToken, AuthError>
             secret: Secret::new(token),
             // Within a day of now cannot overflow; should it, the token is taken as expiring
             // in a second rather than never.
-            expires_at: now
-                .checked_add(lifetime)
-                .unwrap_or_else(|| now + MIN_TOKEN_LIFETIME),
+            expires_at: now.checked_add(lifetime).unwrap_or(now),
             lifetime,
         });
     }
@@ -538,7 +546,7 @@ impl TokenProvider {
             self.health().valid_until = None;
         }
         let why = format!("MDE refused a freshly issued token: {detail}");
-        state.retry_at = Some((Instant::now() + delay, why.clone()));
+        state.retry_at = Some((later(delay), why.clone()));
         let mut health = self.health();
         health.failing_since.get_or_insert_with(Instant::now);
         health.last_failure = Some(why);
@@ -561,7 +569,7 @@ impl TokenProvider {
         let mut state = self.state.lock().await;
         let now = Instant::now();
         if let Some(t) = &state.token
-            && now + refresh_margin(t.lifetime) < t.expires_at
+            && now.checked_add(refresh_margin(t.lifetime)) < Some(t.expires_at)
         {
             return Ok(t.secret.clone());
         }
@@ -569,7 +577,7 @@ impl TokenProvider {
             && *at > now
         {
             return Err(AuthError::BackingOff {
-                wait: *at - now,
+                wait: at.saturating_duration_since(now),
                 last: last.clone(),
             });
         }
@@ -592,8 +600,10 @@ impl TokenProvider {
             }
             Err(e) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
-                if let Some(i) = FAILURE_CAUSES.iter().position(|c| *c == e.cause()) {
-                    self.failures_by_cause[i].fetch_add(1, Ordering::Relaxed);
+                if let Some(i) = FAILURE_CAUSES.iter().position(|c| *c == e.cause())
+                    && let Some(n) = self.failures_by_cause.get(i)
+                {
+                    n.fetch_add(1, Ordering::Relaxed);
                 }
                 let delay = next_delay(
                     state.consecutive_failures,
@@ -601,7 +611,7 @@ impl TokenProvider {
                     fastrand::f64(),
                 );
                 state.consecutive_failures = state.consecutive_failures.saturating_add(1);
-                state.retry_at = Some((Instant::now() + delay, e.to_string()));
+                state.retry_at = Some((later(delay), e.to_string()));
                 {
                     let mut health = self.health();
                     health.failing_since.get_or_insert_with(Instant::now);
@@ -713,7 +723,16 @@ impl TokenProvider {
 }
 
 fn refresh_margin(lifetime: Duration) -> Duration {
-    (lifetime / 5).min(MAX_REFRESH_MARGIN)
+    lifetime
+        .checked_div(5)
+        .unwrap_or_default()
+        .min(MAX_REFRESH_MARGIN)
+}
+
+/// Now plus `delay` (a backoff of at most minutes), or now should that not fit.
+fn later(delay: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(delay).unwrap_or(now)
 }
 
 #[cfg(test)]

@@ -60,6 +60,16 @@ fn assert_nothing_reached(recorder: &Recorder) {
     );
 }
 
+/// Waits for `id` to end, once a fault has passed.
+async fn finishes(daemon: &RunningDaemon, id: &ActionId) {
+    wait_finished(
+        &daemon.store,
+        std::slice::from_ref(id),
+        Duration::from_secs(60),
+    )
+    .await;
+}
+
 fn with_listener(env: &mut TestEnv) {
     env.settings.http.listen = Some("127.0.0.1:0".into());
 }
@@ -152,12 +162,7 @@ async fn token_redirects_never_carry_the_secret_elsewhere_and_readiness_says_why
     assert!(env.sim.issued_tokens().is_empty());
 
     env.sim.set_hostile_token(None);
-    wait_finished(
-        &daemon.store,
-        std::slice::from_ref(&id),
-        Duration::from_secs(30),
-    )
-    .await;
+    finishes(&daemon, &id).await;
     eventually(Duration::from_secs(10), "ready again", || async {
         get(addr, "/readyz").await.0 == 200
     })
@@ -353,12 +358,7 @@ async fn a_token_the_front_end_refuses_is_dropped_and_refreshed_with_backoff() {
     );
 
     env.sim.set_hostile_token(None);
-    wait_finished(
-        &daemon.store,
-        std::slice::from_ref(&id),
-        Duration::from_secs(60),
-    )
-    .await;
+    finishes(&daemon, &id).await;
     env.assert_all_true(std::slice::from_ref(&id)).await;
     eventually(Duration::from_secs(10), "ready again", || async {
         get(addr, "/readyz").await.0 == 200
@@ -397,12 +397,7 @@ async fn tokens_too_long_for_a_header_are_refused_before_any_call() {
     assert_eq!(stats.api_calls, 0, "no call carried the token");
     assert_eq!(stats.oversized_heads, 0);
     env.sim.set_hostile_token(None);
-    wait_finished(
-        &daemon.store,
-        std::slice::from_ref(&id),
-        Duration::from_secs(60),
-    )
-    .await;
+    finishes(&daemon, &id).await;
     daemon.shutdown().await;
 }
 
@@ -443,15 +438,53 @@ async fn a_failing_token_endpoint_turns_readiness_off_after_the_grace() {
             >= 1.0
     );
     env.sim.set_token_fault_rate(0.0);
-    wait_finished(
-        &daemon.store,
-        std::slice::from_ref(&id),
-        Duration::from_secs(60),
-    )
-    .await;
+    finishes(&daemon, &id).await;
     eventually(Duration::from_secs(10), "ready again", || async {
         get(addr, "/readyz").await.0 == 200
     })
     .await;
     daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_and_workload_assertions_are_never_sent_to_a_redirect() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = test_certificate(dir.path(), false);
+    let mut env = TestEnv::new(SimConfig {
+        certificate: Some(cert.sim.clone()),
+        federated: true,
+        ..SimConfig::default()
+    })
+    .await;
+    with_listener(&mut env);
+    let federated = dir.path().join("federated-token");
+    std::fs::write(&federated, env.sim.federated_token()).unwrap();
+    let recorder = Recorder::start(Vec::new()).await.unwrap();
+    for method in ["certificate", "workload identity"] {
+        let mut settings = env.settings.clone();
+        settings.auth.client_secret = None;
+        if method == "certificate" {
+            settings.auth.certificate_file = Some(cert.cert_file.clone());
+            settings.auth.private_key_file = Some(cert.key_file.clone());
+        } else {
+            settings.auth.federated_token_file = Some(federated.clone());
+        }
+        env.sim
+            .set_hostile_token(Some(Hostile::RedirectTo(recorder.origin())));
+        let id = env.sim.create_action(quick());
+        let before = env.sim.stats().hostile_answers;
+        let daemon = RunningDaemon::start(&settings).await.unwrap();
+        daemon.enqueue(std::slice::from_ref(&id)).await;
+        eventually(
+            Duration::from_secs(20),
+            "token tries redirected",
+            || async { env.sim.stats().hostile_answers >= before + 2 },
+        )
+        .await;
+        assert_nothing_reached(&recorder);
+        env.sim.set_hostile_token(None);
+        finishes(&daemon, &id).await;
+        daemon.shutdown().await;
+    }
+    assert_nothing_reached(&recorder);
 }
