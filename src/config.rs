@@ -970,7 +970,7 @@ impl Settings {
                     "notify.name",
                     format!("'{}' must be 1-64 letters, digits, '-' or '_'", n.name),
                 );
-            } else if n.name == crate::store::CALLBACK {
+            } else if n.name == crate::domain::CALLBACK {
                 bad(
                     "notify.name",
                     "'callback' is reserved for per-request callback URLs".into(),

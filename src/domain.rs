@@ -550,6 +550,9 @@ pub fn check_callback_url(url: &str, allow: &[HostPattern]) -> Result<(), String
     }
 }
 
+/// The destination name of per-action callback URLs: reserved, no `[[notify]]` may take it.
+pub const CALLBACK: &str = "callback";
+
 #[cfg(test)]
 mod tests {
     use super::*;

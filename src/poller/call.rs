@@ -2,7 +2,18 @@
 //! log before it is sent, one retry with a fresh token on a 401, the tenant-wide pause on a
 //! 429; and what a failed call means for the loop.
 
-use super::*;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::auth::AuthError;
+use crate::mde::MdeError;
+use crate::metrics::Blocker;
+use crate::store::Endpoint;
+
+use super::{CallError, DEFAULT_RETRY_AFTER, Halt, Poller};
 
 impl Poller {
     /// Runs `f`, beating every second while it waits (budget and Retry-After waits can last

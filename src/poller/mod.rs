@@ -32,19 +32,15 @@ use crate::metrics::{Blocker, Metrics};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::auth::{AuthError, TokenProvider};
 use crate::budget::RateBudget;
-use crate::config::{DiscoverMode, PollSettings, SweepMode};
-use crate::domain::{ActionId, Tracking};
-use crate::mde::{FetchedAction, ListPage, Listed, MdeClient, MdeError, SweepFilter};
-use crate::schedule::{PollPolicy, next_delay};
-use crate::store::{
-    DueAction, Endpoint, NextStep, PollResult, PollWrite, Store, StoreError, SweepRecord,
-};
+use crate::config::{DiscoverMode, PollSettings};
+use crate::mde::{MdeClient, MdeError};
+use crate::schedule::PollPolicy;
+use crate::store::{PollWrite, Store, StoreError};
 use sweep::SweepState;
 
 /// Longest idle sleep: ids enqueued by another process are noticed within this.

@@ -1,6 +1,16 @@
 //! What an answer means for one action: the write that records it and when to look again.
 
-use super::*;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use tracing::{debug, info, warn};
+
+use crate::domain::Tracking;
+use crate::mde::FetchedAction;
+use crate::schedule::next_delay;
+use crate::store::{DueAction, NextStep, PollResult, PollWrite};
+
+use super::{Poller, SWEEP_NET_FACTOR};
 
 impl Poller {
     pub(super) fn observed(

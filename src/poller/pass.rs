@@ -1,7 +1,19 @@
 //! Passes: the due actions in list calls of up to `batch_size` ids (`concurrency` at once),
 //! each call's findings written in one transaction.
 
-use super::*;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+use crate::domain::ActionId;
+use crate::mde::MdeError;
+use crate::store::{DueAction, Endpoint, PollResult};
+
+use super::{CallError, Covered, Halt, INTAKE_CHECK, Poller};
 
 impl Poller {
     /// One pass over the due actions. `sweeps`: what sweeps cover while they run.

@@ -1,8 +1,19 @@
 //! Sweeps: planning which listing to use and how often, and paging through the tenant
 //! with it, checking every tracked action found (one transaction per page).
 
-use super::*;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{DiscoverMode, SweepMode};
+use crate::domain::ActionId;
+use crate::mde::{FetchedAction, ListPage, Listed, MdeError, SweepFilter};
+use crate::store::{DueAction, Endpoint, PollResult, PollWrite, SweepRecord};
+
+use super::{CallError, Halt, Poller, REMEASURE_AFTER, SWEEP_SHARE};
 
 /// What the loop knows about sweeping this tenant.
 #[derive(Debug, Default)]

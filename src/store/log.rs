@@ -1,7 +1,12 @@
 //! The call and sweep log: every API call recorded before it is sent (the budget after a
 //! restart, the reports' call counts) and one row per sweep.
 
-use super::*;
+use std::time::{Duration, SystemTime};
+
+use crate::budget::PastCall;
+use crate::domain::{Endpoint, format_time, parse_time};
+
+use super::{CheckSummary, Result, Store, SweepRecord, SweepRow, read_time};
 
 impl Store {
     pub async fn start_sweep(&self, filter: &str, started: SystemTime) -> Result<i64> {

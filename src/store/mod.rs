@@ -8,7 +8,6 @@
 //! of the poll write; the methods live by caller: `queue` (intake and the loop), `log` (the
 //! call and sweep log), `reads` (people and tools), `upkeep` (retention, checkpoints).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -20,10 +19,8 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{FromRow, Row};
-use tracing::instrument;
 
-use crate::budget::PastCall;
-use crate::domain::{ActionId, Source, Tracking, format_time, parse_time};
+use crate::domain::{ActionId, Tracking, format_time, parse_time};
 pub use crate::domain::{Endpoint, Observation};
 pub use outbox::{
     CALLBACK, DeliveryCounts, DeliveryResult, DeliveryRow, DestinationRow, DueDelivery,

@@ -3,7 +3,14 @@
 //! the operators' commands read and reset. Routing happens here, in SQL, against the
 //! `notify_destinations` rows the daemon writes at start; the store knows nothing of HTTP.
 
-use super::*;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use sqlx::FromRow;
+
+use crate::domain::format_time;
+
+use super::{Result, Store, json_array, read_time};
 
 /// One configured destination, as the daemon writes it at start for routing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,8 +40,9 @@ impl NotifyRequest {
     }
 }
 
-/// The destination name of per-action callback URLs.
-pub const CALLBACK: &str = "callback";
+/// The destination name of per-action callback URLs (defined with the domain, which config
+/// also reads, so that config need not import the store).
+pub use crate::domain::CALLBACK;
 
 /// A delivery a sender may attempt now: the head of its action's queue, due.
 #[derive(Debug, Clone, FromRow)]

@@ -1,7 +1,20 @@
 //! The queue: what intake adds, what the loop takes when due, and the one transaction
 //! that records each answer (transitions decided in SQL, returned with `RETURNING`).
 
-use super::*;
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use tracing::instrument;
+
+use crate::domain::{ActionId, Source, Tracking, format_time};
+
+use super::{
+    ACTIVE_AMONG, CommittedTransition, DueAction, Enqueued, NotifyRequest, PollWrite,
+    RECORD_OBSERVED, RECORD_SCHEDULE, RECORD_TRANSITIONS, Result, SWEEP_DUE, SWEEP_INDEX,
+    SWEEP_INDEX_CHUNK, SWEEP_INDEX_UNOBSERVED, SWEEP_RECORD, Store, StoreError, Tracked,
+    WriteSummary, distinct_groups, due_from_row, finished_among, id_list, json_array, outbox,
+    parse_tracking, read_time, rows_to_write,
+};
 
 impl Store {
     /// Adds ids to the queue in one transaction; known ids are left as they are.

@@ -1,7 +1,11 @@
 //! Reads for people and tools: one action, its transitions, lists, counts, report figures
 //! and the streaming exports. Read-only connections only.
 
-use super::*;
+use std::time::SystemTime;
+
+use crate::domain::{ActionId, Tracking, format_time};
+
+use super::{ActionRow, Counts, ReportCounts, Result, Store, TransitionExport, TransitionRow};
 
 impl Store {
     /// MDE's creation time of the oldest active action that has been seen at least once.

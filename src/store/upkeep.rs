@@ -1,7 +1,12 @@
 //! Upkeep: retention, vacuum, WAL checkpoints (and a deleted `-wal`), the write probe for
 //! readiness, and the report settings the views read.
 
-use super::*;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use crate::domain::format_time;
+
+use super::{BUSY_TIMEOUT, Result, Store};
 
 impl Store {
     /// Writes settings that the reporting views read (see `report_settings`).
