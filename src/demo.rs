@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::daemon::Daemon;
 use crate::domain::{ActionId, Tracking};
+use crate::report;
 use crate::sim::{SimConfig, SimRateLimit, Simulator, settings_for};
 use crate::store::{OpenMode, Store};
 
@@ -138,12 +139,8 @@ pub async fn run(db: Option<PathBuf>, args: &DemoArgs) -> Result<ExitCode, DemoE
             let id = ActionId::parse(&t.action_id).map_err(anyhow::Error::from)?;
             let row = reader.action(&id).await?;
             let (kind, device) = row
-                .map(|r| {
-                    (
-                        r.action_type.unwrap_or_default(),
-                        r.computer_dns_name.unwrap_or_default(),
-                    )
-                })
+                .as_ref()
+                .map(report::kind_and_device)
                 .unwrap_or_default();
             println!(
                 "{elapsed:>6.1}s  {}…  {kind:<28} {device:<22} {} → {}",

@@ -393,25 +393,165 @@ impl Endpoint {
     }
 }
 
-/// The fields of a MachineAction the database keeps, already normalized.
+/// Declares the MachineAction fields that `actions` keeps as columns, each once: its column
+/// (the Rust field), its type, its name on the wire and in events, how it is read from an
+/// answer (a function of `wire` below), and whether it is free text (cut in events). Everything that
+/// copies these fields follows from the declaration: reading them from MDE's JSON, the poll
+/// write's SQL, the rows read back, the exports, the event payload.
+macro_rules! action_fields {
+    ($( $(#[doc = $doc:literal])* $column:ident : $ty:ident = $wire:literal via $read:literal $(, $text:ident)? ; )*) => {
+        /// The MachineAction fields `actions` keeps as columns (`ACTION_FIELDS` describes
+        /// them), normalized as `wire` reads them. It serializes with the column names (the
+        /// exports) and deserializes from a MachineAction's JSON (the wire names); unknown
+        /// keys are ignored.
+        #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, sqlx::FromRow)]
+        pub struct ActionFields {
+            $(
+                $(#[doc = $doc])*
+                #[serde(default, rename(deserialize = $wire), deserialize_with = $read)]
+                pub $column: Option<$ty>,
+            )*
+        }
+
+        /// Each field of `ActionFields`, in declaration order.
+        pub const ACTION_FIELDS: &[FieldSpec] = &[
+            $( FieldSpec {
+                column: stringify!($column),
+                wire: $wire,
+                free_text: action_fields!(@text $($text)?),
+            }, )*
+        ];
+
+        impl ActionFields {
+            /// The values, in the order of `ACTION_FIELDS`.
+            pub fn cells(&self) -> Vec<Cell<'_>> {
+                vec![$( Cell::from(&self.$column), )*]
+            }
+        }
+    };
+    (@text free_text) => { true };
+    (@text) => { false };
+}
+
+/// How `ActionFields` reads each field of a MachineAction. The fields the poll needs to
+/// trust the answer are `text`/`time`: a value of another JSON type makes the answer
+/// unreadable. The fields only reports read are `lenient_*`: a value of an unexpected
+/// type is dropped rather than costing the whole action. Times are re-rendered in the
+/// database's format (`normalize_time`); one that cannot be read is kept as NULL.
+mod wire {
+    use serde::{Deserialize, Deserializer};
+    use serde_json::Value;
+
+    pub fn text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Option::<String>::deserialize(d)
+    }
+
+    pub fn time<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Ok(text(d)?.as_deref().and_then(super::normalize_time))
+    }
+
+    pub fn lenient_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Ok(match Value::deserialize(d)? {
+            Value::String(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    pub fn lenient_time<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Ok(lenient_text(d)?.as_deref().and_then(super::normalize_time))
+    }
+
+    /// An integer (`errorHResult` is a signed 32-bit HRESULT), or `None`.
+    pub fn lenient_integer<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        Ok(Value::deserialize(d)?.as_i64())
+    }
+}
+
+/// One column of `ActionFields`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldSpec {
+    /// Its column in `actions` (and its key in exports).
+    pub column: &'static str,
+    /// Its name in a MachineAction and in notification events.
+    pub wire: &'static str,
+    /// Free text that a person wrote: events carry its first 2,000 characters.
+    pub free_text: bool,
+}
+
+/// A value of a column, for output that is not JSON (CSV, tables).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cell<'a> {
+    Null,
+    Text(&'a str),
+    Integer(i64),
+}
+
+impl<'a> From<&'a Option<String>> for Cell<'a> {
+    fn from(v: &'a Option<String>) -> Self {
+        v.as_deref().map_or(Cell::Null, Cell::Text)
+    }
+}
+
+impl From<&Option<i64>> for Cell<'_> {
+    fn from(v: &Option<i64>) -> Self {
+        v.map_or(Cell::Null, Cell::Integer)
+    }
+}
+
+impl fmt::Display for Cell<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cell::Null => Ok(()),
+            Cell::Text(t) => f.write_str(t),
+            Cell::Integer(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+action_fields! {
+    action_type: String = "type" via "wire::text";
+    machine_id: String = "machineId" via "wire::text";
+    computer_dns_name: String = "computerDnsName" via "wire::text";
+    requestor: String = "requestor" via "wire::text";
+    requestor_comment: String = "requestorComment" via "wire::text", free_text;
+    /// Some answers spell it `externalID`; `mde` reads that too.
+    external_id: String = "externalId" via "wire::text";
+    mde_created_at: String = "creationDateTimeUtc" via "wire::time";
+    request_source: String = "requestSource" via "wire::lenient_text";
+    scope: String = "scope" via "wire::lenient_text";
+    title: String = "title" via "wire::lenient_text", free_text;
+    /// `errorHResult`: a signed 32-bit HRESULT.
+    error_hresult: i64 = "errorHResult" via "wire::lenient_integer";
+    cancellation_requestor: String = "cancellationRequestor" via "wire::lenient_text";
+    cancellation_comment: String = "cancellationComment" via "wire::lenient_text", free_text;
+    cancelled_at: String = "cancellationDateTimeUtc" via "wire::lenient_time";
+}
+
+impl ActionFields {
+    /// The action's type when this version does not know it (it is recorded as sent).
+    pub fn unknown_type(&self) -> Option<&str> {
+        self.action_type
+            .as_deref()
+            .filter(|t| !is_known_action_type(t))
+    }
+
+    /// Whether the type and the requestor pass discovery's filters (empty: any).
+    pub fn matches(&self, types: &[String], requestors: &[String]) -> bool {
+        let any = |allowed: &[String], v: &Option<String>| {
+            allowed.is_empty() || v.as_ref().is_some_and(|v| allowed.contains(v))
+        };
+        any(types, &self.action_type) && any(requestors, &self.requestor)
+    }
+}
+
+/// What a poll read of a MachineAction, already normalized.
 #[derive(Debug, Clone, Default)]
 pub struct Observation {
     pub status: Option<ActionStatus>,
-    pub action_type: Option<String>,
-    pub machine_id: Option<String>,
-    pub computer_dns_name: Option<String>,
-    pub requestor: Option<String>,
-    pub requestor_comment: Option<String>,
-    pub external_id: Option<String>,
-    pub created_at: Option<String>,
+    /// `lastUpdateDateTimeUtc` (the `mde_updated_at` column): apart from `fields` because
+    /// the poll compares it and the transition records it.
     pub updated_at: Option<String>,
-    pub title: Option<String>,
-    pub scope: Option<String>,
-    pub request_source: Option<String>,
-    pub error_hresult: Option<i64>,
-    pub cancellation_requestor: Option<String>,
-    pub cancellation_comment: Option<String>,
-    pub cancelled_at: Option<String>,
+    pub fields: ActionFields,
     /// The JSON object exactly as MDE sent it.
     pub raw: String,
 }

@@ -21,7 +21,7 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::domain::Observation;
+use crate::domain::{ActionFields, Observation};
 use crate::domain::{ActionId, ActionStatus, MAX_RETRY_AFTER, normalize_time};
 use crate::outbound::{BodyError, Cap, Outbound, Policy};
 pub use crate::outbound::{BuildError, error_chain};
@@ -127,56 +127,19 @@ impl MdeError {
     }
 }
 
-/// One MachineAction as MDE describes it. Unknown fields are ignored; only `id` and `status`
-/// are required, since nothing can be tracked without them.
+/// What of a MachineAction the poll needs apart from `ActionFields`. Unknown fields are
+/// ignored; only `id` and `status` are required, since nothing can be tracked without them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct WireAction {
     id: String,
     status: String,
-    #[serde(rename = "type")]
-    action_type: Option<String>,
-    machine_id: Option<String>,
-    computer_dns_name: Option<String>,
-    requestor: Option<String>,
-    requestor_comment: Option<String>,
-    creation_date_time_utc: Option<String>,
     // Real answers say lastUpdateDateTimeUtc, some docs lastUpdateTimeUtc; a serde alias would
     // fail on an answer that carries both, so both are read and merged.
     last_update_date_time_utc: Option<String>,
     last_update_time_utc: Option<String>,
-    external_id: Option<String>,
     #[serde(rename = "externalID")]
     external_id_upper: Option<String>,
-    // Fields only reports read: one of an unexpected JSON type is dropped rather than
-    // costing the whole action (its status still counts).
-    #[serde(default, deserialize_with = "lenient_text")]
-    title: Option<String>,
-    #[serde(default, deserialize_with = "lenient_text")]
-    scope: Option<String>,
-    #[serde(default, deserialize_with = "lenient_text")]
-    request_source: Option<String>,
-    #[serde(default, rename = "errorHResult", deserialize_with = "lenient_integer")]
-    error_hresult: Option<i64>,
-    #[serde(default, deserialize_with = "lenient_text")]
-    cancellation_requestor: Option<String>,
-    #[serde(default, deserialize_with = "lenient_text")]
-    cancellation_comment: Option<String>,
-    #[serde(default, deserialize_with = "lenient_text")]
-    cancellation_date_time_utc: Option<String>,
-}
-
-/// A text field, or `None` when it is null or not text.
-fn lenient_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Ok(match serde_json::Value::deserialize(d)? {
-        serde_json::Value::String(s) => Some(s),
-        _ => None,
-    })
-}
-
-/// An integer field (`errorHResult` is a signed 32-bit HRESULT), or `None`.
-fn lenient_integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-    Ok(serde_json::Value::deserialize(d)?.as_i64())
 }
 
 /// A MachineAction read from an answer, with its JSON kept verbatim.
@@ -189,29 +152,19 @@ pub struct FetchedAction {
 
 impl FetchedAction {
     pub fn from_json(raw: &str) -> Result<Self, String> {
-        let wire: WireAction =
-            serde_json::from_str(raw).map_err(|e| format!("unreadable MachineAction: {e}"))?;
+        let unreadable = |e: serde_json::Error| format!("unreadable MachineAction: {e}");
+        let wire: WireAction = serde_json::from_str(raw).map_err(unreadable)?;
         let id = ActionId::parse(&wire.id).map_err(|e| format!("answer has a bad id: {e}"))?;
         let status = ActionStatus::parse(&wire.status);
-        let time = |s: &Option<String>| s.as_deref().and_then(normalize_time);
+        // A second pass over the same text: cheaper than buffering every other key for a
+        // `#[serde(flatten)]`, and each field's rules stay with its declaration in `domain`.
+        let mut fields: ActionFields = serde_json::from_str(raw).map_err(unreadable)?;
+        fields.external_id = fields.external_id.or(wire.external_id_upper);
         let updated = wire.last_update_date_time_utc.or(wire.last_update_time_utc);
         let observation = Observation {
             status: Some(status.clone()),
-            action_type: wire.action_type,
-            machine_id: wire.machine_id,
-            computer_dns_name: wire.computer_dns_name,
-            requestor: wire.requestor,
-            requestor_comment: wire.requestor_comment,
-            external_id: wire.external_id.or(wire.external_id_upper),
-            created_at: time(&wire.creation_date_time_utc),
-            updated_at: time(&updated),
-            title: wire.title,
-            scope: wire.scope,
-            request_source: wire.request_source,
-            error_hresult: wire.error_hresult,
-            cancellation_requestor: wire.cancellation_requestor,
-            cancellation_comment: wire.cancellation_comment,
-            cancelled_at: time(&wire.cancellation_date_time_utc),
+            updated_at: updated.as_deref().and_then(normalize_time),
+            fields,
             raw: raw.to_string(),
         };
         Ok(Self {
@@ -537,7 +490,7 @@ struct WireListed<'a> {
     #[serde(borrow, default)]
     last_update_time_utc: Option<Cow<'a, str>>,
     #[serde(borrow, default, rename = "type")]
-    action_type: Option<Cow<'a, str>>,
+    kind: Option<Cow<'a, str>>,
 }
 
 impl ListPage {
@@ -639,7 +592,7 @@ impl ListPage {
             return false;
         };
         serde_json::from_str::<WireListed>(self.raw(l)).is_ok_and(|w| {
-            w.action_type.as_deref() != Some("LiveResponse")
+            w.kind.as_deref() != Some("LiveResponse")
                 && w.last_update_date_time_utc
                     .or(w.last_update_time_utc)
                     .and_then(|t| crate::domain::parse_time_millis(&t))
@@ -953,9 +906,12 @@ mod tests {
         assert_eq!(a.status, ActionStatus::Succeeded);
         let o = &a.observation;
         assert_eq!(o.updated_at.as_deref(), Some("2018-12-04T12:18:57.551Z"));
-        assert_eq!(o.created_at.as_deref(), Some("2018-12-04T12:18:27.129Z"));
-        assert_eq!(o.external_id.as_deref(), Some("ext-1"));
-        assert_eq!(o.action_type.as_deref(), Some("RunAntiVirusScan"));
+        assert_eq!(
+            o.fields.mde_created_at.as_deref(),
+            Some("2018-12-04T12:18:27.129Z")
+        );
+        assert_eq!(o.fields.external_id.as_deref(), Some("ext-1"));
+        assert_eq!(o.fields.action_type.as_deref(), Some("RunAntiVirusScan"));
         assert_eq!(o.raw, doc);
 
         let both = format!(
@@ -966,7 +922,10 @@ mod tests {
             a.observation.updated_at.as_deref(),
             Some("2020-01-01T00:00:00.000Z")
         );
-        assert_eq!(a.observation.action_type.as_deref(), Some("SomethingNew"));
+        assert_eq!(
+            a.observation.fields.action_type.as_deref(),
+            Some("SomethingNew")
+        );
     }
 
     #[test]
@@ -1106,23 +1065,35 @@ mod tests {
             "commands":[{{"index":0,"commandStatus":"Completed","errors":[],"command":{{"type":"RunScript","params":[]}}}}]}}"#
         );
         let o = FetchedAction::from_json(&doc).unwrap().observation;
-        assert_eq!(o.scope.as_deref(), Some("Selective"));
-        assert_eq!(o.request_source.as_deref(), Some("PublicApi"));
-        assert_eq!(o.error_hresult, Some(-2147024891));
+        assert_eq!(o.fields.scope.as_deref(), Some("Selective"));
+        assert_eq!(o.fields.request_source.as_deref(), Some("PublicApi"));
+        assert_eq!(o.fields.error_hresult, Some(-2147024891));
         assert_eq!(
-            o.cancellation_requestor.as_deref(),
+            o.fields.cancellation_requestor.as_deref(),
             Some("lead@contoso.com")
         );
-        assert_eq!(o.cancellation_comment.as_deref(), Some("wrong device"));
-        assert_eq!(o.cancelled_at.as_deref(), Some("2026-11-30T10:00:01.930Z"));
-        assert_eq!(o.created_at.as_deref(), Some("2026-11-30T09:59:00.100Z"));
+        assert_eq!(
+            o.fields.cancellation_comment.as_deref(),
+            Some("wrong device")
+        );
+        assert_eq!(
+            o.fields.cancelled_at.as_deref(),
+            Some("2026-11-30T10:00:01.930Z")
+        );
+        assert_eq!(
+            o.fields.mde_created_at.as_deref(),
+            Some("2026-11-30T09:59:00.100Z")
+        );
         assert_eq!(o.updated_at.as_deref(), Some("2026-11-30T10:00:01.931Z"));
-        assert_eq!(o.title, None);
+        assert_eq!(o.fields.title, None);
         let odd = format!(
             r#"{{"id":"{ID}","status":"Pending","title":{{"x":1}},"errorHResult":"0x80004005","scope":7}}"#
         );
         let o = FetchedAction::from_json(&odd).unwrap().observation;
-        assert_eq!((o.title, o.error_hresult, o.scope), (None, None, None));
+        assert_eq!(
+            (o.fields.title, o.fields.error_hresult, o.fields.scope),
+            (None, None, None)
+        );
     }
 
     #[test]
@@ -1247,7 +1218,7 @@ mod tests {
         assert_eq!(l.id().as_str(), ID);
         assert!(p.raw(l).starts_with(r#"{"id""#) && p.raw(l).ends_with("}]}"));
         let full = p.action(l).unwrap();
-        assert_eq!(full.observation.requestor.as_deref(), Some("a\"b"));
+        assert_eq!(full.observation.fields.requestor.as_deref(), Some("a\"b"));
         assert_eq!(full.observation.raw, p.raw(l));
     }
 

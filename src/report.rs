@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::domain::{format_time, parse_duration, parse_time};
+use crate::domain::{ACTION_FIELDS, Cell, format_time, parse_duration, parse_time};
 use crate::store::{ActionRow, ReportCounts, Store, TransitionExport};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -132,56 +132,43 @@ pub fn csv_line(fields: &[String]) -> String {
     s
 }
 
+/// A CSV header line.
+pub fn csv_header(columns: &[&str]) -> String {
+    csv_line(&columns.iter().map(|c| c.to_string()).collect::<Vec<_>>())
+}
+
 fn opt(s: &Option<String>) -> String {
     s.clone().unwrap_or_default()
 }
 
-pub const ACTION_COLUMNS: [&str; 30] = [
-    "action_id",
-    "tracking",
-    "status",
-    "action_type",
-    "machine_id",
-    "computer_dns_name",
-    "requestor",
-    "requestor_comment",
-    "external_id",
-    "mde_created_at",
-    "mde_updated_at",
-    "enqueued_at",
-    "last_polled_at",
-    "next_poll_at",
-    "poll_count",
-    "error_count",
-    "last_error",
-    "last_error_at",
-    "finished_at",
-    "request_source",
-    "scope",
-    "title",
-    "error_hresult",
-    "cancellation_requestor",
-    "cancellation_comment",
-    "cancelled_at",
-    "revived_at",
-    "source",
-    "correlation",
-    // Last: `list` leaves it out.
-    "last_response",
-];
+/// The columns of an action in exports and `list --format csv`: `last_response` last (`list`
+/// leaves it out).
+pub fn action_columns() -> Vec<&'static str> {
+    let mut columns = vec!["action_id", "tracking", "status"];
+    columns.extend(ACTION_FIELDS.iter().map(|f| f.column));
+    columns.extend([
+        "mde_updated_at",
+        "enqueued_at",
+        "last_polled_at",
+        "next_poll_at",
+        "poll_count",
+        "error_count",
+        "last_error",
+        "last_error_at",
+        "finished_at",
+        "revived_at",
+        "source",
+        "correlation",
+        "last_response",
+    ]);
+    columns
+}
 
-pub fn action_fields(r: &ActionRow) -> Vec<String> {
-    vec![
-        r.action_id.clone(),
-        r.tracking.clone(),
-        opt(&r.status),
-        opt(&r.action_type),
-        opt(&r.machine_id),
-        opt(&r.computer_dns_name),
-        opt(&r.requestor),
-        opt(&r.requestor_comment),
-        opt(&r.external_id),
-        opt(&r.mde_created_at),
+/// An action's values in the order of `action_columns`.
+pub fn action_values(r: &ActionRow) -> Vec<String> {
+    let mut values = vec![r.action_id.clone(), r.tracking.clone(), opt(&r.status)];
+    values.extend(r.fields.cells().iter().map(Cell::to_string));
+    values.extend([
         opt(&r.mde_updated_at),
         r.enqueued_at.clone(),
         opt(&r.last_polled_at),
@@ -191,56 +178,43 @@ pub fn action_fields(r: &ActionRow) -> Vec<String> {
         opt(&r.last_error),
         opt(&r.last_error_at),
         opt(&r.finished_at),
-        opt(&r.request_source),
-        opt(&r.scope),
-        opt(&r.title),
-        r.error_hresult.map(|h| h.to_string()).unwrap_or_default(),
-        opt(&r.cancellation_requestor),
-        opt(&r.cancellation_comment),
-        opt(&r.cancelled_at),
         opt(&r.revived_at),
         opt(&r.source),
         opt(&r.correlation),
         opt(&r.last_response),
-    ]
+    ]);
+    values
 }
 
-pub const TRANSITION_COLUMNS: [&str; 15] = [
-    "id",
-    "action_id",
-    "from_status",
-    "to_status",
-    "observed_at",
-    "mde_updated_at",
-    "action_type",
-    "machine_id",
-    "computer_dns_name",
-    "requestor",
-    "requestor_comment",
-    "external_id",
-    "mde_created_at",
-    "tracking",
-    "current_status",
-];
+/// The columns of a transition in exports: the transition, then its action's fields.
+pub fn transition_columns() -> Vec<&'static str> {
+    let mut columns = vec![
+        "id",
+        "action_id",
+        "from_status",
+        "to_status",
+        "observed_at",
+        "mde_updated_at",
+    ];
+    columns.extend(ACTION_FIELDS.iter().map(|f| f.column));
+    columns.extend(["tracking", "current_status"]);
+    columns
+}
 
-pub fn transition_fields(t: &TransitionExport) -> Vec<String> {
-    vec![
-        t.id.to_string(),
-        t.action_id.clone(),
-        opt(&t.from_status),
-        t.to_status.clone(),
-        t.observed_at.clone(),
-        opt(&t.mde_updated_at),
-        opt(&t.action_type),
-        opt(&t.machine_id),
-        opt(&t.computer_dns_name),
-        opt(&t.requestor),
-        opt(&t.requestor_comment),
-        opt(&t.external_id),
-        opt(&t.mde_created_at),
-        t.tracking.clone(),
-        opt(&t.current_status),
-    ]
+/// A transition's values in the order of `transition_columns`.
+pub fn transition_values(t: &TransitionExport) -> Vec<String> {
+    let tr = &t.transition;
+    let mut values = vec![
+        tr.id.to_string(),
+        tr.action_id.clone(),
+        opt(&tr.from_status),
+        tr.to_status.clone(),
+        tr.observed_at.clone(),
+        opt(&tr.mde_updated_at),
+    ];
+    values.extend(t.action.cells().iter().map(Cell::to_string));
+    values.extend([t.tracking.clone(), opt(&t.current_status)]);
+    values
 }
 
 /// `status`'s text: one action, what MDE said about it where it said something, and its
@@ -252,42 +226,43 @@ pub fn status_text(row: &ActionRow, transitions: &[crate::store::TransitionRow])
     let _ = writeln!(out, "action        {}", row.action_id);
     let _ = writeln!(out, "tracking      {}", row.tracking);
     let _ = writeln!(out, "status        {}", v(&row.status));
-    let _ = writeln!(out, "type          {}", v(&row.action_type));
+    let _ = writeln!(out, "type          {}", v(&row.fields.action_type));
     let _ = writeln!(
         out,
         "device        {} ({})",
-        v(&row.computer_dns_name),
-        v(&row.machine_id)
+        v(&row.fields.computer_dns_name),
+        v(&row.fields.machine_id)
     );
-    let _ = writeln!(out, "requestor     {}", v(&row.requestor));
+    let _ = writeln!(out, "requestor     {}", v(&row.fields.requestor));
     if let Some(how) = &row.source {
         let _ = writeln!(out, "tracked via   {how}");
     }
     if let Some(c) = &row.correlation {
         let _ = writeln!(out, "correlation   {c}");
     }
-    let _ = writeln!(out, "comment       {}", v(&row.requestor_comment));
+    let _ = writeln!(out, "comment       {}", v(&row.fields.requestor_comment));
     // Only where MDE said something: most actions have none of these.
-    if let Some(source) = &row.request_source {
+    if let Some(source) = &row.fields.request_source {
         let _ = writeln!(out, "source        {source}");
     }
-    if let Some(scope) = &row.scope {
+    if let Some(scope) = &row.fields.scope {
         let _ = writeln!(out, "scope         {scope}");
     }
-    if let Some(title) = &row.title {
+    if let Some(title) = &row.fields.title {
         let _ = writeln!(out, "title         {title}");
     }
-    if let Some(h) = row.error_hresult.filter(|h| *h != 0) {
+    if let Some(h) = row.fields.error_hresult.filter(|h| *h != 0) {
         // HRESULTs read as hex: 0x80070005 is "access denied".
         let _ = writeln!(out, "error         {} ({h})", hresult_hex(h));
     }
-    if row.cancelled_at.is_some() || row.cancellation_requestor.is_some() {
+    if row.fields.cancelled_at.is_some() || row.fields.cancellation_requestor.is_some() {
         let _ = writeln!(
             out,
             "cancelled     {} by {}{}",
-            v(&row.cancelled_at),
-            v(&row.cancellation_requestor),
-            row.cancellation_comment
+            v(&row.fields.cancelled_at),
+            v(&row.fields.cancellation_requestor),
+            row.fields
+                .cancellation_comment
                 .as_deref()
                 .map(|c| format!(": {c}"))
                 .unwrap_or_default()
@@ -299,7 +274,7 @@ pub fn status_text(row: &ActionRow, transitions: &[crate::store::TransitionRow])
             "revived       {at} (had ended not_found; MDE showed it later)"
         );
     }
-    let _ = writeln!(out, "created (MDE) {}", v(&row.mde_created_at));
+    let _ = writeln!(out, "created (MDE) {}", v(&row.fields.mde_created_at));
     let _ = writeln!(out, "updated (MDE) {}", v(&row.mde_updated_at));
     let _ = writeln!(out, "enqueued      {}", row.enqueued_at);
     let _ = writeln!(out, "last polled   {}", v(&row.last_polled_at));
@@ -349,6 +324,14 @@ pub fn action_list_json(row: &ActionRow) -> serde_json::Value {
     v
 }
 
+/// An action's type and device as one-line views show them ("" for what MDE did not say).
+pub fn kind_and_device(row: &ActionRow) -> (&str, &str) {
+    (
+        row.fields.action_type.as_deref().unwrap_or_default(),
+        row.fields.computer_dns_name.as_deref().unwrap_or_default(),
+    )
+}
+
 /// The `list` table: the columns a person scans, shortened to fit.
 pub fn action_table(rows: &[ActionRow]) -> Table {
     let mut t = Table::new(
@@ -363,8 +346,11 @@ pub fn action_table(rows: &[ActionRow]) -> Table {
             r.action_id.clone(),
             r.tracking.clone(),
             r.status.clone().unwrap_or_else(|| "-".into()),
-            r.action_type.clone().unwrap_or_else(|| "-".into()),
-            r.computer_dns_name.clone().unwrap_or_else(|| "-".into()),
+            r.fields.action_type.clone().unwrap_or_else(|| "-".into()),
+            r.fields
+                .computer_dns_name
+                .clone()
+                .unwrap_or_else(|| "-".into()),
             r.poll_count.to_string(),
             r.enqueued_at.clone(),
         ]);
@@ -500,6 +486,7 @@ impl Report {
                 .into_iter()
                 .map(|r| {
                     let since = r
+                        .fields
                         .mde_created_at
                         .clone()
                         .unwrap_or_else(|| r.enqueued_at.clone());
@@ -508,8 +495,8 @@ impl Report {
                         .unwrap_or_default();
                     OldActive {
                         action_id: r.action_id,
-                        action_type: r.action_type,
-                        computer_dns_name: r.computer_dns_name,
+                        action_type: r.fields.action_type,
+                        computer_dns_name: r.fields.computer_dns_name,
                         status: r.status,
                         since,
                         age_seconds: age.as_secs(),
@@ -520,14 +507,14 @@ impl Report {
                 .into_iter()
                 .map(|r| Unsuccessful {
                     action_id: r.action_id,
-                    action_type: r.action_type,
-                    computer_dns_name: r.computer_dns_name,
+                    action_type: r.fields.action_type,
+                    computer_dns_name: r.fields.computer_dns_name,
                     status: r.status,
                     finished_at: r.finished_at,
-                    error_hresult: r.error_hresult.filter(|h| *h != 0),
-                    cancellation_requestor: r.cancellation_requestor,
-                    cancellation_comment: r.cancellation_comment,
-                    cancelled_at: r.cancelled_at,
+                    error_hresult: r.fields.error_hresult.filter(|h| *h != 0),
+                    cancellation_requestor: r.fields.cancellation_requestor,
+                    cancellation_comment: r.fields.cancellation_comment,
+                    cancelled_at: r.fields.cancelled_at,
                 })
                 .collect(),
             api_calls: ApiCalls {

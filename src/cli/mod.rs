@@ -145,7 +145,7 @@ pub enum Command {
     },
     /// Stream actions or transitions for SIEM ingestion, in constant memory.
     #[command(
-        after_help = "Examples:\n  mde-actiond export --what transitions --since 1d > transitions.jsonl\n  mde-actiond export --format csv > actions.csv\n\nEach transition line carries its action's type, device and requestor, so it stands alone."
+        after_help = "Examples:\n  mde-actiond export --what transitions --since 1d > transitions.jsonl\n  mde-actiond export --format csv > actions.csv\n\nEach transition line carries its action's type, device and who asked for it, so it stands alone."
     )]
     Export {
         /// What to export.
@@ -680,11 +680,10 @@ async fn status(db: &Path, raw: &str, format: Format) -> Result<ExitCode, CliErr
     let transitions = store.transitions(&id).await?;
     let mut out = std::io::stdout().lock();
     if format == Format::Csv {
-        let _ = out.write_all(
-            crate::report::csv_line(&crate::report::ACTION_COLUMNS.map(String::from)).as_bytes(),
-        );
         let _ =
-            out.write_all(crate::report::csv_line(&crate::report::action_fields(&row)).as_bytes());
+            out.write_all(crate::report::csv_header(&crate::report::action_columns()).as_bytes());
+        let _ =
+            out.write_all(crate::report::csv_line(&crate::report::action_values(&row)).as_bytes());
         return Ok(ExitCode::SUCCESS);
     }
     if format == Format::Json {
@@ -725,15 +724,14 @@ async fn list(
             );
         }
         Format::Csv => {
-            let columns = &crate::report::ACTION_COLUMNS[..crate::report::ACTION_COLUMNS.len() - 1];
-            let _ = out.write_all(
-                crate::report::csv_line(&columns.iter().map(|c| c.to_string()).collect::<Vec<_>>())
-                    .as_bytes(),
-            );
+            // last_response is the last column: too large for a listing.
+            let mut columns = crate::report::action_columns();
+            columns.pop();
+            let _ = out.write_all(crate::report::csv_header(&columns).as_bytes());
             for r in &rows {
-                let mut fields = crate::report::action_fields(r);
-                fields.pop(); // last_response: too large for a listing
-                let _ = out.write_all(crate::report::csv_line(&fields).as_bytes());
+                let mut values = crate::report::action_values(r);
+                values.pop();
+                let _ = out.write_all(crate::report::csv_line(&values).as_bytes());
             }
         }
         Format::Table => {
@@ -817,72 +815,34 @@ async fn export(
     since: Option<SystemTime>,
     stats: bool,
 ) -> Result<ExitCode, CliError> {
-    use futures_util::TryStreamExt;
     let store = Store::open(db, OpenMode::ReadOnly).await?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
-    let mut rows = 0u64;
-    let write_err = |e: std::io::Error| CliError::Other(anyhow::anyhow!("cannot write: {e}"));
-    match what {
+    let rows = match what {
         ExportWhat::Actions => {
-            if format == ExportFormat::Csv {
-                out.write_all(
-                    crate::report::csv_line(&crate::report::ACTION_COLUMNS.map(String::from))
-                        .as_bytes(),
-                )
-                .map_err(write_err)?;
-            }
-            let mut stream = store.export_actions(since);
-            while let Some(row) = stream
-                .try_next()
-                .await
-                .map_err(crate::store::StoreError::from)?
-            {
-                match format {
-                    ExportFormat::Jsonl => {
-                        serde_json::to_writer(&mut out, &crate::report::action_json(&row))
-                            .map_err(|e| write_err(e.into()))?;
-                        out.write_all(b"\n").map_err(write_err)?;
-                    }
-                    ExportFormat::Csv => out
-                        .write_all(
-                            crate::report::csv_line(&crate::report::action_fields(&row)).as_bytes(),
-                        )
-                        .map_err(write_err)?,
-                }
-                rows += 1;
-            }
+            write_export(
+                &mut out,
+                format,
+                &crate::report::action_columns(),
+                store.export_actions(since),
+                |out, row| serde_json::to_writer(out, &crate::report::action_json(row)),
+                crate::report::action_values,
+            )
+            .await?
         }
         ExportWhat::Transitions => {
-            if format == ExportFormat::Csv {
-                out.write_all(
-                    crate::report::csv_line(&crate::report::TRANSITION_COLUMNS.map(String::from))
-                        .as_bytes(),
-                )
-                .map_err(write_err)?;
-            }
-            let mut stream = store.export_transitions(since);
-            while let Some(t) = stream
-                .try_next()
-                .await
-                .map_err(crate::store::StoreError::from)?
-            {
-                match format {
-                    ExportFormat::Jsonl => {
-                        serde_json::to_writer(&mut out, &t).map_err(|e| write_err(e.into()))?;
-                        out.write_all(b"\n").map_err(write_err)?;
-                    }
-                    ExportFormat::Csv => {
-                        let fields = crate::report::transition_fields(&t);
-                        out.write_all(crate::report::csv_line(&fields).as_bytes())
-                            .map_err(write_err)?;
-                    }
-                }
-                rows += 1;
-            }
+            write_export(
+                &mut out,
+                format,
+                &crate::report::transition_columns(),
+                store.export_transitions(since),
+                |out, t| serde_json::to_writer(out, t),
+                crate::report::transition_values,
+            )
+            .await?
         }
-    }
-    out.flush().map_err(write_err)?;
+    };
+    out.flush().map_err(export_write_error)?;
     if stats {
         eprintln!(
             "exported {rows} rows; peak RSS {} KiB",
@@ -890,6 +850,45 @@ async fn export(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn export_write_error(e: std::io::Error) -> CliError {
+    CliError::Other(anyhow::anyhow!("cannot write: {e}"))
+}
+
+/// One export: a CSV header or nothing, then one line per row as the stream yields it, so the
+/// memory used does not grow with the table. Returns the rows written.
+async fn write_export<T>(
+    out: &mut impl Write,
+    format: ExportFormat,
+    columns: &[&str],
+    mut stream: futures_util::stream::BoxStream<'_, Result<T, sqlx::Error>>,
+    json: impl Fn(&mut dyn Write, &T) -> serde_json::Result<()>,
+    csv: impl Fn(&T) -> Vec<String>,
+) -> Result<u64, CliError> {
+    use futures_util::TryStreamExt;
+    if format == ExportFormat::Csv {
+        out.write_all(crate::report::csv_header(columns).as_bytes())
+            .map_err(export_write_error)?;
+    }
+    let mut rows = 0u64;
+    while let Some(row) = stream
+        .try_next()
+        .await
+        .map_err(crate::store::StoreError::from)?
+    {
+        match format {
+            ExportFormat::Jsonl => {
+                json(out, &row).map_err(|e| export_write_error(e.into()))?;
+                out.write_all(b"\n").map_err(export_write_error)?;
+            }
+            ExportFormat::Csv => out
+                .write_all(crate::report::csv_line(&csv(&row)).as_bytes())
+                .map_err(export_write_error)?,
+        }
+        rows += 1;
+    }
+    Ok(rows)
 }
 
 async fn wait(db: &Path, args: &WaitArgs) -> Result<ExitCode, CliError> {

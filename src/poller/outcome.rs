@@ -23,11 +23,10 @@ impl Poller {
         if !status.is_known() && self.metrics.count_unknown("status", status.as_str()) {
             warn!(action_id = %a.id, %status, "a status this version does not know; recorded as sent and polled on (not terminal)");
         }
-        if let Some(t) = found.observation.action_type.as_deref()
-            && !crate::domain::is_known_action_type(t)
+        if let Some(t) = found.observation.fields.unknown_type()
             && self.metrics.count_unknown("type", t)
         {
-            warn!(action_id = %a.id, action_type = t, "an action type this version does not know; recorded as sent");
+            warn!(action_id = %a.id, kind = t, "an action type this version does not know; recorded as sent");
         }
         let next = if status.is_terminal() {
             NextStep::Finish(Tracking::Done)

@@ -263,11 +263,9 @@ impl Poller {
     /// Whether discovery takes this action (`poll.discover_types`, `discover_requestors`).
     fn wanted(&self, a: &FetchedAction) -> bool {
         let p = &self.settings;
-        let matches = |list: &[String], v: &Option<String>| {
-            list.is_empty() || v.as_ref().is_some_and(|v| list.contains(v))
-        };
-        matches(&p.discover_types, &a.observation.action_type)
-            && matches(&p.discover_requestors, &a.observation.requestor)
+        a.observation
+            .fields
+            .matches(&p.discover_types, &p.discover_requestors)
     }
 
     /// Lists the tenant page by page and checks every tracked action listed; makes the

@@ -20,12 +20,14 @@ use sqlx::sqlite::{
 };
 use sqlx::{FromRow, Row};
 
+use crate::domain::ACTION_FIELDS;
+pub use crate::domain::{ActionFields, Endpoint, Observation};
 use crate::domain::{ActionId, Tracking, format_time, parse_time};
-pub use crate::domain::{Endpoint, Observation};
 pub use outbox::{
     CALLBACK, DeliveryCounts, DeliveryResult, DeliveryRow, DestinationRow, DueDelivery,
     NotifyRequest, ReplaySelection, Route,
 };
+use std::sync::LazyLock;
 
 mod log;
 mod outbox;
@@ -304,18 +306,16 @@ pub struct CommittedTransition {
     pub mde_updated_at: Option<String>,
 }
 
+/// One row of `actions`: what `SELECT * FROM actions` reads, and what the exports write.
 #[derive(Debug, Clone, FromRow, Serialize)]
 pub struct ActionRow {
     pub action_id: String,
     pub tracking: String,
     pub status: Option<String>,
-    pub action_type: Option<String>,
-    pub machine_id: Option<String>,
-    pub computer_dns_name: Option<String>,
-    pub requestor: Option<String>,
-    pub requestor_comment: Option<String>,
-    pub external_id: Option<String>,
-    pub mde_created_at: Option<String>,
+    /// What MDE said of the action, as the last answer kept left it.
+    #[sqlx(flatten)]
+    #[serde(flatten)]
+    pub fields: ActionFields,
     pub mde_updated_at: Option<String>,
     pub enqueued_at: String,
     pub last_polled_at: Option<String>,
@@ -325,18 +325,11 @@ pub struct ActionRow {
     pub last_error: Option<String>,
     pub last_error_at: Option<String>,
     pub finished_at: Option<String>,
-    pub last_response: Option<String>,
-    pub request_source: Option<String>,
-    pub scope: Option<String>,
-    pub title: Option<String>,
-    pub error_hresult: Option<i64>,
-    pub cancellation_requestor: Option<String>,
-    pub cancellation_comment: Option<String>,
-    pub cancelled_at: Option<String>,
     pub revived_at: Option<String>,
     /// How it first came: `cli`, `http`, `discovered` (NULL before schema 1.5).
     pub source: Option<String>,
     pub correlation: Option<String>,
+    pub last_response: Option<String>,
 }
 
 #[derive(Debug, Clone, FromRow, Serialize, PartialEq, Eq)]
@@ -361,19 +354,12 @@ pub struct ReportCounts {
 /// A transition with the context of its action, so an exported line stands alone.
 #[derive(Debug, Clone, FromRow, Serialize)]
 pub struct TransitionExport {
-    pub id: i64,
-    pub action_id: String,
-    pub from_status: Option<String>,
-    pub to_status: String,
-    pub observed_at: String,
-    pub mde_updated_at: Option<String>,
-    pub action_type: Option<String>,
-    pub machine_id: Option<String>,
-    pub computer_dns_name: Option<String>,
-    pub requestor: Option<String>,
-    pub requestor_comment: Option<String>,
-    pub external_id: Option<String>,
-    pub mde_created_at: Option<String>,
+    #[sqlx(flatten)]
+    #[serde(flatten)]
+    pub transition: TransitionRow,
+    #[sqlx(flatten)]
+    #[serde(flatten)]
+    pub action: ActionFields,
     pub tracking: String,
     pub current_status: Option<String>,
 }
@@ -725,50 +711,37 @@ pub const RECORD_TRANSITIONS: &str = "INSERT INTO transitions
       AND a.status IS NOT w.value ->> '$.status'
     ORDER BY w.key
     RETURNING id, action_id, from_status, to_status, mde_updated_at";
-pub const RECORD_OBSERVED: &str = "UPDATE actions SET
+/// An answer to store: the fields MDE sent (a field it left out keeps its value), the whole
+/// answer, and the next poll. Built from `ACTION_FIELDS`, once.
+pub static RECORD_OBSERVED: LazyLock<String> = LazyLock::new(|| {
+    let set: String = ACTION_FIELDS
+        .iter()
+        .map(|f| format!("{c} = coalesce(w.{c}, actions.{c}),\n      ", c = f.column))
+        .collect();
+    let read: String = ACTION_FIELDS
+        .iter()
+        .map(|f| format!("value ->> '$.{c}' AS {c},\n            ", c = f.column))
+        .collect();
+    format!(
+        "UPDATE actions SET
       status = coalesce(w.status, actions.status),
-      action_type = coalesce(w.action_type, actions.action_type),
-      machine_id = coalesce(w.machine_id, actions.machine_id),
-      computer_dns_name = coalesce(w.computer_dns_name, actions.computer_dns_name),
-      requestor = coalesce(w.requestor, actions.requestor),
-      requestor_comment = coalesce(w.requestor_comment, actions.requestor_comment),
-      external_id = coalesce(w.external_id, actions.external_id),
-      mde_created_at = coalesce(w.created_at, actions.mde_created_at),
       mde_updated_at = coalesce(w.updated_at, actions.mde_updated_at),
-      title = coalesce(w.title, actions.title),
-      scope = coalesce(w.scope, actions.scope),
-      request_source = coalesce(w.request_source, actions.request_source),
-      error_hresult = coalesce(w.error_hresult, actions.error_hresult),
-      cancellation_requestor = coalesce(w.cancellation_requestor, actions.cancellation_requestor),
-      cancellation_comment = coalesce(w.cancellation_comment, actions.cancellation_comment),
-      cancelled_at = coalesce(w.cancelled_at, actions.cancelled_at),
-      last_response = w.raw,
+      {set}last_response = w.raw,
       last_polled_at = ?2,
       poll_count = actions.poll_count + 1,
       tracking = w.tracking,
       next_poll_at = w.next_poll_at,
       finished_at = w.finished_at
     FROM (SELECT value ->> '$.id' AS id, value ->> '$.status' AS status,
-            value ->> '$.action_type' AS action_type,
-            value ->> '$.machine_id' AS machine_id,
-            value ->> '$.computer_dns_name' AS computer_dns_name,
-            value ->> '$.requestor' AS requestor,
-            value ->> '$.requestor_comment' AS requestor_comment,
-            value ->> '$.external_id' AS external_id,
-            value ->> '$.created_at' AS created_at,
             value ->> '$.updated_at' AS updated_at,
-            value ->> '$.title' AS title, value ->> '$.scope' AS scope,
-            value ->> '$.request_source' AS request_source,
-            value ->> '$.error_hresult' AS error_hresult,
-            value ->> '$.cancellation_requestor' AS cancellation_requestor,
-            value ->> '$.cancellation_comment' AS cancellation_comment,
-            value ->> '$.cancelled_at' AS cancelled_at,
-            value ->> '$.raw' AS raw, value ->> '$.tracking' AS tracking,
+            {read}value ->> '$.raw' AS raw, value ->> '$.tracking' AS tracking,
             value ->> '$.next_poll_at' AS next_poll_at,
             value ->> '$.finished_at' AS finished_at
           FROM jsonb_each(?1)) AS w
     WHERE actions.action_id = w.id AND +actions.tracking = 'active'
-    RETURNING actions.tracking";
+    RETURNING actions.tracking"
+    )
+});
 /// A poll that brought no answer to store (a failure, a final 404, a listing that showed
 /// the action unchanged): its count, its next poll and the failure, if there was one.
 pub const RECORD_SCHEDULE: &str = "UPDATE actions SET
@@ -788,12 +761,15 @@ pub const RECORD_SCHEDULE: &str = "UPDATE actions SET
           FROM jsonb_each(?1)) AS w
     WHERE actions.action_id = w.id AND +actions.tracking = 'active'
     RETURNING actions.tracking";
-pub const PAGE_STATEMENTS: [&str; 4] = [
-    ACTIVE_AMONG,
-    RECORD_TRANSITIONS,
-    RECORD_OBSERVED,
-    RECORD_SCHEDULE,
-];
+/// The statements a sweep page runs, for the plan tests.
+pub fn page_statements() -> [&'static str; 4] {
+    [
+        ACTIVE_AMONG,
+        RECORD_TRANSITIONS,
+        RECORD_OBSERVED.as_str(),
+        RECORD_SCHEDULE,
+    ]
+}
 
 /// Splits a batch so no id appears twice in a group: each group is one set of statements,
 /// and a repeated id must see what its earlier write left.
@@ -827,21 +803,9 @@ fn distinct_groups(writes: &[PollWrite]) -> Vec<Vec<&PollWrite>> {
 struct ObservedRow<'a> {
     id: &'a str,
     status: Option<&'a str>,
-    action_type: &'a Option<String>,
-    machine_id: &'a Option<String>,
-    computer_dns_name: &'a Option<String>,
-    requestor: &'a Option<String>,
-    requestor_comment: &'a Option<String>,
-    external_id: &'a Option<String>,
-    created_at: &'a Option<String>,
     updated_at: &'a Option<String>,
-    title: &'a Option<String>,
-    scope: &'a Option<String>,
-    request_source: &'a Option<String>,
-    error_hresult: Option<i64>,
-    cancellation_requestor: &'a Option<String>,
-    cancellation_comment: &'a Option<String>,
-    cancelled_at: &'a Option<String>,
+    #[serde(flatten)]
+    fields: &'a ActionFields,
     raw: &'a str,
     tracking: &'static str,
     next_poll_at: Option<String>,
@@ -870,21 +834,8 @@ fn rows_to_write(group: &[&PollWrite], now: &str) -> (Option<String>, Option<Str
             PollResult::Observed(o) => observed.push(ObservedRow {
                 id: w.id.as_str(),
                 status: o.status.as_ref().map(|s| s.as_str()),
-                action_type: &o.action_type,
-                machine_id: &o.machine_id,
-                computer_dns_name: &o.computer_dns_name,
-                requestor: &o.requestor,
-                requestor_comment: &o.requestor_comment,
-                external_id: &o.external_id,
-                created_at: &o.created_at,
                 updated_at: &o.updated_at,
-                title: &o.title,
-                scope: &o.scope,
-                request_source: &o.request_source,
-                error_hresult: o.error_hresult,
-                cancellation_requestor: &o.cancellation_requestor,
-                cancellation_comment: &o.cancellation_comment,
-                cancelled_at: &o.cancelled_at,
+                fields: &o.fields,
                 raw: &o.raw,
                 tracking: tracking.as_str(),
                 next_poll_at,

@@ -8,8 +8,9 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use sqlx::FromRow;
 
-use crate::domain::format_time;
+use crate::domain::{ACTION_FIELDS, format_time};
 
+use super::reads::{age_seconds_sql, type_allowed_sql};
 use super::{Result, Store, json_array, read_time};
 
 /// One configured destination, as the daemon writes it at start for routing.
@@ -145,20 +146,23 @@ const TEXT_CAP: &str = "2000";
 /// The `data` object of an event, from the action row `a` (as this transaction left it),
 /// `seq`, and `observed` (SQL expressions).
 fn event_data(extra: &str) -> String {
+    let fields: String = ACTION_FIELDS
+        .iter()
+        .map(|f| {
+            if f.free_text {
+                format!(
+                    "'{}', substr(a.{}, 1, {TEXT_CAP}),\n           ",
+                    f.wire, f.column
+                )
+            } else {
+                format!("'{}', a.{},\n           ", f.wire, f.column)
+            }
+        })
+        .collect();
     format!(
         "json_object(
-           'id', a.action_id, 'type', a.action_type, 'machineId', a.machine_id,
-           'computerDnsName', a.computer_dns_name,
-           'requestor', a.requestor,
-           'requestorComment', substr(a.requestor_comment, 1, {TEXT_CAP}),
-           'requestSource', a.request_source, 'scope', a.scope,
-           'title', substr(a.title, 1, {TEXT_CAP}), 'externalId', a.external_id,
-           'creationDateTimeUtc', a.mde_created_at,
-           'errorHResult', a.error_hresult,
-           'cancellationRequestor', a.cancellation_requestor,
-           'cancellationComment', substr(a.cancellation_comment, 1, {TEXT_CAP}),
-           'cancellationDateTimeUtc', a.cancelled_at,
-           'tenantId', (SELECT value FROM report_settings WHERE name = 'tenant_id'),
+           'id', a.action_id,
+           {fields}'tenantId', (SELECT value FROM report_settings WHERE name = 'tenant_id'),
            'correlation', substr(a.correlation, 1, {TEXT_CAP}),
            {extra})"
     )
@@ -199,6 +203,7 @@ fn transition_events_sql() -> String {
 /// Deliveries for the events `?1` (ids) to every destination whose filters match, and to
 /// the action's callback. `matches` is the event-kind condition on `d.events`.
 fn deliveries_sql(status: &str, matches: &str) -> String {
+    let type_allowed = type_allowed_sql("a", "d.types");
     format!(
         "INSERT INTO notify_deliveries (destination, event, action_id, next_attempt_at)
          SELECT d.name, e.id, e.action_id, ?2
@@ -207,7 +212,7 @@ fn deliveries_sql(status: &str, matches: &str) -> String {
            JOIN notify_destinations d ON d.configured AND d.disabled_at IS NULL
          WHERE e.id IN (SELECT value FROM json_each(?1))
            AND ({matches})
-           AND (d.types IS NULL OR a.action_type IN (SELECT value FROM json_each(d.types)))
+           AND {type_allowed}
            AND (d.statuses IS NULL OR {status} IN (SELECT value FROM json_each(d.statuses)))
          UNION ALL
          SELECT '{CALLBACK}', e.id, e.action_id, ?2
@@ -353,12 +358,7 @@ impl Store {
         limit: u32,
     ) -> Result<u64> {
         let now_text = format_time(now);
-        let age = |now: &str| {
-            format!(
-                "(julianday({now}) - julianday(coalesce(mde_created_at, enqueued_at))) * 86400.0"
-            )
-        };
-        let (age_now, age_event) = (age("?1"), age("?2"));
+        let (age_now, age_event) = (age_seconds_sql("?1"), age_seconds_sql("?2"));
         let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await?;
         let stuck: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "UPDATE actions SET stuck_events = CAST({age_now} / ?2 AS INTEGER)

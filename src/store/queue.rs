@@ -476,11 +476,12 @@ impl PollBatch {
                     .fetch_all(&mut **tx)
                     .await?;
                 summary.transitions.append(&mut recorded);
-                let tracking: Vec<String> = sqlx::query_scalar(RECORD_OBSERVED)
-                    .bind(list)
-                    .bind(&now_text)
-                    .fetch_all(&mut **tx)
-                    .await?;
+                let tracking: Vec<String> =
+                    sqlx::query_scalar(sqlx::AssertSqlSafe(RECORD_OBSERVED.as_str()))
+                        .bind(list)
+                        .bind(&now_text)
+                        .fetch_all(&mut **tx)
+                        .await?;
                 summary.finished += finished_among(&tracking);
             }
             if let Some(list) = &scheduled {

@@ -6,6 +6,19 @@ use std::time::SystemTime;
 use crate::domain::{ActionId, Tracking, format_time};
 
 use super::{ActionRow, Counts, ReportCounts, Result, Store, TransitionExport, TransitionRow};
+use crate::domain::ACTION_FIELDS;
+
+/// SQL for an action's age in seconds at `now` (an SQL expression): since MDE created it,
+/// or since it was queued while MDE has not said. Stuck events and the report agree on it.
+pub(super) fn age_seconds_sql(now: &str) -> String {
+    format!("(julianday({now}) - julianday(coalesce(mde_created_at, enqueued_at))) * 86400.0")
+}
+
+/// SQL: whether the type of the action `row` (an alias of `actions`) is in the JSON array
+/// `types`, NULL meaning any type (a destination's `types` filter).
+pub(super) fn type_allowed_sql(row: &str, types: &str) -> String {
+    format!("({types} IS NULL OR {row}.action_type IN (SELECT value FROM json_each({types})))")
+}
 
 impl Store {
     /// MDE's creation time of the oldest active action that has been seen at least once.
@@ -188,15 +201,17 @@ impl Store {
         since: Option<SystemTime>,
     ) -> futures_util::stream::BoxStream<'_, std::result::Result<TransitionExport, sqlx::Error>>
     {
-        sqlx::query_as(
+        let fields: String = ACTION_FIELDS
+            .iter()
+            .map(|f| format!("a.{}, ", f.column))
+            .collect();
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT t.id, t.action_id, t.from_status, t.to_status, t.observed_at,
-                    t.mde_updated_at, a.action_type, a.machine_id, a.computer_dns_name,
-                    a.requestor, a.requestor_comment, a.external_id, a.mde_created_at,
-                    a.tracking, a.status AS current_status
+                    t.mde_updated_at, {fields}a.tracking, a.status AS current_status
              FROM transitions t JOIN actions a ON a.action_id = t.action_id
              WHERE ?1 IS NULL OR t.observed_at >= ?1
-             ORDER BY t.id",
-        )
+             ORDER BY t.id"
+        )))
         .bind(since.map(format_time))
         .fetch(&self.reader)
     }

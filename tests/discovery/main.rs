@@ -114,7 +114,7 @@ async fn actions_started_elsewhere_are_discovered_once_with_exact_transitions() 
     let mut isolation_transitions = 0;
     for id in &all {
         let row = reader.action(id).await.unwrap().unwrap();
-        if row.action_type.as_deref() == Some("Isolate") {
+        if row.fields.action_type.as_deref() == Some("Isolate") {
             isolation_transitions += reader.transitions(id).await.unwrap().len();
         }
     }

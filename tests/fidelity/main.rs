@@ -357,18 +357,21 @@ async fn the_full_entity_live_response_commands_and_partial_cancels_are_kept() {
     let p = row(&store, &partial).await;
     assert_eq!(p.status.as_deref(), Some("Cancelled"));
     assert_eq!(
-        p.cancellation_requestor.as_deref(),
+        p.fields.cancellation_requestor.as_deref(),
         Some("lead@contoso.com")
     );
     assert!(
-        p.cancellation_comment.is_some() && p.cancelled_at.is_some(),
+        p.fields.cancellation_comment.is_some() && p.fields.cancelled_at.is_some(),
         "{p:?}"
     );
-    assert_eq!(p.request_source.as_deref(), Some("PublicApi"));
-    assert_eq!(p.error_hresult, Some(0));
+    assert_eq!(p.fields.request_source.as_deref(), Some("PublicApi"));
+    assert_eq!(p.fields.error_hresult, Some(0));
     let f = row(&store, &failed).await;
-    assert_eq!(f.error_hresult, Some(-2_147_024_891));
-    assert!(f.scope.is_some() && f.cancelled_at.is_none(), "{f:?}");
+    assert_eq!(f.fields.error_hresult, Some(-2_147_024_891));
+    assert!(
+        f.fields.scope.is_some() && f.fields.cancelled_at.is_none(),
+        "{f:?}"
+    );
     store.close().await;
 
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", env.db().display()))
@@ -500,7 +503,7 @@ async fn unknown_statuses_and_types_are_kept_counted_and_polled_on() {
     daemon.shutdown().await;
     let store = env.reader().await;
     let r = row(&store, &odd).await;
-    assert_eq!(r.action_type.as_deref(), Some("IsolateHarder"));
+    assert_eq!(r.fields.action_type.as_deref(), Some("IsolateHarder"));
     let log: Vec<String> = store
         .transitions(&odd)
         .await

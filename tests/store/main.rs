@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use mde_actiond::domain::{ActionId, ActionStatus, Tracking, format_time};
+use mde_actiond::domain::{ActionFields, ActionId, ActionStatus, Tracking, format_time};
 use mde_actiond::store::{
     Enqueued, NextStep, Observation, OpenMode, PollResult, PollWrite, Store, StoreError,
 };
@@ -32,10 +32,12 @@ fn observed(id: &ActionId, status: ActionStatus, next: NextStep) -> PollWrite {
         id: id.clone(),
         result: PollResult::Observed(Box::new(Observation {
             status: Some(status),
-            action_type: Some("Isolate".into()),
             updated_at: Some("2026-11-28T10:00:00.000Z".into()),
+            fields: ActionFields {
+                action_type: Some("Isolate".into()),
+                ..ActionFields::default()
+            },
             raw: "{}".into(),
-            ..Observation::default()
         })),
         next,
     }
@@ -708,7 +710,7 @@ async fn sweep_statements_look_ids_up_by_key() {
             .collect::<Vec<_>>(),
     )
     .unwrap();
-    for sql in mde_actiond::store::PAGE_STATEMENTS {
+    for sql in mde_actiond::store::page_statements() {
         let mut query =
             sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}"))).bind(&list);
         if sql.contains("?2") {
@@ -1094,14 +1096,19 @@ async fn a_1_3_database_gains_the_outbox_and_keeps_its_rows() {
 async fn new_files_use_8_kib_pages_and_older_files_convert() {
     use sqlx::Connection;
     async fn pragmas(path: &std::path::Path) -> (i64, String, i64) {
-        sqlx::query_as(
+        let pool = read_only_at(path).await;
+        let answer = sqlx::query_as(
             "SELECT (SELECT page_size FROM pragma_page_size()),
                     (SELECT journal_mode FROM pragma_journal_mode()),
                     (SELECT auto_vacuum FROM pragma_auto_vacuum())",
         )
-        .fetch_one(&read_only_at(path).await)
+        .fetch_one(&pool)
         .await
-        .unwrap()
+        .unwrap();
+        // A dropped pool closes its connection in the background; the journal mode change
+        // that follows needs the file to itself.
+        pool.close().await;
+        answer
     }
     let (dir, store) = fresh().await;
     store.close().await;
