@@ -68,7 +68,24 @@ pub enum NotifyKind {
     SplunkHec,
 }
 
+/// Whether a kind of destination takes a file of its settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Takes {
+    Required,
+    Optional,
+    Refused,
+}
+
 impl NotifyKind {
+    /// What the kind takes: (`secret_file`, `token_file`). A new kind must say it here.
+    fn takes(self) -> (Takes, Takes) {
+        match self {
+            NotifyKind::Webhook => (Takes::Required, Takes::Optional),
+            NotifyKind::SplunkHec => (Takes::Refused, Takes::Required),
+            NotifyKind::Teams | NotifyKind::Slack => (Takes::Refused, Takes::Refused),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             NotifyKind::Webhook => "webhook",
@@ -173,6 +190,34 @@ pub const DEFAULT_RETRY_SCHEDULE: [Duration; 7] = [
 pub const CHAT_RETRIES: usize = 4;
 
 impl NotifySettings {
+    /// The first thing wrong with the files the destination's kind takes.
+    fn credential_problem(&self) -> Option<(&'static str, String)> {
+        let (secret, token) = self.kind.takes();
+        let kind = self.kind.as_str();
+        if secret == Takes::Required && self.secret_file.is_none() {
+            return Some((
+                "notify.secret_file",
+                "a webhook needs its Standard Webhooks key (whsec_...)".into(),
+            ));
+        }
+        if token == Takes::Required && self.token_file.is_none() {
+            return Some(("notify.token_file", format!("{kind} needs the HEC token")));
+        }
+        if secret == Takes::Refused && self.secret_file.is_some() {
+            return Some((
+                "notify.secret_file",
+                format!("only webhooks are signed; {kind} takes no secret_file"),
+            ));
+        }
+        if token == Takes::Refused && self.token_file.is_some() {
+            return Some((
+                "notify.token_file",
+                format!("{kind} takes no token_file (the URL is the credential)"),
+            ));
+        }
+        None
+    }
+
     /// The waits after each failed attempt, as configured or by default.
     pub fn retry_waits(&self) -> Result<Vec<Duration>, String> {
         parse_schedule(self.retry_schedule.as_deref(), self.kind.is_chat())
@@ -994,34 +1039,8 @@ impl Settings {
                 }
                 (None, Some(_)) => {}
             }
-            match n.kind {
-                NotifyKind::Webhook if n.secret_file.is_none() => bad(
-                    "notify.secret_file",
-                    format!("{who}: a webhook needs its Standard Webhooks key (whsec_...)"),
-                ),
-                NotifyKind::SplunkHec if n.token_file.is_none() => bad(
-                    "notify.token_file",
-                    format!("{who}: splunk_hec needs the HEC token"),
-                ),
-                NotifyKind::Teams | NotifyKind::Slack | NotifyKind::SplunkHec
-                    if n.secret_file.is_some() =>
-                {
-                    bad(
-                        "notify.secret_file",
-                        format!(
-                            "{who}: only webhooks are signed; {} takes no secret_file",
-                            n.kind.as_str()
-                        ),
-                    )
-                }
-                NotifyKind::Teams | NotifyKind::Slack if n.token_file.is_some() => bad(
-                    "notify.token_file",
-                    format!(
-                        "{who}: {} takes no token_file (the URL is the credential)",
-                        n.kind.as_str()
-                    ),
-                ),
-                _ => {}
+            if let Some((key, message)) = n.credential_problem() {
+                bad(key, format!("{who}: {message}"));
             }
             if n.events.is_empty() {
                 bad(

@@ -80,43 +80,8 @@ impl Daemon {
             info!(destinations = %names.join(", "), "notifications on");
         }
 
-        let budget = Arc::new(RateBudget::with_time_scale(
-            settings.rate_limit.per_minute,
-            settings.rate_limit.per_hour,
-            settings.rate_limit.time_scale,
-        ));
-        let now = SystemTime::now();
-        let past = store
-            .api_calls_since(now - Duration::from_secs(3600))
-            .await?;
-        budget.seed(&past, now);
-        if !past.is_empty() {
-            let left = budget.remaining();
-            info!(
-                calls_last_hour = past.len(),
-                left_this_minute = left.this_minute,
-                left_this_hour = left.this_hour,
-                "restored the API budget from the call log"
-            );
-        }
-
-        let listener = match settings.http.listen_addr() {
-            Some(Ok(addr)) => {
-                let listener = TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| DaemonError::Listen { addr, source })?;
-                if !addr.ip().is_loopback() && settings.http.api_token_file.is_none() {
-                    warn!(%addr, "HTTP intake listens beyond loopback without http.api_token_file; anyone who reaches it can enqueue");
-                }
-                let token = match &settings.http.api_token_file {
-                    Some(path) => Some(read_secret_file(path, "http.api_token_file")?),
-                    None => None,
-                };
-                Some((listener, token))
-            }
-            Some(Err(_)) | None => None,
-        };
-
+        let budget = Arc::new(restored_budget(settings, &store).await?);
+        let listener = bind_intake(settings).await?;
         let http = http_client(settings.api.timeout, settings.api.connect_timeout)?;
         let source = crate::auth::build_source(settings, http.clone())
             .map_err(|p| DaemonError::Config(ConfigError::Invalid(vec![p])))?;
@@ -172,6 +137,24 @@ impl Daemon {
         &self.poller
     }
 
+    /// Starts the HTTP listener, when there is one.
+    fn spawn_http(&mut self, stop: &CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+        let (listener, token) = self.http.take()?;
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "HTTP listener up (/healthz, /readyz, /metrics, /v1/actions)");
+        }
+        let state = Arc::new(HttpState {
+            runtime: self.runtime.clone(),
+            api_token: token,
+            started: tokio::time::Instant::now(),
+        });
+        Some(tokio::spawn(crate::http::serve(
+            listener,
+            state,
+            stop.clone(),
+        )))
+    }
+
     /// What the running daemon shares: store, budget, tokens, metrics, the loop.
     pub fn runtime(&self) -> &Runtime {
         &self.runtime
@@ -211,22 +194,7 @@ impl Daemon {
             .take()
             .map(|n| n.spawn(self.poller.outbox_written(), stop.clone()))
             .unwrap_or_default();
-        let mut http_task = None;
-        if let Some((listener, token)) = self.http.take() {
-            if let Ok(addr) = listener.local_addr() {
-                info!(%addr, "HTTP listener up (/healthz, /readyz, /metrics, /v1/actions)");
-            }
-            let state = Arc::new(HttpState {
-                runtime: self.runtime.clone(),
-                api_token: token,
-                started: tokio::time::Instant::now(),
-            });
-            http_task = Some(tokio::spawn(crate::http::serve(
-                listener,
-                state,
-                stop.clone(),
-            )));
-        }
+        let http_task = self.spawn_http(&stop);
         let notifier = Arc::new(std::mem::replace(&mut self.notifier, Notifier::disabled()));
         notifier.ready(&status_line(&self.runtime).await);
         let supervisor = tokio::spawn(supervise(
@@ -262,24 +230,7 @@ impl Daemon {
                 "calls still in flight after the grace period were abandoned; their actions stay due"
             );
         }
-        if let Some(task) = upkeep {
-            // It stops between short transactions; never block shutdown on it for long.
-            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
-        }
-        for task in senders {
-            // A request in flight is abandoned after a moment; its delivery stays pending
-            // and goes out again after the restart (at least once).
-            if tokio::time::timeout(Duration::from_secs(1), &mut Box::pin(task))
-                .await
-                .is_err()
-            {
-                tracing::debug!("a notification sender was stopped mid-request");
-            }
-        }
-        if let Some(task) = http_task {
-            // Graceful shutdown of the listener began with `stop`; open requests get a moment.
-            let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
-        }
+        wind_down(upkeep, senders, http_task).await;
         if let Err(e) = self.store.checkpoint().await {
             warn!(error = %e, "WAL checkpoint at shutdown failed");
         }
@@ -399,4 +350,75 @@ fn read_secret_file(path: &Path, key: &'static str) -> Result<Secret, DaemonErro
                 message,
             }]))
         })
+}
+/// Gives the helper tasks a moment each to finish once the poll loop has stopped; none
+/// may hold shutdown for long.
+async fn wind_down(
+    upkeep: Option<tokio::task::JoinHandle<()>>,
+    senders: Vec<tokio::task::JoinHandle<()>>,
+    http: Option<tokio::task::JoinHandle<()>>,
+) {
+    if let Some(task) = upkeep {
+        // It stops between short transactions.
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
+    for task in senders {
+        // A request in flight is abandoned after a moment; its delivery stays pending
+        // and goes out again after the restart (at least once).
+        if tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .is_err()
+        {
+            tracing::debug!("a notification sender was stopped mid-request");
+        }
+    }
+    if let Some(task) = http {
+        // Graceful shutdown of the listener began with `stop`; open requests get a moment.
+        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+    }
+}
+
+/// The API budget, with the calls of the last hour (the call log) already counted: a
+/// restart does not reset the tenant's quota.
+async fn restored_budget(settings: &Settings, store: &Store) -> Result<RateBudget, DaemonError> {
+    let budget = RateBudget::with_time_scale(
+        settings.rate_limit.per_minute,
+        settings.rate_limit.per_hour,
+        settings.rate_limit.time_scale,
+    );
+    let now = SystemTime::now();
+    let past = store
+        .api_calls_since(now - Duration::from_secs(3600))
+        .await?;
+    budget.seed(&past, now);
+    if !past.is_empty() {
+        let left = budget.remaining();
+        info!(
+            calls_last_hour = past.len(),
+            left_this_minute = left.this_minute,
+            left_this_hour = left.this_hour,
+            "restored the API budget from the call log"
+        );
+    }
+    Ok(budget)
+}
+
+/// The HTTP listener and its bearer token, when `http.listen` is set.
+async fn bind_intake(
+    settings: &Settings,
+) -> Result<Option<(TcpListener, Option<Secret>)>, DaemonError> {
+    let Some(Ok(addr)) = settings.http.listen_addr() else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| DaemonError::Listen { addr, source })?;
+    if !addr.ip().is_loopback() && settings.http.api_token_file.is_none() {
+        warn!(%addr, "HTTP intake listens beyond loopback without http.api_token_file; anyone who reaches it can enqueue");
+    }
+    let token = match &settings.http.api_token_file {
+        Some(path) => Some(read_secret_file(path, "http.api_token_file")?),
+        None => None,
+    };
+    Ok(Some((listener, token)))
 }

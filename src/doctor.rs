@@ -96,26 +96,7 @@ pub async fn run(settings: &Settings) -> ExitCode {
     let client = MdeClient::new(http, &settings.api_base_url());
     match client.probe(&token.secret).await {
         Ok(()) => c.ok("API", "GET /api/machineactions?$top=1 answered 200"),
-        Err(e) => {
-            let advice = match (&e, e.http_status()) {
-                (crate::mde::MdeError::Forbidden(detail), _) => match crate::mde::roles_in_refusal(detail) {
-                    Some((required, has)) => format!(
-                        "the app lacks the application role {} (WindowsDefenderATP){}: grant it and an admin's consent",
-                        required.join(" or "),
-                        if has.is_empty() {
-                            String::new()
-                        } else {
-                            format!("; it has only {}", has.join(", "))
-                        }
-                    ),
-                    None => "the token lacks permission: grant the application permission Machine.Read.All (WindowsDefenderATP) and an admin's consent".into(),
-                },
-                (_, Some(401)) => "the API did not accept the token: check api.cloud / api.base_url against auth.authority and auth.scope (a token for another cloud or resource is refused)".into(),
-                (_, Some(404)) => "api.base_url does not look like the MDE API (check its path)".into(),
-                _ => "the API could not be reached; check api.base_url, proxies and firewalls".to_string(),
-            };
-            c.fail("API", &format!("{e}; {advice}"));
-        }
+        Err(e) => c.fail("API", &format!("{e}; {}", api_advice(&e))),
     }
     if c.failed {
         println!("\nSome checks failed; `run` will not work until they pass.");
@@ -126,93 +107,22 @@ pub async fn run(settings: &Settings) -> ExitCode {
     }
 }
 
+/// What to do about a failed probe of the API.
+fn api_advice(e: &crate::mde::MdeError) -> String {
+    match (e, e.http_status()) {
+        (crate::mde::MdeError::Forbidden(detail), _) => crate::mde::explain_refusal(detail),
+        (_, Some(401)) => "the API did not accept the token: check api.cloud / api.base_url against auth.authority and auth.scope (a token for another cloud or resource is refused)".into(),
+        (_, Some(404)) => "api.base_url does not look like the MDE API (check its path)".into(),
+        _ => "the API could not be reached; check api.base_url, proxies and firewalls".to_string(),
+    }
+}
+
 fn check_credential(c: &mut Checks, settings: &Settings, method: AuthMethod) {
     let a = &settings.auth;
     match method {
-        AuthMethod::ClientSecret => {
-            let file = a.client_secret_file.clone().or_else(|| {
-                let name = a.client_secret_credential.as_ref()?;
-                let dir = std::env::var_os("CREDENTIALS_DIRECTORY")?;
-                Some(std::path::PathBuf::from(dir).join(name))
-            });
-            match file {
-                Some(path) => match crate::auth::files::read_private(&path, "client secret") {
-                    Ok(_) => c.ok("credential", &format!("client secret in {} (private)", path.display())),
-                    Err(e) => c.fail("credential", &e),
-                },
-                None if a.client_secret_credential.is_some() => c.fail(
-                    "credential",
-                    "auth.client_secret_credential is set but $CREDENTIALS_DIRECTORY is not (run under systemd with LoadCredential=)",
-                ),
-                None => c.warn(
-                    "credential",
-                    "client secret inline in the configuration; prefer auth.client_secret_file or a systemd credential",
-                ),
-            }
-        }
-        AuthMethod::Certificate => {
-            let Some(cert) = &a.certificate_file else {
-                return c.fail("credential", "auth.certificate_file is not set");
-            };
-            match crate::auth::certificate::Credential::load(cert, a.private_key_file.as_deref()) {
-                Ok(cred) => {
-                    let now = SystemTime::now();
-                    if let Err(e) = cred.check_valid(now) {
-                        return c.fail("credential", &e);
-                    }
-                    let expiry = cred
-                        .not_after
-                        .map(format_time)
-                        .unwrap_or_else(|| "unknown".into());
-                    c.ok(
-                        "credential",
-                        &format!(
-                            "certificate {} (x5t#S256 {}), valid until {expiry}, signing with {:?}",
-                            cert.display(),
-                            cred.thumbprint_sha256(),
-                            a.signing_algorithm
-                        ),
-                    );
-                    if cred
-                        .not_after
-                        .is_some_and(|t| t.duration_since(now).unwrap_or_default() < WARN_EXPIRY)
-                    {
-                        c.warn(
-                            "credential",
-                            &format!("the certificate expires on {expiry}; renew it soon"),
-                        );
-                    }
-                }
-                Err(e) => c.fail("credential", &e),
-            }
-        }
-        AuthMethod::WorkloadIdentity => {
-            let Some(path) = &a.federated_token_file else {
-                return c.fail(
-                    "credential",
-                    "no federated token file (AZURE_FEDERATED_TOKEN_FILE)",
-                );
-            };
-            match std::fs::read_to_string(path) {
-                Ok(t) if !t.trim().is_empty() => {
-                    let detail = match jwt::decode(t.trim()) {
-                        Ok(d) => format!(
-                            "federated token {} (issuer {}, subject {})",
-                            path.display(),
-                            d.claims["iss"].as_str().unwrap_or("?"),
-                            d.claims["sub"].as_str().unwrap_or("?")
-                        ),
-                        Err(_) => format!("federated token {}", path.display()),
-                    };
-                    c.ok("credential", &detail);
-                }
-                Ok(_) => c.fail("credential", &format!("{} is empty", path.display())),
-                Err(e) => c.fail(
-                    "credential",
-                    &format!("cannot read {}: {e}", path.display()),
-                ),
-            }
-        }
+        AuthMethod::ClientSecret => check_client_secret(c, a),
+        AuthMethod::Certificate => check_certificate(c, a),
+        AuthMethod::WorkloadIdentity => check_federated_token(c, a),
         AuthMethod::ManagedIdentity => c.ok(
             "credential",
             &format!(
@@ -225,6 +135,93 @@ fn check_credential(c: &mut Checks, settings: &Settings, method: AuthMethod) {
                     .map(|id| format!("user-assigned {id}"))
                     .unwrap_or_else(|| "system-assigned".into())
             ),
+        ),
+    }
+}
+
+fn check_client_secret(c: &mut Checks, a: &crate::config::AuthSettings) {
+    let file = a.client_secret_file.clone().or_else(|| {
+        let name = a.client_secret_credential.as_ref()?;
+        let dir = std::env::var_os("CREDENTIALS_DIRECTORY")?;
+        Some(std::path::PathBuf::from(dir).join(name))
+    });
+    match file {
+        Some(path) => match crate::auth::files::read_private(&path, "client secret") {
+            Ok(_) => c.ok("credential", &format!("client secret in {} (private)", path.display())),
+            Err(e) => c.fail("credential", &e),
+        },
+        None if a.client_secret_credential.is_some() => c.fail(
+            "credential",
+            "auth.client_secret_credential is set but $CREDENTIALS_DIRECTORY is not (run under systemd with LoadCredential=)",
+        ),
+        None => c.warn(
+            "credential",
+            "client secret inline in the configuration; prefer auth.client_secret_file or a systemd credential",
+        ),
+    }
+}
+
+fn check_certificate(c: &mut Checks, a: &crate::config::AuthSettings) {
+    let Some(cert) = &a.certificate_file else {
+        return c.fail("credential", "auth.certificate_file is not set");
+    };
+    match crate::auth::certificate::Credential::load(cert, a.private_key_file.as_deref()) {
+        Ok(cred) => {
+            let now = SystemTime::now();
+            if let Err(e) = cred.check_valid(now) {
+                return c.fail("credential", &e);
+            }
+            let expiry = cred
+                .not_after
+                .map(format_time)
+                .unwrap_or_else(|| "unknown".into());
+            c.ok(
+                "credential",
+                &format!(
+                    "certificate {} (x5t#S256 {}), valid until {expiry}, signing with {:?}",
+                    cert.display(),
+                    cred.thumbprint_sha256(),
+                    a.signing_algorithm
+                ),
+            );
+            if cred
+                .not_after
+                .is_some_and(|t| t.duration_since(now).unwrap_or_default() < WARN_EXPIRY)
+            {
+                c.warn(
+                    "credential",
+                    &format!("the certificate expires on {expiry}; renew it soon"),
+                );
+            }
+        }
+        Err(e) => c.fail("credential", &e),
+    }
+}
+
+fn check_federated_token(c: &mut Checks, a: &crate::config::AuthSettings) {
+    let Some(path) = &a.federated_token_file else {
+        return c.fail(
+            "credential",
+            "no federated token file (AZURE_FEDERATED_TOKEN_FILE)",
+        );
+    };
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => {
+            let detail = match jwt::decode(t.trim()) {
+                Ok(d) => format!(
+                    "federated token {} (issuer {}, subject {})",
+                    path.display(),
+                    d.claims["iss"].as_str().unwrap_or("?"),
+                    d.claims["sub"].as_str().unwrap_or("?")
+                ),
+                Err(_) => format!("federated token {}", path.display()),
+            };
+            c.ok("credential", &detail);
+        }
+        Ok(_) => c.fail("credential", &format!("{} is empty", path.display())),
+        Err(e) => c.fail(
+            "credential",
+            &format!("cannot read {}: {e}", path.display()),
         ),
     }
 }

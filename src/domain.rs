@@ -279,6 +279,33 @@ impl Tracking {
     }
 }
 
+/// Where a notification delivery stands; the `notify_deliveries.state` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    /// To be tried (again) at `next_attempt_at`.
+    Pending,
+    Delivered,
+    /// Refused, gone, or failed on its last attempt.
+    Dead,
+}
+
+impl DeliveryState {
+    pub const ALL: [DeliveryState; 3] = [
+        DeliveryState::Pending,
+        DeliveryState::Delivered,
+        DeliveryState::Dead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Dead => "dead",
+        }
+    }
+}
+
 /// How an action first came to be tracked (`actions.source`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -385,6 +412,10 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// Every kind of call; `api_calls.endpoint` takes these (a test checks the migration's
+    /// CHECK against this list).
+    pub const ALL: [Endpoint; 2] = [Endpoint::Get, Endpoint::List];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Endpoint::Get => "get",

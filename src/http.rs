@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
@@ -88,8 +88,47 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, stop: Cancellat
     while connections.join_next().await.is_some() {}
 }
 
+/// An error answer: problem details (RFC 9457, `application/problem+json`), with `error`
+/// repeating `detail` for the clients of earlier versions.
+#[derive(Debug)]
+pub struct Problem {
+    status: StatusCode,
+    detail: String,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            detail: detail.into(),
+        }
+    }
+
+    fn unavailable(e: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "type": "about:blank",
+            "title": self.status.canonical_reason().unwrap_or("Error"),
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+            "error": self.detail,
+        });
+        (
+            self.status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            body.to_string(),
+        )
+            .into_response()
+    }
+}
+
 fn problem(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+    Problem::new(status, message).into_response()
 }
 
 async fn healthz(State(s): State<Arc<HttpState>>) -> Response {
@@ -190,21 +229,34 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
         .into_response()
 }
 
-/// Checks the bearer token of `/v1/*` requests in constant time; `Some` is the refusal.
-fn authorized(s: &HttpState, headers: &HeaderMap) -> Option<Response> {
-    let expected = s.api_token.as_ref()?;
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if constant_time_eq(presented.as_bytes(), expected.expose().as_bytes()) {
-        None
-    } else {
-        Some(problem(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token (Authorization: Bearer <token from http.api_token_file>)",
-        ))
+/// Proof that a `/v1/*` request carried the configured bearer token (checked in constant
+/// time); a handler that takes it cannot run without the check.
+pub struct Authorized;
+
+impl axum::extract::FromRequestParts<Arc<HttpState>> for Authorized {
+    type Rejection = Problem;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &Arc<HttpState>,
+    ) -> Result<Self, Problem> {
+        let Some(expected) = s.api_token.as_ref() else {
+            return Ok(Authorized);
+        };
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(presented.as_bytes(), expected.expose().as_bytes()) {
+            Ok(Authorized)
+        } else {
+            Err(Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token (Authorization: Bearer <token from http.api_token_file>)",
+            ))
+        }
     }
 }
 
@@ -218,161 +270,152 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-async fn enqueue(State(s): State<Arc<HttpState>>, request: axum::extract::Request) -> Response {
+async fn enqueue(
+    _: Authorized,
+    State(s): State<Arc<HttpState>>,
+    request: axum::extract::Request,
+) -> Result<Response, Problem> {
     use axum::extract::FromRequest;
-    if let Some(refusal) = authorized(&s, request.headers()) {
-        return refusal;
-    }
     // A body shorter than its Content-Length would otherwise be waited on forever.
     let body = match tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(request, &())).await {
         Ok(Ok(body)) => body,
-        Ok(Err(rejection)) => return rejection.into_response(),
+        Ok(Err(rejection)) => return Ok(rejection.into_response()),
         Err(_) => {
-            return problem(
+            let waited = BODY_TIMEOUT.as_secs();
+            return Err(Problem::new(
                 StatusCode::REQUEST_TIMEOUT,
-                format!(
-                    "the request body did not arrive within {}s",
-                    BODY_TIMEOUT.as_secs()
-                ),
-            );
+                format!("the request body did not arrive within {waited}s"),
+            ));
         }
     };
-    let Intake {
-        ids,
-        valid,
-        refusals,
-        request,
-    } = match read_intake(&body) {
-        Ok(i) => i,
-        Err(message) => return problem(StatusCode::BAD_REQUEST, message),
-    };
+    let intake = read_intake(&body).map_err(|m| Problem::new(StatusCode::BAD_REQUEST, m))?;
     // A refused callback refuses the whole request: taking the ids without it would leave
     // the caller waiting for a call that never comes.
-    if let Err(why) = crate::intake::check_request(&request, &s.runtime.callback_allow) {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            format!("nothing was enqueued: {why}"),
-        );
+    if let Err(why) = crate::intake::check_request(&intake.request, &s.runtime.callback_allow) {
+        let detail = format!("nothing was enqueued: {why}");
+        return Err(Problem::new(StatusCode::BAD_REQUEST, detail));
     }
-    let taken = match crate::intake::enqueue_with(
+    let taken = crate::intake::enqueue_with(
         &s.runtime.store,
-        &valid,
+        &intake.valid,
         SystemTime::now(),
         crate::domain::Source::Http,
-        &request,
+        &intake.request,
     )
     .await
-    {
-        Ok(t) => t,
-        Err(e) => {
-            return problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("cannot enqueue: {e}"),
-            );
-        }
-    };
+    .map_err(|e| Problem::unavailable(format!("cannot enqueue: {e}")))?;
     s.runtime.poller.wake();
-    // Typed rather than `serde_json::Value`s: a map per id made a 10,000-id answer cost
-    // over 12 MB of tree nodes at once.
-    #[derive(serde::Serialize)]
-    #[serde(untagged)]
-    enum Id<'a> {
-        Taken(&'a str),
-        Refused(&'a serde_json::Value),
-    }
-    #[derive(serde::Serialize)]
-    struct Outcome<'a> {
-        id: Id<'a>,
-        result: &'static str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        tracking: Option<&'static str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        reason: Option<&'a str>,
-    }
-    #[derive(serde::Serialize)]
-    struct Answer<'a> {
-        added: usize,
-        known: usize,
-        refused: usize,
-        results: Vec<Outcome<'a>>,
-    }
-    let mut answer = Answer {
-        added: 0,
-        known: 0,
-        refused: 0,
-        results: Vec::with_capacity(ids.len()),
-    };
-    // A duplicate within one request reports what happened to its first occurrence.
-    let mut taken = taken.iter();
-    for (raw, refusal) in ids.iter().zip(&refusals) {
-        let outcome = match refusal {
-            Some(reason) => {
-                answer.refused += 1;
-                Outcome {
-                    id: Id::Refused(raw),
-                    result: "refused",
-                    tracking: None,
-                    reason: Some(reason),
-                }
-            }
-            None => {
-                // `taken` has one entry per valid id, in order.
-                let Some(t) = taken.next() else { continue };
-                match &t.outcome {
-                    Enqueued::Added => {
-                        answer.added += 1;
-                        Outcome {
-                            id: Id::Taken(t.id.as_str()),
-                            result: "added",
-                            tracking: None,
-                            reason: None,
-                        }
-                    }
-                    Enqueued::Known(_) => {
-                        answer.known += 1;
-                        Outcome {
-                            id: Id::Taken(t.id.as_str()),
-                            result: "known",
-                            tracking: Some(t.tracking().as_str()),
-                            reason: None,
-                        }
-                    }
-                }
-            }
-        };
-        answer.results.push(outcome);
-    }
+    let answer = EnqueueAnswer::new(&intake, &taken);
     let status = if answer.refused == 0 {
         StatusCode::OK
     } else {
         StatusCode::BAD_REQUEST
     };
-    (status, axum::Json(answer)).into_response()
+    Ok((status, axum::Json(answer)).into_response())
+}
+
+// Typed rather than `serde_json::Value`s: a map per id made a 10,000-id answer cost over
+// 12 MB of tree nodes at once.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum EnqueuedId<'a> {
+    Taken(&'a str),
+    Refused(&'a serde_json::Value),
+}
+
+#[derive(serde::Serialize)]
+struct EnqueueOutcome<'a> {
+    id: EnqueuedId<'a>,
+    result: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tracking: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+}
+
+/// What `POST /v1/actions` answers: the counts and, per id in the order sent, its result.
+#[derive(serde::Serialize)]
+struct EnqueueAnswer<'a> {
+    added: usize,
+    known: usize,
+    refused: usize,
+    results: Vec<EnqueueOutcome<'a>>,
+}
+
+impl<'a> EnqueueAnswer<'a> {
+    /// `taken` has one entry per valid id of `intake`, in order; a duplicate within one
+    /// request reports what happened to its first occurrence.
+    fn new(intake: &'a Intake, taken: &'a [crate::intake::Taken]) -> Self {
+        let mut answer = Self {
+            added: 0,
+            known: 0,
+            refused: 0,
+            results: Vec::with_capacity(intake.ids.len()),
+        };
+        let mut taken = taken.iter();
+        for (raw, refusal) in intake.ids.iter().zip(&intake.refusals) {
+            let outcome = match refusal {
+                Some(reason) => {
+                    answer.refused += 1;
+                    EnqueueOutcome {
+                        id: EnqueuedId::Refused(raw),
+                        result: "refused",
+                        tracking: None,
+                        reason: Some(reason),
+                    }
+                }
+                None => {
+                    let Some(t) = taken.next() else { continue };
+                    let id = EnqueuedId::Taken(t.id.as_str());
+                    let (result, tracking) = match &t.outcome {
+                        Enqueued::Added => {
+                            answer.added += 1;
+                            ("added", None)
+                        }
+                        Enqueued::Known(_) => {
+                            answer.known += 1;
+                            ("known", Some(t.tracking().as_str()))
+                        }
+                    };
+                    EnqueueOutcome {
+                        id,
+                        result,
+                        tracking,
+                        reason: None,
+                    }
+                }
+            };
+            answer.results.push(outcome);
+        }
+        answer
+    }
 }
 
 async fn action(
+    _: Authorized,
     State(s): State<Arc<HttpState>>,
-    headers: HeaderMap,
     Path(raw): Path<String>,
-) -> Response {
-    if let Some(refusal) = authorized(&s, &headers) {
-        return refusal;
-    }
-    let id = match ActionId::parse(&raw) {
-        Ok(id) => id,
-        Err(e) => return problem(StatusCode::BAD_REQUEST, e.to_string()),
-    };
+) -> Result<Response, Problem> {
+    let id =
+        ActionId::parse(&raw).map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     let row = match s.runtime.store.action(&id).await {
         Ok(Some(row)) => row,
-        Ok(None) => return problem(StatusCode::NOT_FOUND, format!("{id} is not tracked")),
-        Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Ok(None) => {
+            return Err(Problem::new(
+                StatusCode::NOT_FOUND,
+                format!("{id} is not tracked"),
+            ));
+        }
+        Err(e) => return Err(Problem::unavailable(e)),
     };
-    let transitions = match s.runtime.store.transitions(&id).await {
-        Ok(t) => t,
-        Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    };
-    axum::Json(json!({"action": crate::report::action_json(&row), "transitions": transitions}))
-        .into_response()
+    let transitions = s
+        .runtime
+        .store
+        .transitions(&id)
+        .await
+        .map_err(Problem::unavailable)?;
+    let body = json!({"action": crate::report::action_json(&row), "transitions": transitions});
+    Ok(axum::Json(body).into_response())
 }
 
 /// An intake body, read: each id parsed on its own (the CLI's validation), so valid ones

@@ -765,6 +765,25 @@ fn redact_query(url: &str) -> String {
     }
 }
 
+/// A 403's message in a line, for `/readyz` and `doctor`: the roles it names, when it names
+/// them, and what to do.
+pub fn explain_refusal(detail: &str) -> String {
+    match roles_in_refusal(detail) {
+        Some((required, has)) => format!(
+            "MDE refuses the app (403): it needs one of the application roles {} (WindowsDefenderATP){}; grant one with an admin's consent",
+            required.join(", "),
+            if has.is_empty() {
+                String::new()
+            } else {
+                format!("; it has {}", has.join(", "))
+            }
+        ),
+        None => format!(
+            "MDE refuses the app (403): {detail}; grant the application permission Machine.Read.All (WindowsDefenderATP) with an admin's consent"
+        ),
+    }
+}
+
 /// The roles a 403 says the API requires and the app has: `Missing application roles. API
 /// required roles: A,B, application roles: C.` or the older `... the required application
 /// permissions (A, B)`. For explanations only: classification never reads message text.

@@ -240,34 +240,7 @@ pub fn status_text(row: &ActionRow, transitions: &[crate::store::TransitionRow])
     if let Some(c) = &row.correlation {
         let _ = writeln!(out, "correlation   {c}");
     }
-    let _ = writeln!(out, "comment       {}", v(&row.fields.requestor_comment));
-    // Only where MDE said something: most actions have none of these.
-    if let Some(source) = &row.fields.request_source {
-        let _ = writeln!(out, "source        {source}");
-    }
-    if let Some(scope) = &row.fields.scope {
-        let _ = writeln!(out, "scope         {scope}");
-    }
-    if let Some(title) = &row.fields.title {
-        let _ = writeln!(out, "title         {title}");
-    }
-    if let Some(h) = row.fields.error_hresult.filter(|h| *h != 0) {
-        // HRESULTs read as hex: 0x80070005 is "access denied".
-        let _ = writeln!(out, "error         {} ({h})", hresult_hex(h));
-    }
-    if row.fields.cancelled_at.is_some() || row.fields.cancellation_requestor.is_some() {
-        let _ = writeln!(
-            out,
-            "cancelled     {} by {}{}",
-            v(&row.fields.cancelled_at),
-            v(&row.fields.cancellation_requestor),
-            row.fields
-                .cancellation_comment
-                .as_deref()
-                .map(|c| format!(": {c}"))
-                .unwrap_or_default()
-        );
-    }
+    write_what_mde_said(&mut out, &row.fields);
     if let Some(at) = &row.revived_at {
         let _ = writeln!(
             out,
@@ -288,6 +261,46 @@ pub fn status_text(row: &ActionRow, transitions: &[crate::store::TransitionRow])
     if let Some(e) = &row.last_error {
         let _ = writeln!(out, "last error    {e} (at {})", v(&row.last_error_at));
     }
+    write_transitions(&mut out, transitions);
+    out
+}
+
+/// The free text and the rarer fields of MDE's answer, each where MDE said something.
+fn write_what_mde_said(out: &mut String, fields: &crate::domain::ActionFields) {
+    use std::fmt::Write as _;
+    let v = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    let _ = writeln!(out, "comment       {}", v(&fields.requestor_comment));
+    // Only where MDE said something: most actions have none of these.
+    if let Some(source) = &fields.request_source {
+        let _ = writeln!(out, "source        {source}");
+    }
+    if let Some(scope) = &fields.scope {
+        let _ = writeln!(out, "scope         {scope}");
+    }
+    if let Some(title) = &fields.title {
+        let _ = writeln!(out, "title         {title}");
+    }
+    if let Some(h) = fields.error_hresult.filter(|h| *h != 0) {
+        // HRESULTs read as hex: 0x80070005 is "access denied".
+        let _ = writeln!(out, "error         {} ({h})", hresult_hex(h));
+    }
+    if fields.cancelled_at.is_some() || fields.cancellation_requestor.is_some() {
+        let _ = writeln!(
+            out,
+            "cancelled     {} by {}{}",
+            v(&fields.cancelled_at),
+            v(&fields.cancellation_requestor),
+            fields
+                .cancellation_comment
+                .as_deref()
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+fn write_transitions(out: &mut String, transitions: &[crate::store::TransitionRow]) {
+    use std::fmt::Write as _;
     let _ = writeln!(out, "transitions");
     if transitions.is_empty() {
         let _ = writeln!(out, "  (none yet)");
@@ -301,7 +314,6 @@ pub fn status_text(row: &ActionRow, transitions: &[crate::store::TransitionRow])
             t.to_status
         );
     }
-    out
 }
 
 /// One action as JSON (`status --json`, `export`, the HTTP API): every column, MDE's last
@@ -639,54 +651,85 @@ impl Report {
                 .map(|p| format!(" ({p:.3} per tracked action)"))
                 .unwrap_or_default()
         ));
-        let c = &self.checking;
-        if c.checks > 0 {
+        s.push_str(&self.checking.describe());
+        if !self.oldest_active.is_empty() {
+            s.push_str("\nOldest active actions\n");
+            let rows = self.oldest_active.iter().map(|o| {
+                let age = human(Some(o.age_seconds as f64));
+                (
+                    &o.action_id,
+                    &o.action_type,
+                    &o.computer_dns_name,
+                    &o.status,
+                    age,
+                )
+            });
+            s.push_str(&actions_table("AGE", &[2, 1, 3, 0], rows).render(width));
+        }
+        if !self.unsuccessful.is_empty() {
+            s.push_str("\nRecently failed, timed out or cancelled\n");
+            let rows = self.unsuccessful.iter().map(|u| {
+                let why = u.why();
+                (
+                    &u.action_id,
+                    &u.action_type,
+                    &u.computer_dns_name,
+                    &u.status,
+                    why,
+                )
+            });
+            s.push_str(&actions_table("WHY", &[4, 2, 1, 0], rows).render(width));
+        }
+        s
+    }
+}
+
+/// A row of `actions_table`: id, type, device, status and the last column's text.
+type ActionLine<'a> = (
+    &'a String,
+    &'a Option<String>,
+    &'a Option<String>,
+    &'a Option<String>,
+    String,
+);
+
+/// The report's tables of actions: id, type, device, status, then `last`.
+fn actions_table<'a>(
+    last: &str,
+    shrink_order: &[usize],
+    rows: impl Iterator<Item = ActionLine<'a>>,
+) -> Table {
+    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let mut t = Table::new(&["ACTION", "TYPE", "DEVICE", "STATUS", last], shrink_order);
+    for (id, kind, device, status, tail) in rows {
+        t.row(vec![
+            id.clone(),
+            dash(kind),
+            dash(device),
+            dash(status),
+            tail,
+        ]);
+    }
+    t
+}
+
+impl Checking {
+    /// The checking figures in a line each, when there are any.
+    fn describe(&self) -> String {
+        let mut s = String::new();
+        if self.checks > 0 {
             s.push_str(&format!(
                 "Checks: {} in the last {} ({} sweeps)\n",
-                c.checks,
-                human(Some(c.window_seconds)),
-                c.sweeps,
+                self.checks,
+                human(Some(self.window_seconds)),
+                self.sweeps,
             ));
         }
-        if let Some(every) = c.effective_interval_seconds {
+        if let Some(every) = self.effective_interval_seconds {
             s.push_str(&format!(
                 "Each active action checked every {}\n",
                 human(Some(every))
             ));
-        }
-        if !self.oldest_active.is_empty() {
-            s.push_str("\nOldest active actions\n");
-            let mut t = Table::new(
-                &["ACTION", "TYPE", "DEVICE", "STATUS", "AGE"],
-                &[2, 1, 3, 0],
-            );
-            for o in &self.oldest_active {
-                t.row(vec![
-                    o.action_id.clone(),
-                    o.action_type.clone().unwrap_or_else(|| "-".into()),
-                    o.computer_dns_name.clone().unwrap_or_else(|| "-".into()),
-                    o.status.clone().unwrap_or_else(|| "-".into()),
-                    human(Some(o.age_seconds as f64)),
-                ]);
-            }
-            s.push_str(&t.render(width));
-        }
-        if !self.unsuccessful.is_empty() {
-            s.push_str("\nRecently failed, timed out or cancelled\n");
-            let mut t = Table::new(
-                &["ACTION", "TYPE", "DEVICE", "STATUS", "WHY"],
-                &[4, 2, 1, 0],
-            );
-            for u in &self.unsuccessful {
-                t.row(vec![
-                    u.action_id.clone(),
-                    u.action_type.clone().unwrap_or_else(|| "-".into()),
-                    u.computer_dns_name.clone().unwrap_or_else(|| "-".into()),
-                    u.status.clone().unwrap_or_else(|| "-".into()),
-                    u.why(),
-                ]);
-            }
-            s.push_str(&t.render(width));
         }
         s
     }

@@ -222,45 +222,13 @@ pub fn build_source(
     use crate::config::{AuthMethod, Problem};
     let a = &settings.auth;
     let method = settings.auth_method()?;
-    let tenant = a
-        .tenant_id
-        .as_deref()
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    let client_id = a
-        .client_id
-        .as_deref()
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    let token_url = token_url(&settings.authority(), &tenant);
+    let trimmed = |v: &Option<String>| v.as_deref().unwrap_or_default().trim().to_string();
+    let client_id = trimmed(&a.client_id);
+    let token_url = token_url(&settings.authority(), &trimmed(&a.tenant_id));
     let scope = settings.scope();
     Ok(match method {
         AuthMethod::ClientSecret => {
-            let secret = match (
-                &a.client_secret,
-                &a.client_secret_file,
-                &a.client_secret_credential,
-            ) {
-                (Some(s), _, _) if !s.is_empty() => SecretSource::Inline(s.clone()),
-                (_, Some(path), _) => SecretSource::File(path.clone()),
-                (_, _, Some(name)) => {
-                    let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| Problem {
-                        key: "auth.client_secret_credential",
-                        message: format!(
-                            "is '{name}' but $CREDENTIALS_DIRECTORY is not set; add LoadCredential={name}:/path/to/secret to the unit"
-                        ),
-                    })?;
-                    SecretSource::File(PathBuf::from(dir).join(name))
-                }
-                _ => {
-                    return Err(Problem {
-                        key: "auth.client_secret",
-                        message: "no client secret configured".into(),
-                    });
-                }
-            };
+            let secret = secret_source(a)?;
             Box::new(ClientSecretSource {
                 http,
                 token_url,
@@ -311,6 +279,36 @@ pub fn build_source(
     })
 }
 
+/// Where the client secret comes from: inline, a file, or a systemd credential.
+fn secret_source(a: &crate::config::AuthSettings) -> Result<SecretSource, crate::config::Problem> {
+    use crate::config::Problem;
+    Ok(
+        match (
+            &a.client_secret,
+            &a.client_secret_file,
+            &a.client_secret_credential,
+        ) {
+            (Some(s), _, _) if !s.is_empty() => SecretSource::Inline(s.clone()),
+            (_, Some(path), _) => SecretSource::File(path.clone()),
+            (_, _, Some(name)) => {
+                let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| Problem {
+                key: "auth.client_secret_credential",
+                message: format!(
+                    "is '{name}' but $CREDENTIALS_DIRECTORY is not set; add LoadCredential={name}:/path/to/secret to the unit"
+                ),
+            })?;
+                SecretSource::File(PathBuf::from(dir).join(name))
+            }
+            _ => {
+                return Err(Problem {
+                    key: "auth.client_secret",
+                    message: "no client secret configured".into(),
+                });
+            }
+        },
+    )
+}
+
 /// Seconds in a lifetime field: a number (or a number in a string, as the v1 endpoint and
 /// managed identity send it). Negative is zero; fractions are dropped; too large saturates.
 fn seconds_of(value: &serde_json::Value, what: &str) -> Result<u64, AuthError> {
@@ -357,77 +355,14 @@ fn clamped_lifetime(secs: u64) -> Duration {
 }
 
 fn parse_token_answer(status: u16, body: &str) -> Result<AccessToken, AuthError> {
-    #[derive(Deserialize)]
-    struct Granted {
-        access_token: String,
-        #[serde(default)]
-        expires_in: Option<serde_json::Value>,
-        /// Managed identity answers carry the expiry as epoch seconds (sometimes only that).
-        #[serde(default)]
-        expires_on: Option<serde_json::Value>,
-        #[serde(default)]
-        token_type: Option<String>,
+    if (200..300).contains(&status) {
+        return parse_granted(body);
     }
     #[derive(Deserialize)]
     struct Refusal {
         error: String,
         #[serde(default)]
         error_description: Option<String>,
-    }
-    if (200..300).contains(&status) {
-        let granted: Granted = serde_json::from_str(body).map_err(|e| {
-            AuthError::Transient(format!(
-                "unreadable token answer ({} bytes): {e}",
-                body.len()
-            ))
-        })?;
-        match &granted.token_type {
-            Some(t) if t.eq_ignore_ascii_case("bearer") => {}
-            Some(t) => {
-                return Err(AuthError::Invalid(format!(
-                    "token_type '{}' is not Bearer",
-                    snippet(t)
-                )));
-            }
-            None => return Err(AuthError::Invalid("no token_type".into())),
-        }
-        let token = granted.access_token;
-        if token.len() > MAX_TOKEN_BYTES {
-            return Err(AuthError::Invalid(format!(
-                "access_token of {} bytes is longer than {MAX_TOKEN_BYTES}",
-                token.len()
-            )));
-        }
-        if !is_b64token(&token) {
-            return Err(AuthError::Invalid(
-                "access_token is empty or holds characters a bearer token cannot have".into(),
-            ));
-        }
-        let secs = match (granted.expires_in, granted.expires_on) {
-            (Some(l), _) => seconds_of(&l, "expires_in")?,
-            (None, Some(on)) => {
-                let at = seconds_of(&on, "expires_on")?;
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_secs();
-                at.saturating_sub(now)
-            }
-            (None, None) => {
-                return Err(AuthError::Invalid(
-                    "token answer has neither expires_in nor expires_on".into(),
-                ));
-            }
-        };
-        let lifetime = clamped_lifetime(secs);
-        let now = Instant::now();
-        return Ok(AccessToken {
-            secret: Secret::new(token),
-            // Within a day of now cannot overflow; should it, the token is taken as expiring
-            // in a second rather than never.
-            expires_at: now.checked_add(lifetime).unwrap_or(now),
-            lifetime,
-        });
     }
     let refusal = serde_json::from_str::<Refusal>(body).ok();
     match (status, refusal) {
@@ -449,6 +384,82 @@ fn parse_token_answer(status: u16, body: &str) -> Result<AccessToken, AuthError>
                     }
                 })
         ))),
+    }
+}
+
+/// A 2xx token answer: data to check, not trust. The token becomes a header, so its
+/// length and characters are checked; its lifetime is clamped.
+fn parse_granted(body: &str) -> Result<AccessToken, AuthError> {
+    #[derive(Deserialize)]
+    struct Granted {
+        access_token: String,
+        #[serde(default)]
+        expires_in: Option<serde_json::Value>,
+        /// Managed identity answers carry the expiry as epoch seconds (sometimes only that).
+        #[serde(default)]
+        expires_on: Option<serde_json::Value>,
+        #[serde(default)]
+        token_type: Option<String>,
+    }
+    let granted: Granted = serde_json::from_str(body).map_err(|e| {
+        AuthError::Transient(format!(
+            "unreadable token answer ({} bytes): {e}",
+            body.len()
+        ))
+    })?;
+    match &granted.token_type {
+        Some(t) if t.eq_ignore_ascii_case("bearer") => {}
+        Some(t) => {
+            return Err(AuthError::Invalid(format!(
+                "token_type '{}' is not Bearer",
+                snippet(t)
+            )));
+        }
+        None => return Err(AuthError::Invalid("no token_type".into())),
+    }
+    let token = granted.access_token;
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(AuthError::Invalid(format!(
+            "access_token of {} bytes is longer than {MAX_TOKEN_BYTES}",
+            token.len()
+        )));
+    }
+    if !is_b64token(&token) {
+        return Err(AuthError::Invalid(
+            "access_token is empty or holds characters a bearer token cannot have".into(),
+        ));
+    }
+    let secs = granted_seconds(granted.expires_in, granted.expires_on)?;
+    let lifetime = clamped_lifetime(secs);
+    let now = Instant::now();
+    Ok(AccessToken {
+        secret: Secret::new(token),
+        // Within a day of now cannot overflow; should it, the token is taken as expiring
+        // in a second rather than never.
+        expires_at: now.checked_add(lifetime).unwrap_or(now),
+        lifetime,
+    })
+}
+
+/// The seconds a token answer grants: `expires_in`, or `expires_on` (epoch seconds) less
+/// now.
+fn granted_seconds(
+    expires_in: Option<serde_json::Value>,
+    expires_on: Option<serde_json::Value>,
+) -> Result<u64, AuthError> {
+    match (expires_in, expires_on) {
+        (Some(l), _) => seconds_of(&l, "expires_in"),
+        (None, Some(on)) => {
+            let at = seconds_of(&on, "expires_on")?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            Ok(at.saturating_sub(now))
+        }
+        (None, None) => Err(AuthError::Invalid(
+            "token answer has neither expires_in nor expires_on".into(),
+        )),
     }
 }
 

@@ -116,6 +116,18 @@ async fn list(
         );
         return Ok(ExitCode::SUCCESS);
     }
+    write_destinations(&mut out, &destinations, &counts);
+    let _ = writeln!(out);
+    write_deliveries(&mut out, &deliveries);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The destinations' table: counts by state and each one's standing.
+fn write_destinations(
+    out: &mut impl Write,
+    destinations: &[crate::store::DestinationRow],
+    counts: &[crate::store::DeliveryCounts],
+) {
     let _ = writeln!(
         out,
         "{:<20} {:<10} {:>8} {:>8} {:>10} {:>6}  {:<24}  STANDING",
@@ -163,13 +175,16 @@ async fn list(
             "(no destinations: add [[notify]] to the configuration)"
         );
     }
-    let _ = writeln!(out);
+}
+
+/// The deliveries' table, newest first.
+fn write_deliveries(out: &mut impl Write, deliveries: &[crate::store::DeliveryRow]) {
     let _ = writeln!(
         out,
         "{:<30} {:<12} {:<30} {:<36} {:>4} {:<9} {:>3}  LAST",
         "EVENT", "DESTINATION", "TYPE", "ACTION", "SEQ", "STATE", "TRY"
     );
-    for d in &deliveries {
+    for d in deliveries {
         let last = match (&d.last_error, &d.next_attempt_at, d.state.as_str()) {
             (Some(e), Some(next), "pending") => format!("{e}; next at {next}"),
             (Some(e), _, _) => e.clone(),
@@ -191,7 +206,6 @@ async fn list(
             d.attempts,
         );
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 async fn replay(

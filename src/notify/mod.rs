@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{NotifyKind, Problem, Settings};
-use crate::domain::HostPattern;
+use crate::domain::{DeliveryState, HostPattern};
 use crate::metrics::Metrics;
 use crate::outbound::{Cap, Outbound, Policy, SendFailure};
 use crate::secret::Secret;
@@ -631,73 +631,7 @@ impl Sender {
             gone_callbacks: Vec::new(),
         };
         for (delivery, answer) in answers {
-            let attempts = usize::try_from(delivery.attempts).unwrap_or(0) + 1;
-            let action = delivery.action_id.as_deref().unwrap_or("-");
-            let (state, next, outcome) = match &answer {
-                Answer::Delivered(_) => {
-                    out.any_success = true;
-                    ("delivered", None, "delivered")
-                }
-                Answer::Refused { error, .. } => {
-                    out.any_failure = true;
-                    warn!(
-                        destination = name,
-                        event_id = delivery.event_id.as_str(),
-                        action_id = action,
-                        answer = error.as_str(),
-                        "notification refused by the receiver; the event is dead"
-                    );
-                    ("dead", None, "dead")
-                }
-                Answer::Gone { error } => {
-                    out.any_failure = true;
-                    if d.disable_after.is_some() {
-                        out.disable = Some(format!("the receiver answered {error} (gone)"));
-                        // Kept pending: it goes out if the destination is enabled again.
-                        ("pending", Some(now), "gone")
-                    } else {
-                        out.gone_callbacks
-                            .push((action.to_string(), format!("callback answered {error}")));
-                        ("dead", None, "gone")
-                    }
-                }
-                Answer::Retry {
-                    error, retry_after, ..
-                } => {
-                    out.any_failure = true;
-                    let wait = match retry_after {
-                        Some(r) => {
-                            out.pause = Some(out.pause.unwrap_or_default().max(*r));
-                            Some(*r)
-                        }
-                        None => retry_wait(&d.waits, attempts),
-                    };
-                    match wait.filter(|_| attempts <= d.waits.len()) {
-                        Some(w) => {
-                            tracing::debug!(
-                                destination = name,
-                                event_id = delivery.event_id.as_str(),
-                                attempts,
-                                retry_in_ms = w.as_millis() as u64,
-                                answer = error.as_str(),
-                                "notification failed; will retry"
-                            );
-                            ("pending", Some(now + w), "retry")
-                        }
-                        None => {
-                            warn!(
-                                destination = name,
-                                event_id = delivery.event_id.as_str(),
-                                action_id = action,
-                                attempts,
-                                answer = error.as_str(),
-                                "notification failed on its last attempt; the event is dead"
-                            );
-                            ("dead", None, "dead")
-                        }
-                    }
-                }
-            };
+            let (state, next, outcome) = self.verdict(&mut out, &delivery, &answer, now);
             self.metrics.count_delivery(name, outcome);
             let error = match &answer {
                 Answer::Delivered(_) => None,
@@ -711,26 +645,125 @@ impl Sender {
                 error,
             ));
         }
-        if out.disable.is_none()
-            && out.any_failure
-            && !out.any_success
-            && let Some(limit) = d.disable_after
-            && let Some(since) = self
-                .store
-                .destination(name)
-                .await?
-                .and_then(|s| s.failing_since)
-                .as_deref()
-                .and_then(crate::domain::parse_time)
-            && now.duration_since(since).unwrap_or_default() >= limit
-        {
-            out.disable = Some(format!(
-                "failing without a success since {} (notify.disable_after {})",
-                crate::domain::format_time(since),
-                crate::domain::format_duration(limit)
-            ));
+        if out.disable.is_none() && out.any_failure && !out.any_success {
+            out.disable = self.failing_too_long(now).await?;
         }
         Ok(out)
+    }
+
+    /// What becomes of one delivery after `answer`: its state, its next attempt and the
+    /// outcome counted; what it means for the whole destination goes to `out`.
+    fn verdict(
+        &self,
+        out: &mut Outcome,
+        delivery: &DueDelivery,
+        answer: &Answer,
+        now: SystemTime,
+    ) -> (DeliveryState, Option<SystemTime>, &'static str) {
+        let d = &*self.destination;
+        let action = delivery.action_id.as_deref().unwrap_or("-");
+        match answer {
+            Answer::Delivered(_) => {
+                out.any_success = true;
+                (DeliveryState::Delivered, None, "delivered")
+            }
+            Answer::Refused { error, .. } => {
+                out.any_failure = true;
+                warn!(
+                    destination = d.name.as_str(),
+                    event_id = delivery.event_id.as_str(),
+                    action_id = action,
+                    answer = error.as_str(),
+                    "notification refused by the receiver; the event is dead"
+                );
+                (DeliveryState::Dead, None, "dead")
+            }
+            Answer::Gone { error } => {
+                out.any_failure = true;
+                if d.disable_after.is_some() {
+                    out.disable = Some(format!("the receiver answered {error} (gone)"));
+                    // Kept pending: it goes out if the destination is enabled again.
+                    (DeliveryState::Pending, Some(now), "gone")
+                } else {
+                    out.gone_callbacks
+                        .push((action.to_string(), format!("callback answered {error}")));
+                    (DeliveryState::Dead, None, "gone")
+                }
+            }
+            Answer::Retry {
+                error, retry_after, ..
+            } => {
+                out.any_failure = true;
+                if let Some(r) = retry_after {
+                    out.pause = Some(out.pause.unwrap_or_default().max(*r));
+                }
+                self.retry_verdict(delivery, error, *retry_after, now)
+            }
+        }
+    }
+
+    /// A delivery that may be tried again: when, or dead after its last attempt.
+    fn retry_verdict(
+        &self,
+        delivery: &DueDelivery,
+        error: &str,
+        retry_after: Option<Duration>,
+        now: SystemTime,
+    ) -> (DeliveryState, Option<SystemTime>, &'static str) {
+        let d = &*self.destination;
+        let attempts = usize::try_from(delivery.attempts).unwrap_or(0) + 1;
+        let wait = retry_after.or_else(|| retry_wait(&d.waits, attempts));
+        match wait.filter(|_| attempts <= d.waits.len()) {
+            Some(w) => {
+                tracing::debug!(
+                    destination = d.name.as_str(),
+                    event_id = delivery.event_id.as_str(),
+                    attempts,
+                    retry_in_ms = w.as_millis() as u64,
+                    answer = error,
+                    "notification failed; will retry"
+                );
+                (DeliveryState::Pending, Some(now + w), "retry")
+            }
+            None => {
+                warn!(
+                    destination = d.name.as_str(),
+                    event_id = delivery.event_id.as_str(),
+                    action_id = delivery.action_id.as_deref().unwrap_or("-"),
+                    attempts,
+                    answer = error,
+                    "notification failed on its last attempt; the event is dead"
+                );
+                (DeliveryState::Dead, None, "dead")
+            }
+        }
+    }
+
+    /// Why the destination is to be disabled: failing without a success for longer than
+    /// `notify.disable_after`; `None` while it is not.
+    async fn failing_too_long(
+        &self,
+        now: SystemTime,
+    ) -> Result<Option<String>, crate::store::StoreError> {
+        let Some(limit) = self.destination.disable_after else {
+            return Ok(None);
+        };
+        let since = self
+            .store
+            .destination(&self.destination.name)
+            .await?
+            .and_then(|s| s.failing_since)
+            .as_deref()
+            .and_then(crate::domain::parse_time);
+        Ok(since
+            .filter(|since| now.duration_since(*since).unwrap_or_default() >= limit)
+            .map(|since| {
+                format!(
+                    "failing without a success since {} (notify.disable_after {})",
+                    crate::domain::format_time(since),
+                    crate::domain::format_duration(limit)
+                )
+            }))
     }
 }
 

@@ -23,6 +23,7 @@
 mod call;
 mod outcome;
 mod pass;
+mod stall;
 mod sweep;
 
 use std::sync::Arc;
@@ -41,6 +42,8 @@ use crate::config::{DiscoverMode, PollSettings};
 use crate::mde::{MdeClient, MdeError};
 use crate::schedule::PollPolicy;
 use crate::store::{PollWrite, Store, StoreError};
+use call::CallGate;
+use stall::StallWatch;
 use sweep::SweepState;
 
 /// Longest idle sleep: ids enqueued by another process are noticed within this.
@@ -71,24 +74,18 @@ struct CheckWindow {
 pub struct Poller {
     store: Store,
     client: MdeClient,
-    tokens: Arc<TokenProvider>,
-    budget: Arc<RateBudget>,
+    gate: CallGate,
     settings: PollSettings,
     policy: PollPolicy,
     list_supported: AtomicBool,
     wake: Notify,
     metrics: Arc<Metrics>,
-    /// Milliseconds since `started` at the loop's last sign of progress.
-    heartbeat: AtomicU64,
-    started: tokio::time::Instant,
-    stall_limit: Duration,
+    stall: Arc<StallWatch>,
     sweep: std::sync::Mutex<SweepState>,
     /// The shortest delay a pass may schedule (ms): what the budget can pay for checking
     /// every action by id; 0 while sweeps do the checking.
     floor_ms: AtomicU64,
     check_window: std::sync::Mutex<CheckWindow>,
-    /// Whether a 404 that was not the API's has been logged at error level.
-    not_api_logged: AtomicBool,
     /// Both clocks as of the last step, to notice the wall clock stepping back.
     clocks: std::sync::Mutex<(tokio::time::Instant, SystemTime)>,
     /// Bumped after a write that queued notification deliveries: wakes the senders.
@@ -148,26 +145,30 @@ impl Poller {
         let stall_limit = settings
             .stall_after
             .unwrap_or(api_timeout + crate::store::BUSY_TIMEOUT + STALL_MARGIN);
+        let stall = Arc::new(StallWatch::new(stall_limit));
+        let gate = CallGate::new(
+            store.clone(),
+            tokens,
+            budget,
+            metrics.clone(),
+            stall.clone(),
+        );
         Self {
             store,
             client,
-            tokens,
-            budget,
+            gate,
             list_supported: AtomicBool::new(settings.batch_size > 1),
             settings,
             policy,
             wake: Notify::new(),
             metrics,
-            heartbeat: AtomicU64::new(0),
-            started: tokio::time::Instant::now(),
-            stall_limit,
+            stall,
             sweep: std::sync::Mutex::new(SweepState::default()),
             floor_ms: AtomicU64::new(0),
             check_window: std::sync::Mutex::new(CheckWindow {
                 started: tokio::time::Instant::now(),
                 checks: 0,
             }),
-            not_api_logged: AtomicBool::new(false),
             clocks: std::sync::Mutex::new((tokio::time::Instant::now(), SystemTime::now())),
             outbox: tokio::sync::watch::Sender::new(0),
         }
@@ -186,32 +187,26 @@ impl Poller {
         &self.metrics
     }
 
-    fn beat(&self) {
-        let ms = self.started.elapsed().as_millis() as u64;
-        self.heartbeat.store(ms, Ordering::Relaxed);
-    }
-
     /// How long since the loop last showed progress.
     pub fn since_progress(&self) -> Duration {
-        let last = Duration::from_millis(self.heartbeat.load(Ordering::Relaxed));
-        self.started.elapsed().saturating_sub(last)
+        self.stall.since_progress()
     }
 
     pub fn stall_limit(&self) -> Duration {
-        self.stall_limit
+        self.stall.limit()
     }
 
     /// True while the loop shows progress within the longest legitimate wait.
     pub fn is_alive(&self) -> bool {
-        self.since_progress() < self.stall_limit
+        self.stall.is_alive()
     }
 
     pub fn budget(&self) -> &RateBudget {
-        &self.budget
+        &self.gate.budget
     }
 
     pub fn tokens(&self) -> &TokenProvider {
-        &self.tokens
+        &self.gate.tokens
     }
 
     /// Wakes an idle loop at once (for ids enqueued in this process).
@@ -222,7 +217,7 @@ impl Poller {
     /// Runs sweeps until `cancel` fires. Calls in flight then finish and are written; no new
     /// call starts.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
-        self.beat();
+        self.stall.beat();
         let mut panics_in_a_row = 0u32;
         while !cancel.is_cancelled() {
             let result = {
@@ -238,7 +233,7 @@ impl Poller {
             // A step that could not write shows no progress: while the database refuses
             // writes, /healthz fails after the stall limit and a supervisor may restart us.
             if !matches!(result, Err(Halt::Store(_))) {
-                self.beat();
+                self.stall.beat();
                 if self.metrics.set_blocker(Blocker::DatabaseWrites, None) {
                     info!("database writes work again; polling resumes");
                 }
@@ -354,7 +349,7 @@ impl Poller {
             // Readiness must not be blind while idle: keep a token at hand (one request per
             // token lifetime), so an unreadable secret or a revoked app shows in /readyz
             // before the first id arrives, not after.
-            if let Err(e) = self.tokens.token().await
+            if let Err(e) = self.gate.tokens.token().await
                 && e.wait().is_none()
             {
                 warn!(error = %e, "cannot get an access token while idle; polls will wait for one");
@@ -366,7 +361,7 @@ impl Poller {
             // Checking every action by id costs active/batch calls a round; when the budget
             // cannot pay for a round every max_interval, every action waits longer alike.
             let round = u32::try_from(active.div_ceil(batch)).unwrap_or(u32::MAX);
-            let floor = self.budget.sustainable_interval(round, 1.0);
+            let floor = self.gate.budget.sustainable_interval(round, 1.0);
             self.floor_ms
                 .store(floor.as_millis() as u64, Ordering::Relaxed);
             self.metrics.set_sweep_interval(None);

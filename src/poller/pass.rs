@@ -11,7 +11,7 @@ use tracing::{error, warn};
 
 use crate::domain::ActionId;
 use crate::mde::MdeError;
-use crate::store::{DueAction, Endpoint, PollResult};
+use crate::store::{DueAction, Endpoint, PollResult, PollWrite};
 
 use super::{CallError, Covered, Halt, INTAKE_CHECK, Poller};
 
@@ -125,64 +125,24 @@ impl Poller {
     ) -> Result<(), Halt> {
         let mut writes = Vec::with_capacity(chunk.len());
         let mut halt = None;
-        let singles: Vec<&DueAction> = if chunk.len() > 1
-            && self.list_supported.load(Ordering::Relaxed)
-        {
-            let ids: Vec<ActionId> = chunk.iter().map(|a| a.id.clone()).collect();
-            let result = self
-                .call(Endpoint::List, ids.len(), None, cancel, |token| {
-                    let ids = ids.clone();
-                    async move { self.client.list_actions(&token, &ids).await }
-                })
-                .await;
-            match result {
-                Ok(mut answer) => {
-                    for problem in &answer.unreadable {
-                        warn!(problem, "skipped an unreadable action in a list answer");
-                    }
-                    let mut missing = Vec::new();
-                    for a in &chunk {
-                        match answer.actions.remove(&a.id) {
-                            Some(found) => writes.push(self.observed(a, found, covered)),
-                            // Absent from a list answer is not proof of a 404.
-                            None => missing.push(a),
-                        }
-                    }
-                    missing
-                }
-                Err(CallError::Api(
-                    e @ (MdeError::FilterRejected(_) | MdeError::FilterIgnored(_)),
-                )) => {
-                    if self.list_supported.swap(false, Ordering::Relaxed) {
-                        warn!(
-                            error = %e,
-                            "MDE does not support the id list filter; polling with one GET per action from now on"
-                        );
-                    }
-                    chunk.iter().collect()
-                }
-                Err(e) => match self.halt_or_error(e) {
-                    Ok(message) => {
-                        for a in &chunk {
-                            writes.push(self.failed(a, &message, covered));
-                        }
-                        Vec::new()
-                    }
+        let singles: Vec<&DueAction> =
+            if chunk.len() > 1 && self.list_supported.load(Ordering::Relaxed) {
+                match self.list_chunk(&chunk, covered, cancel, &mut writes).await {
+                    Ok(singles) => singles,
                     Err(h) => {
                         halt = Some(h);
                         Vec::new()
                     }
-                },
-            }
-        } else {
-            chunk.iter().collect()
-        };
-
+                }
+            } else {
+                chunk.iter().collect()
+            };
         for a in singles {
             if halt.is_some() {
                 break;
             }
             let result = self
+                .gate
                 .call(Endpoint::Get, 1, None, cancel, |token| {
                     let id = a.id.clone();
                     async move { self.client.get_action(&token, &id).await }
@@ -191,13 +151,12 @@ impl Poller {
             match result {
                 Ok(found) => writes.push(self.observed(a, found, covered)),
                 Err(CallError::Api(MdeError::NotFound)) => writes.push(self.unknown(a, covered)),
-                Err(e) => match self.halt_or_error(e) {
+                Err(e) => match self.gate.halt_or_error(e) {
                     Ok(message) => writes.push(self.failed(a, &message, covered)),
                     Err(h) => halt = Some(h),
                 },
             }
         }
-
         let checked = writes
             .iter()
             .filter(|w| matches!(w.result, PollResult::Observed(_)))
@@ -207,9 +166,55 @@ impl Poller {
         self.metrics
             .checks
             .fetch_add(checked as u64, Ordering::Relaxed);
-        match halt {
-            Some(h) => Err(h),
-            None => Ok(()),
+        halt.map_or(Ok(()), Err)
+    }
+
+    /// One list call for the whole chunk, its findings pushed to `writes`. Returns the
+    /// actions left for a GET each: those the answer did not list (absent from a list
+    /// answer is not proof of a 404), or all of them when MDE ignores the id filter.
+    async fn list_chunk<'c>(
+        &self,
+        chunk: &'c [DueAction],
+        covered: Option<Duration>,
+        cancel: &CancellationToken,
+        writes: &mut Vec<PollWrite>,
+    ) -> Result<Vec<&'c DueAction>, Halt> {
+        let ids: Vec<ActionId> = chunk.iter().map(|a| a.id.clone()).collect();
+        let result = self
+            .gate
+            .call(Endpoint::List, ids.len(), None, cancel, |token| {
+                let ids = ids.clone();
+                async move { self.client.list_actions(&token, &ids).await }
+            })
+            .await;
+        match result {
+            Ok(mut answer) => {
+                for problem in &answer.unreadable {
+                    warn!(problem, "skipped an unreadable action in a list answer");
+                }
+                let mut missing = Vec::new();
+                for a in chunk {
+                    match answer.actions.remove(&a.id) {
+                        Some(found) => writes.push(self.observed(a, found, covered)),
+                        None => missing.push(a),
+                    }
+                }
+                Ok(missing)
+            }
+            Err(CallError::Api(e @ (MdeError::FilterRejected(_) | MdeError::FilterIgnored(_)))) => {
+                if self.list_supported.swap(false, Ordering::Relaxed) {
+                    warn!(
+                        error = %e,
+                        "MDE does not support the id list filter; polling with one GET per action from now on"
+                    );
+                }
+                Ok(chunk.iter().collect())
+            }
+            Err(e) => {
+                let message = self.gate.halt_or_error(e)?;
+                writes.extend(chunk.iter().map(|a| self.failed(a, &message, covered)));
+                Ok(Vec::new())
+            }
         }
     }
 }

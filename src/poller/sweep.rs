@@ -1,7 +1,7 @@
 //! Sweeps: planning which listing to use and how often, and paging through the tenant
 //! with it, checking every tracked action found (one transaction per page).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
@@ -72,7 +72,86 @@ pub(super) struct SweepPlan {
     pub(super) interval: Duration,
 }
 
+impl SweepState {
+    /// What a complete sweep teaches: the rate of change since the sweep before it started
+    /// (`gap` ago), and what its listing costs (`cost` calls, the fetches of what it did
+    /// not list included).
+    pub(super) fn learn(
+        &mut self,
+        plan: &SweepPlan,
+        cost: u32,
+        changed: u64,
+        gap: Option<Duration>,
+    ) {
+        if let Some(gap) = gap {
+            let sample = changed as f64 / gap.as_secs_f64().max(1e-3);
+            self.change_rate = Some(match self.change_rate {
+                Some(rate) => (rate + sample) / 2.0,
+                None => sample,
+            });
+        }
+        match &plan.since {
+            Some(since) => {
+                self.window_cost = Some((since.clone(), cost));
+                self.window_sweeps_since_status += 1;
+                if self.window_sweeps_since_status >= REMEASURE_AFTER {
+                    self.unfinished_cost = None;
+                }
+            }
+            None => {
+                self.unfinished_cost = Some(cost);
+                self.window_sweeps_since_status = 0;
+            }
+        }
+    }
+}
+
 impl Poller {
+    /// What every listed action is compared with, read once (an index, not the rows): a
+    /// page then costs what parsing it costs, and only what changed is written. Actions
+    /// that would come due before `due_by` get a later safety net when listed, so that no
+    /// pass fetches them by id.
+    async fn load_index(&self, due_by: SystemTime) -> Result<SweepIndex, Halt> {
+        let loading = tokio::time::Instant::now();
+        let mut tracked = std::mem::take(&mut self.sweep_state().spare_index);
+        self.store
+            .fill_sweep_index(&mut tracked, due_by)
+            .await
+            .map_err(Halt::Store)?;
+        debug!(
+            tracked = tracked.len(),
+            due_soon = tracked.values().filter(|t| t.due_soon).count(),
+            ms = loading.elapsed().as_millis() as u64,
+            "sweep index loaded"
+        );
+        Ok(SweepIndex { tracked })
+    }
+
+    /// Makes the tracked actions a complete sweep did not list due, for a pass to fetch.
+    async fn mark_unlisted(&self, sweep: &SweepIndex, record: &mut SweepRecord) {
+        let marking = tokio::time::Instant::now();
+        let unseen: Vec<ActionId> = sweep
+            .tracked
+            .iter()
+            .filter(|(_, t)| !t.seen && !t.not_found)
+            .map(|(key, _)| ActionId::from_key(*key))
+            .collect();
+        match self.store.make_due(&unseen, SystemTime::now()).await {
+            Ok(_) => {
+                let missing = unseen.len() as u64;
+                debug!(
+                    missing,
+                    ms = marking.elapsed().as_millis() as u64,
+                    "marked the unlisted actions due"
+                );
+                record.missing = missing;
+                record.outcome = "complete";
+                self.sweep_state().pass_owed = missing > 0;
+            }
+            Err(e) => warn!(error = %e, "cannot mark the actions the sweep did not list"),
+        }
+    }
+
     pub(super) fn sweep_state(&self) -> std::sync::MutexGuard<'_, SweepState> {
         self.sweep.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -184,7 +263,7 @@ impl Poller {
             cost,
             seen.max(young),
             self.settings.sweep_interval,
-            self.budget.sustainable_interval(cost, SWEEP_SHARE),
+            self.gate.budget.sustainable_interval(cost, SWEEP_SHARE),
         ))
     }
 
@@ -287,48 +366,12 @@ impl Poller {
             outcome: "failed",
             ..SweepRecord::default()
         };
-        // What every listed action is compared with, read once (an index, not the rows):
-        // a page then costs what parsing it costs, and only what changed is written.
-        let loading = tokio::time::Instant::now();
-        let mut tracked = std::mem::take(&mut self.sweep_state().spare_index);
-        // Actions that would come due before the next sweep get a later safety net when
-        // listed, so that no pass fetches them by id.
-        self.store
-            .fill_sweep_index(&mut tracked, started_at + plan.interval * 2)
-            .await
-            .map_err(Halt::Store)?;
-        let mut sweep = SweepIndex { tracked };
-        debug!(
-            tracked = sweep.tracked.len(),
-            due_soon = sweep.tracked.values().filter(|t| t.due_soon).count(),
-            ms = loading.elapsed().as_millis() as u64,
-            "sweep index loaded"
-        );
+        let mut sweep = self.load_index(started_at + plan.interval * 2).await?;
         let result = self
             .list_tenant(plan, sweep_id, &mut record, &mut sweep, cancel)
             .await;
         if matches!(result, Ok(Listing::Complete)) {
-            let marking = tokio::time::Instant::now();
-            let unseen: Vec<ActionId> = sweep
-                .tracked
-                .iter()
-                .filter(|(_, t)| !t.seen && !t.not_found)
-                .map(|(key, _)| ActionId::from_key(*key))
-                .collect();
-            match self.store.make_due(&unseen, SystemTime::now()).await {
-                Ok(_) => {
-                    let missing = unseen.len() as u64;
-                    debug!(
-                        missing,
-                        ms = marking.elapsed().as_millis() as u64,
-                        "marked the unlisted actions due"
-                    );
-                    record.missing = missing;
-                    record.outcome = "complete";
-                    self.sweep_state().pass_owed = missing > 0;
-                }
-                Err(e) => warn!(error = %e, "cannot mark the actions the sweep did not list"),
-            }
+            self.mark_unlisted(&sweep, &mut record).await;
             if self.discovering() && plan.filter == SweepFilter::CreatedSince {
                 self.discovery_listed(started_at, &record).await?;
             }
@@ -338,30 +381,9 @@ impl Poller {
                 u32::try_from(record.missing.div_ceil(u64::from(self.effective_batch())))
                     .unwrap_or(u32::MAX)
             };
-            let cost = record.pages.max(1) + fetches;
-            let mut st = self.sweep_state();
-            // The changes this sweep found happened since the one before started.
-            if let Some(previous) = previous {
-                let gap = started.duration_since(previous).as_secs_f64().max(1e-3);
-                let sample = record.changed as f64 / gap;
-                st.change_rate = Some(match st.change_rate {
-                    Some(rate) => (rate + sample) / 2.0,
-                    None => sample,
-                });
-            }
-            match &plan.since {
-                Some(since) => {
-                    st.window_cost = Some((since.clone(), cost));
-                    st.window_sweeps_since_status += 1;
-                    if st.window_sweeps_since_status >= REMEASURE_AFTER {
-                        st.unfinished_cost = None;
-                    }
-                }
-                None => {
-                    st.unfinished_cost = Some(cost);
-                    st.window_sweeps_since_status = 0;
-                }
-            }
+            let gap = previous.map(|p| started.duration_since(p));
+            self.sweep_state()
+                .learn(plan, record.pages.max(1) + fetches, record.changed, gap);
         }
         if let Ok(Listing::Refused) = result {
             record.outcome = "rejected";
@@ -414,6 +436,7 @@ impl Poller {
         loop {
             let asked = tokio::time::Instant::now();
             let page = self
+                .gate
                 .call(Endpoint::List, 0, Some(sweep_id), cancel, |token| {
                     let since = since.clone();
                     let buffer = std::mem::take(&mut self.sweep_state().spare_buffer);
@@ -437,7 +460,7 @@ impl Poller {
                     return Ok(Listing::Refused);
                 }
                 Err(e) => {
-                    let problem = self.halt_or_error(e)?;
+                    let problem = self.gate.halt_or_error(e)?;
                     debug!(
                         filter = plan.filter.as_str(),
                         problem, "a sweep stopped early"
@@ -445,7 +468,7 @@ impl Poller {
                     return Ok(Listing::Failed);
                 }
             };
-            self.beat();
+            self.stall.beat();
             record.pages += 1;
             record.listed += page.entries as u64;
             for problem in &page.unreadable {
@@ -485,78 +508,91 @@ impl Poller {
         record: &mut SweepRecord,
         sweep: &mut SweepIndex,
     ) -> Result<usize, Halt> {
-        let mut write: Vec<&Listed> = Vec::new();
-        let mut lost: Vec<&Listed> = Vec::new();
-        let mut strangers: Vec<&Listed> = Vec::new();
-        for l in &page.listed {
-            match sweep.tracked.get_mut(&l.key) {
-                // A page shifted by new actions can list one twice.
-                Some(t) if t.seen => {}
-                Some(t) if t.not_found => {
-                    t.seen = true;
-                    lost.push(l);
-                }
-                Some(t) => {
-                    t.seen = true;
-                    record.checked += 1;
-                    let changed = t.status.as_ref() != Some(&l.status);
-                    record.changed += u64::from(changed);
-                    if changed || t.due_soon {
-                        write.push(l);
-                    }
-                }
-                None => strangers.push(l),
-            }
-        }
+        let PageSort {
+            mut write,
+            lost,
+            strangers,
+        } = sort_page(page, sweep, record);
         if !lost.is_empty() {
             let ids: Vec<ActionId> = lost.iter().map(|l| l.id()).collect();
             let revived = self.revive(&ids).await?;
             record.checked += revived.len() as u64;
             write.extend(lost.iter().filter(|l| revived.contains(&l.key)));
         }
-        let mut fresh = std::collections::HashSet::new();
-        if self.discovering() && !strangers.is_empty() {
-            let ids: Vec<ActionId> = strangers.iter().map(|l| l.id()).collect();
-            let unknown: std::collections::HashSet<u128> = self
-                .store
-                .unknown_among(&ids)
-                .await
-                .map_err(Halt::Store)?
-                .iter()
-                .map(ActionId::key)
-                .collect();
-            let wanted: Vec<&Listed> = strangers
-                .iter()
-                .copied()
-                .filter(|l| unknown.contains(&l.key))
-                .filter(|l| page.action(l).is_ok_and(|a| self.wanted(&a)))
-                .collect();
-            let ids: Vec<ActionId> = wanted.iter().map(|l| l.id()).collect();
-            let new = self
-                .store
-                .discover_among(&ids, SystemTime::now())
-                .await
-                .map_err(Halt::Store)?;
-            record.discovered += new.len() as u64;
-            self.metrics
-                .discovered
-                .fetch_add(new.len() as u64, Ordering::Relaxed);
-            fresh.extend(new.iter().map(|a| a.id.key()));
-            for l in wanted.iter().filter(|l| fresh.contains(&l.key)) {
-                sweep.tracked.insert(
-                    l.key,
-                    crate::store::Tracked {
-                        status: None,
-                        not_found: false,
-                        seen: true,
-                        due_soon: false,
-                    },
-                );
-                record.checked += 1;
-                write.push(l);
-            }
-        }
+        let fresh = if self.discovering() && !strangers.is_empty() {
+            self.adopt(page, &strangers, sweep, record, &mut write)
+                .await?
+        } else {
+            HashSet::new()
+        };
         let backfill = self.sweep_state().backfill && plan.filter == SweepFilter::CreatedSince;
+        let history = |l: &Listed| backfill && fresh.contains(&l.key);
+        let written = self.write_page(plan, page, &write, history).await?;
+        if backfill {
+            self.report_backfill(record);
+        }
+        Ok(written)
+    }
+
+    /// Starts tracking the `strangers` of a page that discovery wants and the store did
+    /// not know; they join `write` and the index. Returns their keys.
+    async fn adopt<'p>(
+        &self,
+        page: &'p ListPage,
+        strangers: &[&'p Listed],
+        sweep: &mut SweepIndex,
+        record: &mut SweepRecord,
+        write: &mut Vec<&'p Listed>,
+    ) -> Result<HashSet<u128>, Halt> {
+        let ids: Vec<ActionId> = strangers.iter().map(|l| l.id()).collect();
+        let unknown: HashSet<u128> = self
+            .store
+            .unknown_among(&ids)
+            .await
+            .map_err(Halt::Store)?
+            .iter()
+            .map(ActionId::key)
+            .collect();
+        let wanted: Vec<&Listed> = strangers
+            .iter()
+            .copied()
+            .filter(|l| unknown.contains(&l.key))
+            .filter(|l| page.action(l).is_ok_and(|a| self.wanted(&a)))
+            .collect();
+        let ids: Vec<ActionId> = wanted.iter().map(|l| l.id()).collect();
+        let new = self
+            .store
+            .discover_among(&ids, SystemTime::now())
+            .await
+            .map_err(Halt::Store)?;
+        record.discovered += new.len() as u64;
+        self.metrics
+            .discovered
+            .fetch_add(new.len() as u64, Ordering::Relaxed);
+        let fresh: HashSet<u128> = new.iter().map(|a| a.id.key()).collect();
+        for l in wanted.iter().filter(|l| fresh.contains(&l.key)) {
+            let seen = crate::store::Tracked {
+                status: None,
+                not_found: false,
+                seen: true,
+                due_soon: false,
+            };
+            sweep.tracked.insert(l.key, seen);
+            record.checked += 1;
+            write.push(l);
+        }
+        Ok(fresh)
+    }
+
+    /// Writes what a page says of the actions in `write`, `history` telling those whose
+    /// transitions are history (no notifications). Returns the actions written.
+    async fn write_page(
+        &self,
+        plan: &SweepPlan,
+        page: &ListPage,
+        write: &[&Listed],
+        history: impl Fn(&Listed) -> bool,
+    ) -> Result<usize, Halt> {
         let mut written = 0;
         // One transaction for the page, one statement batch per chunk: chunks bound what
         // is held at once (the first sweep of 100,000 new actions writes every one, each
@@ -564,61 +600,18 @@ impl Poller {
         let mut batch: Option<crate::store::PollBatch> = None;
         let mut writing = Duration::ZERO;
         for chunk in write.chunks(WRITE_CHUNK) {
-            let ids: Vec<ActionId> = chunk.iter().map(|l| l.id()).collect();
-            let rows: HashMap<u128, DueAction> = self
-                .store
-                .active_among(&ids)
-                .await
-                .map_err(Halt::Store)?
-                .into_iter()
-                .map(|a| (a.id.key(), a))
-                .collect();
-            let mut news = Vec::with_capacity(chunk.len());
-            let mut history = Vec::new();
-            for l in chunk {
-                let Some(row) = rows.get(&l.key) else {
-                    continue;
-                };
-                // Listed as it was last written: only the schedule moves, and neither the
-                // answer's parse nor its copy through SQLite is paid for.
-                if row.status.as_deref() == Some(l.status.as_str())
-                    && !l.status.is_terminal()
-                    && page.unchanged_since(l, row.updated_at.as_deref())
-                {
-                    news.push(PollWrite {
-                        id: row.id.clone(),
-                        result: PollResult::Unchanged,
-                        next: self.next_step(row, Some(plan.interval)),
-                    });
-                    continue;
-                }
-                let found = match page.action(l) {
-                    Ok(found) => found,
-                    Err(problem) => {
-                        warn!(problem, "skipped an unreadable action in a sweep page");
-                        continue;
-                    }
-                };
-                let w = self.observed(row, found, Some(plan.interval));
-                // Only what the backfill found is history; a change of an action someone
-                // enqueued is news even now.
-                if backfill && fresh.contains(&l.key) {
-                    history.push(w);
-                } else {
-                    news.push(w);
-                }
-            }
-            if news.is_empty() && history.is_empty() {
+            let (news, old) = self.page_writes(plan, page, chunk, &history).await?;
+            if news.is_empty() && old.is_empty() {
                 continue;
             }
-            written += news.len() + history.len();
+            written += news.len() + old.len();
             let started = tokio::time::Instant::now();
             let now = SystemTime::now();
             let b = match &mut batch {
                 Some(b) => b,
                 None => batch.insert(self.store.begin_polls().await.map_err(Halt::Store)?),
             };
-            b.record(&history, now, false).await.map_err(Halt::Store)?;
+            b.record(&old, now, false).await.map_err(Halt::Store)?;
             b.record(&news, now, true).await.map_err(Halt::Store)?;
             writing += started.elapsed();
         }
@@ -627,28 +620,81 @@ impl Poller {
             let summary = b.commit().await.map_err(Halt::Store)?;
             self.committed(summary, writing + started.elapsed());
         }
-        if backfill {
-            let progress = format!(
-                "discovery backfill: {} actions listed, {} recorded so far",
-                record.listed, record.discovered
-            );
-            info!(
-                page = record.pages,
-                listed = record.listed,
-                discovered = record.discovered,
-                "discovery backfill page"
-            );
-            self.metrics.set_backfill(Some(progress));
-        }
         Ok(written)
+    }
+
+    /// The writes for one chunk of a page: (news, history).
+    async fn page_writes(
+        &self,
+        plan: &SweepPlan,
+        page: &ListPage,
+        chunk: &[&Listed],
+        history: impl Fn(&Listed) -> bool,
+    ) -> Result<(Vec<PollWrite>, Vec<PollWrite>), Halt> {
+        let ids: Vec<ActionId> = chunk.iter().map(|l| l.id()).collect();
+        let rows: HashMap<u128, DueAction> = self
+            .store
+            .active_among(&ids)
+            .await
+            .map_err(Halt::Store)?
+            .into_iter()
+            .map(|a| (a.id.key(), a))
+            .collect();
+        let mut news = Vec::with_capacity(chunk.len());
+        let mut old = Vec::new();
+        for l in chunk {
+            let Some(row) = rows.get(&l.key) else {
+                continue;
+            };
+            // Listed as it was last written: only the schedule moves, and neither the
+            // answer's parse nor its copy through SQLite is paid for.
+            if row.status.as_deref() == Some(l.status.as_str())
+                && !l.status.is_terminal()
+                && page.unchanged_since(l, row.updated_at.as_deref())
+            {
+                news.push(PollWrite {
+                    id: row.id.clone(),
+                    result: PollResult::Unchanged,
+                    next: self.next_step(row, Some(plan.interval)),
+                });
+                continue;
+            }
+            let found = match page.action(l) {
+                Ok(found) => found,
+                Err(problem) => {
+                    warn!(problem, "skipped an unreadable action in a sweep page");
+                    continue;
+                }
+            };
+            let w = self.observed(row, found, Some(plan.interval));
+            // Only what the backfill found is history; a change of an action someone
+            // enqueued is news even now.
+            if history(l) {
+                old.push(w);
+            } else {
+                news.push(w);
+            }
+        }
+        Ok((news, old))
+    }
+
+    fn report_backfill(&self, record: &SweepRecord) {
+        let progress = format!(
+            "discovery backfill: {} actions listed, {} recorded so far",
+            record.listed, record.discovered
+        );
+        info!(
+            page = record.pages,
+            listed = record.listed,
+            discovered = record.discovered,
+            "discovery backfill page"
+        );
+        self.metrics.set_backfill(Some(progress));
     }
 
     /// Brings back actions that had ended `not_found` and are listed after all; returns
     /// the keys of those revived.
-    pub(super) async fn revive(
-        &self,
-        ids: &[ActionId],
-    ) -> Result<std::collections::HashSet<u128>, Halt> {
+    pub(super) async fn revive(&self, ids: &[ActionId]) -> Result<HashSet<u128>, Halt> {
         let revived = self
             .store
             .revive_among(ids, SystemTime::now())
@@ -667,6 +713,48 @@ impl Poller {
 /// A sweep's view of the tracked actions (`Store::sweep_index`), marked as pages list them.
 pub(super) struct SweepIndex {
     tracked: HashMap<u128, crate::store::Tracked>,
+}
+
+/// A page's entries by what checking them takes.
+#[derive(Debug, Default)]
+pub(super) struct PageSort<'p> {
+    /// Tracked and changed, or due soon: written.
+    pub(super) write: Vec<&'p Listed>,
+    /// Ended `not_found` and listed after all: revived, then written.
+    pub(super) lost: Vec<&'p Listed>,
+    /// Not tracked: discovery may adopt them.
+    pub(super) strangers: Vec<&'p Listed>,
+}
+
+/// Sorts a page's entries against the sweep's index, marking them seen and counting the
+/// checked and the changed in `record`. An entry listed twice (a page shifted by new
+/// actions) counts once.
+pub(super) fn sort_page<'p>(
+    page: &'p ListPage,
+    sweep: &mut SweepIndex,
+    record: &mut SweepRecord,
+) -> PageSort<'p> {
+    let mut sort = PageSort::default();
+    for l in &page.listed {
+        match sweep.tracked.get_mut(&l.key) {
+            Some(t) if t.seen => {}
+            Some(t) if t.not_found => {
+                t.seen = true;
+                sort.lost.push(l);
+            }
+            Some(t) => {
+                t.seen = true;
+                record.checked += 1;
+                let changed = t.status.as_ref() != Some(&l.status);
+                record.changed += u64::from(changed);
+                if changed || t.due_soon {
+                    sort.write.push(l);
+                }
+            }
+            None => sort.strangers.push(l),
+        }
+    }
+    sort
 }
 
 /// Reads of the young actions' expected changes per `young_for` at most (once a second
@@ -729,6 +817,97 @@ pub(super) fn choose_filter(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::ActionStatus;
+    use crate::store::Tracked;
+
+    const A: &str = "a0000000-0000-0000-0000-000000000001";
+    const B: &str = "b0000000-0000-0000-0000-000000000002";
+    const C: &str = "c0000000-0000-0000-0000-000000000003";
+    const D: &str = "d0000000-0000-0000-0000-000000000004";
+    const E: &str = "e0000000-0000-0000-0000-000000000005";
+
+    fn key(id: &str) -> u128 {
+        ActionId::parse(id).unwrap().key()
+    }
+
+    fn tracked(status: &str, not_found: bool, due_soon: bool) -> Tracked {
+        Tracked {
+            status: Some(ActionStatus::parse(status)),
+            not_found,
+            seen: false,
+            due_soon,
+        }
+    }
+
+    #[test]
+    fn a_page_sorts_into_changed_lost_and_strangers_counting_each_once() {
+        let entries: Vec<String> = [
+            (A, "InProgress"),
+            (B, "Succeeded"),
+            (C, "Pending"),
+            (D, "Pending"),
+            (E, "Pending"),
+            (B, "Succeeded"),
+        ]
+        .iter()
+        .map(|(id, st)| format!(r#"{{"id": "{id}", "status": "{st}"}}"#))
+        .collect();
+        let body = format!(r#"{{"value": [{}]}}"#, entries.join(","));
+        let page = ListPage::parse(body, None).unwrap();
+        let mut sweep = SweepIndex {
+            tracked: HashMap::from([
+                (key(A), tracked("InProgress", false, false)),
+                (key(B), tracked("InProgress", false, false)),
+                (key(C), tracked("Pending", false, true)),
+                (key(D), tracked("Pending", true, false)),
+            ]),
+        };
+        let mut record = SweepRecord::default();
+        let sort = sort_page(&page, &mut sweep, &mut record);
+        let keys = |v: &[&Listed]| v.iter().map(|l| l.key).collect::<Vec<_>>();
+        // B changed, C is due soon; A is unchanged and not written.
+        assert_eq!(keys(&sort.write), vec![key(B), key(C)]);
+        assert_eq!(keys(&sort.lost), vec![key(D)]);
+        assert_eq!(keys(&sort.strangers), vec![key(E)]);
+        // B listed twice is checked once; D is checked once revived, E once adopted.
+        assert_eq!((record.checked, record.changed), (3, 1));
+        assert!(sweep.tracked.values().all(|t| t.seen));
+    }
+
+    #[test]
+    fn a_complete_sweep_teaches_its_cost_and_the_rate_of_change() {
+        let window = SweepPlan {
+            filter: SweepFilter::CreatedSince,
+            since: Some("2026-12-01T00:00:00.000Z".into()),
+            cost: 3,
+            interval: Duration::from_secs(60),
+        };
+        let status = SweepPlan {
+            filter: SweepFilter::StatusIn,
+            since: None,
+            ..window.clone()
+        };
+        let mut st = SweepState::default();
+        // The first sweep has no sweep before it: no rate yet.
+        st.learn(&status, 7, 10, None);
+        assert_eq!((st.unfinished_cost, st.change_rate), (Some(7), None));
+        // 20 changes in 10 s: 2/s; then 0 in 10 s halves the average.
+        st.learn(&window, 4, 20, Some(Duration::from_secs(10)));
+        assert_eq!(st.change_rate, Some(2.0));
+        assert_eq!(st.window_cost, Some((window.since.clone().unwrap(), 4)));
+        st.learn(&window, 4, 0, Some(Duration::from_secs(10)));
+        assert_eq!(st.change_rate, Some(1.0));
+        // The status listing is measured again after REMEASURE_AFTER window sweeps.
+        for _ in 2..REMEASURE_AFTER {
+            st.learn(&window, 4, 0, None);
+        }
+        assert_eq!(st.unfinished_cost, None);
+        st.learn(&status, 9, 0, None);
+        assert_eq!(
+            (st.unfinished_cost, st.window_sweeps_since_status),
+            (Some(9), 0)
+        );
+    }
 
     #[test]
     fn cadence_follows_the_square_root_of_the_rate_within_its_bounds() {

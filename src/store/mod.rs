@@ -22,7 +22,7 @@ use sqlx::{FromRow, Row};
 
 use crate::domain::ACTION_FIELDS;
 pub use crate::domain::{ActionFields, Endpoint, Observation};
-use crate::domain::{ActionId, Tracking, format_time, parse_time};
+use crate::domain::{ActionId, ActionStatus, Tracking, format_time, parse_time};
 pub use outbox::{
     CALLBACK, DeliveryCounts, DeliveryResult, DeliveryRow, DestinationRow, DueDelivery,
     NotifyRequest, ReplaySelection, Route,
@@ -661,6 +661,12 @@ fn read_time(s: &str) -> Result<SystemTime> {
     parse_time(s).ok_or_else(|| StoreError::Corrupt(format!("unreadable time '{s}'")))
 }
 
+/// An SQL list of the text values of one of our enums (never of input): `('a', 'b')`.
+pub(crate) fn sql_list<'a>(values: impl IntoIterator<Item = &'a str>) -> String {
+    let quoted: Vec<String> = values.into_iter().map(|v| format!("'{v}'")).collect();
+    format!("({})", quoted.join(", "))
+}
+
 /// The statements of one sweep page (and of every poll batch), public so a test can check
 /// their query plans: each looks listed ids up by key.
 pub const ACTIVE_AMONG: &str =
@@ -671,15 +677,23 @@ pub const ACTIVE_AMONG: &str =
 /// records, and the last (status, id) read as `status || char(31) || id`. ?1 tracking,
 /// ?2 and ?3 the (status, id) the chunk starts after, ?4 the chunk's size. Actions never
 /// observed (status NULL, first in the index) are read by `SWEEP_INDEX_UNOBSERVED`.
-pub const SWEEP_INDEX: &str = "SELECT coalesce(group_concat(record, ''), ''),
+pub static SWEEP_INDEX: LazyLock<String> = LazyLock::new(|| {
+    // A status's code is its place in `ActionStatus::KNOWN`, from 1 (`read_index_records`
+    // reads it back the same way); 9 is a status this version does not know.
+    let codes: String = ActionStatus::KNOWN
+        .iter()
+        .enumerate()
+        .map(|(i, s)| format!("WHEN status = '{s}' THEN {} ", i + 1))
+        .collect();
+    format!(
+        "SELECT coalesce(group_concat(record, ''), ''),
       max(status || char(31) || action_id)
     FROM (SELECT action_id, status, action_id || (tracking = 'not_found') || CASE
-            WHEN status = 'Pending' THEN 1 WHEN status = 'InProgress' THEN 2
-            WHEN status = 'Succeeded' THEN 3 WHEN status = 'Failed' THEN 4
-            WHEN status = 'TimeOut' THEN 5 WHEN status = 'Cancelled' THEN 6 ELSE 9 END
-            AS record
+            {codes}ELSE 9 END AS record
           FROM actions WHERE tracking = ?1 AND (status, action_id) > (?2, ?3)
-          ORDER BY tracking, status, action_id LIMIT ?4)";
+          ORDER BY tracking, status, action_id LIMIT ?4)"
+    )
+});
 pub const SWEEP_INDEX_UNOBSERVED: &str = "SELECT coalesce(group_concat(record, ''), ''),
       max(char(31) || action_id)
     FROM (SELECT action_id, action_id || (tracking = 'not_found') || 0 AS record

@@ -3,15 +3,16 @@
 //! the operators' commands read and reset. Routing happens here, in SQL, against the
 //! `notify_destinations` rows the daemon writes at start; the store knows nothing of HTTP.
 
+use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use sqlx::FromRow;
 
-use crate::domain::{ACTION_FIELDS, format_time};
+use crate::domain::{ACTION_FIELDS, ActionStatus, DeliveryState, format_time};
 
 use super::reads::{age_seconds_sql, type_allowed_sql};
-use super::{Result, Store, json_array, read_time};
+use super::{Result, Store, json_array, read_time, sql_list};
 
 /// One configured destination, as the daemon writes it at start for routing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,8 +63,7 @@ pub struct DueDelivery {
 #[derive(Debug, Clone, Serialize)]
 pub struct DeliveryResult {
     pub event: i64,
-    /// `pending` (to retry at `next_attempt_at`), `delivered` or `dead`.
-    pub state: &'static str,
+    pub state: DeliveryState,
     pub next_attempt_at: Option<String>,
     pub status: Option<u16>,
     pub error: Option<String>,
@@ -72,7 +72,7 @@ pub struct DeliveryResult {
 impl DeliveryResult {
     pub fn new(
         event: i64,
-        state: &'static str,
+        state: DeliveryState,
         next: Option<SystemTime>,
         status: Option<u16>,
         error: Option<String>,
@@ -137,8 +137,9 @@ pub enum ReplaySelection {
     Since(SystemTime),
 }
 
-/// The statuses after which MDE changes nothing (domain::ActionStatus::TERMINAL).
-const TERMINAL_SQL: &str = "('Succeeded', 'Failed', 'TimeOut', 'Cancelled')";
+/// The statuses after which MDE changes nothing, as an SQL list.
+static TERMINAL_SQL: LazyLock<String> =
+    LazyLock::new(|| sql_list(ActionStatus::TERMINAL.iter().map(ActionStatus::as_str)));
 
 /// Free text kept in an event is cut here, so an envelope stays well under 20 KB.
 const TEXT_CAP: &str = "2000";
@@ -173,10 +174,14 @@ const ANY_RECEIVER: &str = "(EXISTS (SELECT 1 FROM notify_destinations
         WHERE configured AND disabled_at IS NULL)
      OR EXISTS (SELECT 1 FROM action_callbacks c WHERE c.action_id = a.action_id))";
 
+/// The statement that writes a transition's events; built once.
+static TRANSITION_EVENTS: LazyLock<String> = LazyLock::new(transition_events_sql);
+
 fn transition_events_sql() -> String {
+    let terminal = TERMINAL_SQL.as_str();
     let data = event_data(&format!(
         "'status', t.to_status, 'fromStatus', t.from_status,
-         'terminal', json(CASE WHEN t.to_status IN {TERMINAL_SQL} THEN 'true' ELSE 'false' END),
+         'terminal', json(CASE WHEN t.to_status IN {terminal} THEN 'true' ELSE 'false' END),
          'lastUpdateDateTimeUtc', t.mde_updated_at,
          'seq', f.seq, 'observedAt', t.observed_at"
     ));
@@ -239,14 +244,15 @@ pub(super) async fn queue_transition_events(
     if transition_ids.is_empty() {
         return Ok(0);
     }
-    let events: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(transition_events_sql()))
+    let events: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(TRANSITION_EVENTS.as_str()))
         .bind(json_array(transition_ids))
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
     let matches = format!(
-        "{} OR (t.to_status IN {TERMINAL_SQL} AND {})",
+        "{} OR (t.to_status IN {} AND {})",
         wants("transition"),
+        TERMINAL_SQL.as_str(),
         wants("terminal")
     );
     route(tx, &events, now, &deliveries_sql("t.to_status", &matches)).await

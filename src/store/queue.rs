@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use tracing::instrument;
 
-use crate::domain::{ActionId, Source, Tracking, format_time};
+use crate::domain::{ActionId, ActionStatus, Source, Tracking, format_time};
 
 use super::{
     ACTIVE_AMONG, CommittedTransition, DueAction, Enqueued, NotifyRequest, PollWrite,
@@ -258,20 +258,18 @@ impl Store {
         out: &mut HashMap<u128, Tracked>,
         due_by: SystemTime,
     ) -> Result<()> {
-        use crate::domain::ActionStatus;
         out.clear();
         let due_by = format_time(due_by);
         // One row of fixed-width records rather than 100,000 rows (each row is a hop from
         // the database thread): the id (36 characters, a CHECK guarantees it), 1 for
         // not_found, and a digit for the status. A status this version does not know is
         // read apart (rare).
-        let corrupt = |what: &str| StoreError::Corrupt(format!("sweep index: {what}"));
         let mut other = Vec::new();
         let parts = [
             (Tracking::Active, SWEEP_INDEX_UNOBSERVED),
-            (Tracking::Active, SWEEP_INDEX),
+            (Tracking::Active, SWEEP_INDEX.as_str()),
             (Tracking::NotFound, SWEEP_INDEX_UNOBSERVED),
-            (Tracking::NotFound, SWEEP_INDEX),
+            (Tracking::NotFound, SWEEP_INDEX.as_str()),
         ];
         for (tracking, sql) in parts {
             // Keyset chunks through the (tracking, status) index, in its order.
@@ -285,60 +283,38 @@ impl Store {
                     .bind(SWEEP_INDEX_CHUNK)
                     .fetch_one(&self.reader)
                     .await?;
-                if !text.is_ascii() || text.len() % SWEEP_RECORD != 0 {
-                    return Err(corrupt("records of the wrong width"));
-                }
-                let records = text.len() / SWEEP_RECORD;
-                out.reserve(records);
-                for record in text.as_bytes().chunks(SWEEP_RECORD) {
-                    let id = std::str::from_utf8(&record[..36]).map_err(|_| corrupt("not text"))?;
-                    let key = crate::domain::guid_key(id)
-                        .ok_or_else(|| corrupt(&format!("'{id}' is not an action id")))?;
-                    let status = match record[37] {
-                        b'0' => None,
-                        b'9' => {
-                            other.push(id.to_string());
-                            None
-                        }
-                        d => Some(
-                            ActionStatus::KNOWN
-                                .get(usize::from(d.wrapping_sub(b'1')))
-                                .cloned()
-                                .ok_or_else(|| corrupt("unknown status code"))?,
-                        ),
-                    };
-                    out.insert(
-                        key,
-                        Tracked {
-                            status,
-                            not_found: record[36] == b'1',
-                            seen: false,
-                            due_soon: false,
-                        },
-                    );
-                }
+                let records = read_index_records(&text, out, &mut other)?;
                 match resume_after(last, records == SWEEP_INDEX_CHUNK as usize) {
                     Some(key) => (status, after) = key,
                     None => break,
                 }
             }
         }
-        // The due ones in chunks of the `actions_due` index too: one list of them all was,
-        // at 100,000 just observed, megabytes of text at once (and its copies).
+        self.mark_due_soon(out, &due_by).await?;
+        if !other.is_empty() {
+            self.read_other_statuses(out, &other).await?;
+        }
+        Ok(())
+    }
+
+    /// Marks the index's actions due before `due_by`, reading the `actions_due` index in
+    /// chunks: one list of them all was, at 100,000 just observed, megabytes of text at
+    /// once (and its copies).
+    async fn mark_due_soon(&self, out: &mut HashMap<u128, Tracked>, due_by: &str) -> Result<()> {
         let (mut next, mut after) = (String::new(), String::new());
         loop {
             let (text, last): (String, Option<String>) = sqlx::query_as(SWEEP_DUE)
-                .bind(&due_by)
+                .bind(due_by)
                 .bind(&next)
                 .bind(&after)
                 .bind(SWEEP_INDEX_CHUNK)
                 .fetch_one(&self.reader)
                 .await?;
-            if !text.is_ascii() || text.len() % 36 != 0 {
-                return Err(corrupt("due ids of the wrong width"));
+            if !text.is_ascii() || !text.len().is_multiple_of(36) {
+                return Err(index_corrupt("due ids of the wrong width"));
             }
             for id in text.as_bytes().chunks(36) {
-                let id = std::str::from_utf8(id).map_err(|_| corrupt("not text"))?;
+                let id = std::str::from_utf8(id).map_err(|_| index_corrupt("not text"))?;
                 if let Some(t) = crate::domain::guid_key(id).and_then(|k| out.get_mut(&k)) {
                     t.due_soon = true;
                 }
@@ -348,18 +324,25 @@ impl Store {
                 None => break,
             }
         }
-        if !other.is_empty() {
-            let rows: Vec<(String, String)> = sqlx::query_as(
-                "SELECT action_id, status FROM actions
-                 WHERE action_id IN (SELECT value FROM json_each(?1))",
-            )
-            .bind(json_array(&other))
-            .fetch_all(&self.reader)
-            .await?;
-            for (id, status) in rows {
-                if let Some(t) = crate::domain::guid_key(&id).and_then(|k| out.get_mut(&k)) {
-                    t.status = Some(ActionStatus::parse(&status));
-                }
+        Ok(())
+    }
+
+    /// The statuses this version does not know, read apart for the index (rare).
+    async fn read_other_statuses(
+        &self,
+        out: &mut HashMap<u128, Tracked>,
+        other: &[String],
+    ) -> Result<()> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT action_id, status FROM actions
+             WHERE action_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(json_array(other))
+        .fetch_all(&self.reader)
+        .await?;
+        for (id, status) in rows {
+            if let Some(t) = crate::domain::guid_key(&id).and_then(|k| out.get_mut(&k)) {
+                t.status = Some(ActionStatus::parse(&status));
             }
         }
         Ok(())
@@ -505,4 +488,49 @@ impl PollBatch {
         self.tx.commit().await?;
         Ok(self.summary)
     }
+}
+
+fn index_corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(format!("sweep index: {what}"))
+}
+
+/// Reads one chunk of the sweep index's fixed-width records (`SWEEP_RECORD`: the id, 1 for
+/// not_found, a digit for the status) into `out`; the ids of statuses this version does
+/// not know go to `other`. Returns the records read.
+fn read_index_records(
+    text: &str,
+    out: &mut HashMap<u128, Tracked>,
+    other: &mut Vec<String>,
+) -> Result<usize> {
+    if !text.is_ascii() || !text.len().is_multiple_of(SWEEP_RECORD) {
+        return Err(index_corrupt("records of the wrong width"));
+    }
+    let records = text.len() / SWEEP_RECORD;
+    out.reserve(records);
+    for record in text.as_bytes().chunks(SWEEP_RECORD) {
+        let id = std::str::from_utf8(&record[..36]).map_err(|_| index_corrupt("not text"))?;
+        let key = crate::domain::guid_key(id)
+            .ok_or_else(|| index_corrupt(&format!("'{id}' is not an action id")))?;
+        let status = match record[37] {
+            b'0' => None,
+            b'9' => {
+                other.push(id.to_string());
+                None
+            }
+            d => Some(
+                ActionStatus::KNOWN
+                    .get(usize::from(d.wrapping_sub(b'1')))
+                    .cloned()
+                    .ok_or_else(|| index_corrupt("unknown status code"))?,
+            ),
+        };
+        let tracked = Tracked {
+            status,
+            not_found: record[36] == b'1',
+            seen: false,
+            due_soon: false,
+        };
+        out.insert(key, tracked);
+    }
+    Ok(records)
 }

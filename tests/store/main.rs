@@ -731,7 +731,7 @@ async fn sweep_statements_look_ids_up_by_key() {
     // The index a sweep compares its pages with is read from an index alone, never from
     // the table's rows (about 2 KiB each, with the last answer).
     for sql in [
-        mde_actiond::store::SWEEP_INDEX,
+        mde_actiond::store::SWEEP_INDEX.as_str(),
         mde_actiond::store::SWEEP_INDEX_UNOBSERVED,
     ] {
         let query = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")));
@@ -1000,7 +1000,7 @@ async fn the_outbox_is_written_with_the_transitions_and_keeps_order_per_action()
     // Delivered: the next of that action becomes the head.
     let done = mde_actiond::store::DeliveryResult::new(
         due[first].event,
-        "delivered",
+        mde_actiond::domain::DeliveryState::Delivered,
         None,
         Some(200),
         None,
@@ -1182,4 +1182,50 @@ async fn read_only_at(path: &std::path::Path) -> sqlx::SqlitePool {
     sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", path.display()))
         .await
         .unwrap()
+}
+
+/// The values a CHECK of the migrations allows in `column`, e.g. `CHECK (tracking IN
+/// ('active', 'done'))`.
+fn checked_values(column: &str) -> std::collections::BTreeSet<String> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let needle = format!("CHECK ({column} IN (");
+    let mut found = std::collections::BTreeSet::new();
+    for f in files {
+        let text = std::fs::read_to_string(f).unwrap();
+        for (at, _) in text.match_indices(&needle) {
+            let rest = &text[at + needle.len()..];
+            let list = &rest[..rest.find(')').unwrap()];
+            found.extend(
+                list.split(',')
+                    .map(|v| v.trim().trim_matches('\'').to_string()),
+            );
+        }
+    }
+    assert!(!found.is_empty(), "no CHECK on {column} in the migrations");
+    found
+}
+
+/// What the code writes and what the schema's CHECKs allow are the same lists: a new
+/// tracking state, kind of call or delivery state must reach both.
+#[test]
+fn the_enums_and_the_migrations_checks_agree() {
+    use mde_actiond::domain::{DeliveryState, Endpoint};
+    let set = |v: Vec<&str>| v.into_iter().map(String::from).collect();
+    assert_eq!(
+        checked_values("tracking"),
+        set(Tracking::ALL.iter().map(|t| t.as_str()).collect())
+    );
+    assert_eq!(
+        checked_values("endpoint"),
+        set(Endpoint::ALL.iter().map(|e| e.as_str()).collect())
+    );
+    assert_eq!(
+        checked_values("state"),
+        set(DeliveryState::ALL.iter().map(|s| s.as_str()).collect())
+    );
 }
