@@ -1,13 +1,21 @@
-//! Counters and histograms of the running daemon, rendered in the Prometheus text format.
+//! Counters, gauges and histograms of the running daemon, exposed in the Prometheus text
+//! format (0.0.4) by the Prometheus project's `prometheus-client` crate.
 //!
-//! Hand-rolled: a dozen series do not justify a metrics framework, and atomics keep the hot
-//! path free of locks.
+//! What the code counts lives here (counters, histograms, and the labelled counts whose
+//! label sets we bound ourselves); what is read at scrape time from elsewhere (the
+//! database, the budget, the token cache) comes in a `Snapshot`. `render` puts both in a
+//! registry for that scrape and lets the crate write the text.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
+
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry;
 
 /// Seconds-scale buckets for latencies of database writes, passes and sweeps.
 const FAST_BUCKETS: &[f64] = &[
@@ -18,100 +26,74 @@ const LAG_BUCKETS: &[f64] = &[
     1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0,
 ];
 
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    buckets: Vec<AtomicU64>,
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
+/// A histogram of durations, in seconds.
+#[derive(Debug, Clone)]
+pub struct Histogram(prometheus_client::metrics::histogram::Histogram);
 
 impl Histogram {
     fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
-            sum_micros: AtomicU64::new(0),
-        }
+        Self(prometheus_client::metrics::histogram::Histogram::new(
+            bounds.iter().copied(),
+        ))
     }
 
     pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = self.bounds.iter().position(|b| secs <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(
-            d.as_micros().min(u64::MAX as u128) as u64,
-            Ordering::Relaxed,
-        );
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (bound, n) in self.bounds.iter().zip(&self.buckets) {
-            cumulative += n.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        let count = self.count();
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+        self.0.observe(d.as_secs_f64());
     }
 }
+
+/// Label pairs of one sample.
+type Labels = Vec<(&'static str, String)>;
 
 /// Everything the poll loop counts. Shared by the loop, the HTTP listener and systemd status.
 #[derive(Debug)]
 pub struct Metrics {
     /// Passes over due actions that polled something.
-    pub passes: AtomicU64,
+    pub passes: Counter,
     /// Actions checked (one answer about one tracked action, by id or in a sweep).
-    pub checks: AtomicU64,
+    pub checks: Counter,
     sweeps_by_filter: Mutex<BTreeMap<&'static str, u64>>,
-    pub sweep_pages: AtomicU64,
+    pub sweep_pages: Counter,
     /// Milliseconds; 0 when not measured yet.
     check_interval_ms: AtomicU64,
     /// Milliseconds; 0 while sweeps are not in use.
     sweep_interval_ms: AtomicU64,
     pub pass_seconds: Histogram,
-    pub api_calls: AtomicU64,
-    pub transitions: AtomicU64,
-    pub finished: AtomicU64,
-    pub rate_limited: AtomicU64,
-    pub errors: AtomicU64,
+    pub api_calls: Counter,
+    pub transitions: Counter,
+    pub finished: Counter,
+    pub rate_limited: Counter,
+    pub errors: Counter,
     calls_by_outcome: Mutex<BTreeMap<(&'static str, String), u64>>,
     pub sweep_seconds: Histogram,
     pub detection_lag: Histogram,
     pub db_write_seconds: Histogram,
     last_error: Mutex<Option<(String, SystemTime)>>,
     /// Actions that had ended `not_found` and showed up in a listing later.
-    pub revived: AtomicU64,
+    pub revived: Counter,
     /// Times the wall clock was seen stepping back (next polls were moved back with it).
-    pub clock_steps_back: AtomicU64,
+    pub clock_steps_back: Counter,
     /// 404s that were not the API's (HTML or empty body, or to a list call).
-    pub not_api_answers: AtomicU64,
+    pub not_api_answers: Counter,
     /// Status and type values this version does not know, by field and value.
     unknown_values: Mutex<BTreeMap<(&'static str, String), u64>>,
     /// What keeps the daemon from doing its job right now, by kind, until it clears:
     /// `/readyz` lists these and a gauge shows each.
     blockers: Mutex<BTreeMap<Blocker, String>>,
     /// Actions sweeps started tracking because nobody had enqueued them.
-    pub discovered: AtomicU64,
+    pub discovered: Counter,
     /// While the discovery backfill runs: how far it got, for `systemctl status`.
     backfill: Mutex<Option<String>>,
     /// Notification attempts by destination and outcome (delivered, retry, dead, gone).
     deliveries: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// 3xx answers of the API, never followed.
-    pub redirects_refused: AtomicU64,
+    pub redirects_refused: Counter,
     /// Panics caught, by the task that panicked (one of `PANIC_TASKS`).
     panics: Mutex<BTreeMap<&'static str, u64>>,
 }
+
+/// What `count_delivery` counts.
+pub const DELIVERY_OUTCOMES: [&str; 4] = ["delivered", "retry", "dead", "gone"];
 
 /// The tasks whose panics are caught and counted (`mde_actiond_panics_total{task}`).
 pub const PANIC_TASKS: [&str; 4] = ["poller", "token", "notify", "housekeeping"];
@@ -170,32 +152,32 @@ const UNKNOWN_VALUES_KEPT: usize = 32;
 impl Default for Metrics {
     fn default() -> Self {
         Self {
-            passes: AtomicU64::new(0),
-            checks: AtomicU64::new(0),
+            passes: Counter::default(),
+            checks: Counter::default(),
             sweeps_by_filter: Mutex::new(BTreeMap::new()),
-            sweep_pages: AtomicU64::new(0),
+            sweep_pages: Counter::default(),
             check_interval_ms: AtomicU64::new(0),
             sweep_interval_ms: AtomicU64::new(0),
             pass_seconds: Histogram::new(FAST_BUCKETS),
-            api_calls: AtomicU64::new(0),
-            transitions: AtomicU64::new(0),
-            finished: AtomicU64::new(0),
-            rate_limited: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
+            api_calls: Counter::default(),
+            transitions: Counter::default(),
+            finished: Counter::default(),
+            rate_limited: Counter::default(),
+            errors: Counter::default(),
             calls_by_outcome: Mutex::new(BTreeMap::new()),
             sweep_seconds: Histogram::new(FAST_BUCKETS),
             detection_lag: Histogram::new(LAG_BUCKETS),
             db_write_seconds: Histogram::new(FAST_BUCKETS),
             last_error: Mutex::new(None),
-            revived: AtomicU64::new(0),
-            clock_steps_back: AtomicU64::new(0),
-            not_api_answers: AtomicU64::new(0),
+            revived: Counter::default(),
+            clock_steps_back: Counter::default(),
+            not_api_answers: Counter::default(),
             unknown_values: Mutex::new(BTreeMap::new()),
             blockers: Mutex::new(BTreeMap::new()),
             deliveries: Mutex::new(BTreeMap::new()),
-            discovered: AtomicU64::new(0),
+            discovered: Counter::default(),
             backfill: Mutex::new(None),
-            redirects_refused: AtomicU64::new(0),
+            redirects_refused: Counter::default(),
             panics: Mutex::new(BTreeMap::new()),
         }
     }
@@ -271,8 +253,7 @@ impl Metrics {
             .unwrap_or_else(|p| p.into_inner())
             .entry(filter)
             .or_default() += 1;
-        self.sweep_pages
-            .fetch_add(u64::from(pages), Ordering::Relaxed);
+        self.sweep_pages.inc_by(u64::from(pages));
         self.sweep_seconds.observe(took);
     }
 
@@ -381,373 +362,390 @@ impl Metrics {
         *map.entry((destination.to_string(), outcome)).or_default() += 1;
     }
 
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    /// The exposition for one scrape. (The registry ends each help text with its period.)
+    pub fn render(&self, snap: &Snapshot) -> String {
+        let mut r = Registry::default();
+        self.register_counters(&mut r);
+        self.register_polling(&mut r);
+        register_snapshot(&mut r, snap);
+        self.register_labelled(&mut r, snap);
+        register_notify(&mut r, snap);
+        let deliveries = self.deliveries.lock().unwrap_or_else(|p| p.into_inner());
+        let family = Family::<Labels, Counter>::default();
+        // Each destination's outcomes from the start, at 0: a series that appears only
+        // with its first failure leaves a rate() alert blind to it.
+        for n in &snap.notify {
+            for o in DELIVERY_OUTCOMES {
+                let _ = family.get_or_create(&vec![
+                    ("destination", n.destination.clone()),
+                    ("outcome", o.to_string()),
+                ]);
+            }
+        }
+        for ((d, o), n) in deliveries.iter() {
+            family
+                .get_or_create(&vec![
+                    ("destination", d.clone()),
+                    ("outcome", o.to_string()),
+                ])
+                .inc_by(*n);
+        }
+        r.register(
+            "mde_actiond_notify_deliveries",
+            "Notification attempts by destination and outcome (delivered, retry, dead, gone)",
+            family,
+        );
+        let mut out = String::with_capacity(8192);
+        // Writing into a String cannot fail.
+        let _ = prometheus_text::encode(&mut out, &r);
+        out
     }
 
-    pub fn render(&self, snap: &Snapshot) -> String {
-        let mut out = String::with_capacity(4096);
-        let gauge = |out: &mut String, name: &str, help: &str, value: String| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
-        };
-        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
-        };
-        let _ = writeln!(
-            out,
-            "# HELP mde_actiond_actions Tracked actions by tracking state.\n# TYPE mde_actiond_actions gauge"
-        );
-        // Every known label value is exported, 0 included: a series that vanishes at zero
-        // leaves alerts and dashboards with gaps instead of a 0.
-        for (t, n) in with_known(
-            &snap.by_tracking,
-            crate::domain::Tracking::ALL.iter().map(|t| t.as_str()),
-        ) {
-            let _ = writeln!(
-                out,
-                "mde_actiond_actions{{tracking=\"{}\"}} {n}",
-                escape(&t)
-            );
+    /// The plain counters and the histograms: live, shared with the registry.
+    fn register_counters(&self, r: &mut Registry) {
+        let counters = [
+            (
+                "mde_actiond_rate_limited",
+                "429 answers from MDE",
+                &self.rate_limited,
+            ),
+            (
+                "mde_actiond_redirects_refused",
+                "API answers that were redirects (3xx), never followed",
+                &self.redirects_refused,
+            ),
+            (
+                "mde_actiond_transitions",
+                "Status transitions recorded",
+                &self.transitions,
+            ),
+            (
+                "mde_actiond_finished",
+                "Actions whose tracking ended",
+                &self.finished,
+            ),
+            (
+                "mde_actiond_poll_errors",
+                "Failed polls (each counts for its actions)",
+                &self.errors,
+            ),
+            (
+                "mde_actiond_passes",
+                "Passes over due actions that polled something",
+                &self.passes,
+            ),
+            (
+                "mde_actiond_sweep_pages",
+                "Pages (API calls) of sweeps",
+                &self.sweep_pages,
+            ),
+            (
+                "mde_actiond_checks",
+                "Answers about one tracked action (by id or in a sweep)",
+                &self.checks,
+            ),
+            (
+                "mde_actiond_revived",
+                "Actions that had ended not_found and showed up in a listing later",
+                &self.revived,
+            ),
+            (
+                "mde_actiond_clock_steps_back",
+                "Times the wall clock stepped back by more than 2s; next polls moved back with it",
+                &self.clock_steps_back,
+            ),
+            (
+                "mde_actiond_not_api_answers",
+                "404 answers that did not come from the MDE API (HTML or empty body): check api.base_url",
+                &self.not_api_answers,
+            ),
+            (
+                "mde_actiond_discovered",
+                "Actions sweeps started tracking because nobody had enqueued them (poll.discover)",
+                &self.discovered,
+            ),
+        ];
+        for (name, help, c) in counters {
+            r.register(name, help, c.clone());
         }
-        let _ = writeln!(
-            out,
-            "# HELP mde_actiond_actions_by_status Tracked actions by last MDE status.\n# TYPE mde_actiond_actions_by_status gauge"
-        );
-        for (s, n) in with_known(
-            &snap.by_status,
-            crate::domain::ActionStatus::KNOWN
-                .iter()
-                .map(|s| s.as_str()),
-        ) {
-            let _ = writeln!(
-                out,
-                "mde_actiond_actions_by_status{{status=\"{}\"}} {n}",
-                escape(&s)
-            );
+        self.register_histograms(r);
+    }
+
+    fn register_histograms(&self, r: &mut Registry) {
+        let histograms = [
+            (
+                "mde_actiond_pass_duration_seconds",
+                "Time to poll and record one pass over due actions",
+                &self.pass_seconds,
+            ),
+            (
+                "mde_actiond_sweep_duration_seconds",
+                "Time to list and record one sweep",
+                &self.sweep_seconds,
+            ),
+            (
+                "mde_actiond_detection_lag_seconds",
+                "From MDE's lastUpdateDateTimeUtc to our observation of the change",
+                &self.detection_lag,
+            ),
+            (
+                "mde_actiond_db_write_seconds",
+                "Time to commit one batch of poll results",
+                &self.db_write_seconds,
+            ),
+        ];
+        for (name, help, h) in histograms {
+            r.register(name, help, h.0.clone());
         }
-        let _ = writeln!(
-            out,
-            "# HELP mde_actiond_api_calls_total MDE API calls by endpoint and HTTP status (none: no answer).\n# TYPE mde_actiond_api_calls_total counter"
+    }
+
+    /// What the loop plans and what stands in its way.
+    fn register_polling(&self, r: &mut Registry) {
+        let secs = |ms: &AtomicU64| ConstGauge::new(ms.load(Ordering::Relaxed) as f64 / 1000.0);
+        r.register(
+            "mde_actiond_check_interval_seconds",
+            "Effective time between two checks of one tracked action over the last minute (0: not measured yet)",
+            secs(&self.check_interval_ms),
         );
+        r.register(
+            "mde_actiond_sweep_interval_seconds",
+            "Planned time between sweeps: poll.sweep_interval or longer when the budget is short (0: no sweeps)",
+            secs(&self.sweep_interval_ms),
+        );
+        r.register(
+            "mde_actiond_api_forbidden",
+            "1 while MDE refuses the app (403: a missing application role)",
+            ConstGauge::new(i64::from(self.blocker(Blocker::ApiForbidden).is_some())),
+        );
+        let blocked = Family::<Labels, Gauge>::default();
+        for kind in Blocker::ALL {
+            blocked
+                .get_or_create(&vec![("reason", kind.as_str().to_string())])
+                .set(i64::from(self.blocker(kind).is_some()));
+        }
+        r.register(
+            "mde_actiond_blocked",
+            "1 while this keeps the daemon from working (see /readyz for why)",
+            blocked,
+        );
+    }
+
+    /// The counts kept by label in our own maps (their label sets are bounded here).
+    fn register_labelled(&self, r: &mut Registry, snap: &Snapshot) {
+        let calls = Family::<Labels, Counter>::default();
         for ((endpoint, code), n) in self
             .calls_by_outcome
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            let _ = writeln!(
-                out,
-                "mde_actiond_api_calls_total{{endpoint=\"{endpoint}\",code=\"{code}\"}} {n}"
-            );
+            calls
+                .get_or_create(&vec![
+                    ("endpoint", endpoint.to_string()),
+                    ("code", code.clone()),
+                ])
+                .inc_by(*n);
         }
-        counter(
-            &mut out,
-            "mde_actiond_rate_limited_total",
-            "429 answers from MDE.",
-            Self::get(&self.rate_limited),
+        r.register(
+            "mde_actiond_api_calls",
+            "MDE API calls by endpoint and HTTP status (none: no answer)",
+            calls,
         );
-        let _ = writeln!(
-            out,
-            "# HELP mde_actiond_rate_limit_paused_seconds_total Time all calls were held back by Retry-After.\n# TYPE mde_actiond_rate_limit_paused_seconds_total counter\nmde_actiond_rate_limit_paused_seconds_total {}",
-            snap.paused_seconds_total
-        );
-        gauge(
-            &mut out,
-            "mde_actiond_rate_limit_paused",
-            "1 while a Retry-After is in force.",
-            u8::from(snap.paused_now).to_string(),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP mde_actiond_api_budget_remaining API calls left in the current window.\n# TYPE mde_actiond_api_budget_remaining gauge\nmde_actiond_api_budget_remaining{{window=\"minute\"}} {}\nmde_actiond_api_budget_remaining{{window=\"hour\"}} {}",
-            snap.budget_minute, snap.budget_hour
-        );
-        counter(
-            &mut out,
-            "mde_actiond_token_refreshes_total",
-            "Access tokens obtained.",
-            snap.token_refreshes,
-        );
-        counter(
-            &mut out,
-            "mde_actiond_token_failures_total",
-            "Failed token requests.",
-            snap.token_failures,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP mde_actiond_token_failures_by_cause_total Failed token requests by cause (refused, transient, local, redirected, invalid_answer, panic).\n# TYPE mde_actiond_token_failures_by_cause_total counter"
-        );
-        for (cause, n) in &snap.token_failures_by_cause {
-            let _ = writeln!(
-                out,
-                "mde_actiond_token_failures_by_cause_total{{cause=\"{cause}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP mde_actiond_panics_total Panics caught and contained, by task (the task backs off and goes on).\n# TYPE mde_actiond_panics_total counter"
-        );
+        let panics = Family::<Labels, Counter>::default();
         for task in PANIC_TASKS {
-            let _ = writeln!(
-                out,
-                "mde_actiond_panics_total{{task=\"{task}\"}} {}",
-                self.panics(task)
-                    + if task == "token" {
-                        snap.token_panics
-                    } else {
-                        0
-                    }
-            );
+            let token = if task == "token" {
+                snap.token_panics
+            } else {
+                0
+            };
+            panics
+                .get_or_create(&vec![("task", task.to_string())])
+                .inc_by(self.panics(task) + token);
         }
-        counter(
-            &mut out,
-            "mde_actiond_redirects_refused_total",
-            "API answers that were redirects (3xx), never followed.",
-            Self::get(&self.redirects_refused),
+        r.register(
+            "mde_actiond_panics",
+            "Panics caught and contained, by task (the task backs off and goes on)",
+            panics,
         );
-        counter(
-            &mut out,
-            "mde_actiond_transitions_total",
-            "Status transitions recorded.",
-            Self::get(&self.transitions),
-        );
-        counter(
-            &mut out,
-            "mde_actiond_finished_total",
-            "Actions whose tracking ended.",
-            Self::get(&self.finished),
-        );
-        counter(
-            &mut out,
-            "mde_actiond_poll_errors_total",
-            "Failed polls (each counts for its actions).",
-            Self::get(&self.errors),
-        );
-        counter(
-            &mut out,
-            "mde_actiond_passes_total",
-            "Passes over due actions that polled something.",
-            Self::get(&self.passes),
-        );
-        self.pass_seconds.render(
-            &mut out,
-            "mde_actiond_pass_duration_seconds",
-            "Time to poll and record one pass over due actions.",
-        );
-        let _ = writeln!(
-            out,
-            "# HELP mde_actiond_sweeps_total Tenant-wide listings, by filter form.\n# TYPE mde_actiond_sweeps_total counter"
-        );
+        let sweeps = Family::<Labels, Counter>::default();
         for (filter, n) in self
             .sweeps_by_filter
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            let _ = writeln!(out, "mde_actiond_sweeps_total{{filter=\"{filter}\"}} {n}");
+            sweeps
+                .get_or_create(&vec![("filter", filter.to_string())])
+                .inc_by(*n);
         }
-        counter(
-            &mut out,
-            "mde_actiond_sweep_pages_total",
-            "Pages (API calls) of sweeps.",
-            Self::get(&self.sweep_pages),
+        r.register(
+            "mde_actiond_sweeps",
+            "Tenant-wide listings, by filter form",
+            sweeps,
         );
-        self.sweep_seconds.render(
-            &mut out,
-            "mde_actiond_sweep_duration_seconds",
-            "Time to list and record one sweep.",
-        );
-        counter(
-            &mut out,
-            "mde_actiond_checks_total",
-            "Answers about one tracked action (by id or in a sweep).",
-            Self::get(&self.checks),
-        );
-        let secs = |ms: &AtomicU64| format!("{:.3}", ms.load(Ordering::Relaxed) as f64 / 1000.0);
-        gauge(
-            &mut out,
-            "mde_actiond_check_interval_seconds",
-            "Effective time between two checks of one tracked action over the last minute (0: not measured yet).",
-            secs(&self.check_interval_ms),
-        );
-        gauge(
-            &mut out,
-            "mde_actiond_sweep_interval_seconds",
-            "Planned time between sweeps: poll.sweep_interval or longer when the budget is short (0: no sweeps).",
-            secs(&self.sweep_interval_ms),
-        );
-        self.detection_lag.render(
-            &mut out,
-            "mde_actiond_detection_lag_seconds",
-            "From MDE's lastUpdateDateTimeUtc to our observation of the change.",
-        );
-        self.db_write_seconds.render(
-            &mut out,
-            "mde_actiond_db_write_seconds",
-            "Time to commit one batch of poll results.",
-        );
-        counter(
-            &mut out,
-            "mde_actiond_revived_total",
-            "Actions that had ended not_found and showed up in a listing later.",
-            Self::get(&self.revived),
-        );
-        counter(
-            &mut out,
-            "mde_actiond_clock_steps_back_total",
-            "Times the wall clock stepped back by more than 2s; next polls moved back with it.",
-            Self::get(&self.clock_steps_back),
-        );
-        counter(
-            &mut out,
-            "mde_actiond_not_api_answers_total",
-            "404 answers that did not come from the MDE API (HTML or empty body): check api.base_url.",
-            Self::get(&self.not_api_answers),
-        );
-        gauge(
-            &mut out,
-            "mde_actiond_api_forbidden",
-            "1 while MDE refuses the app (403: a missing application role).",
-            u8::from(self.blocker(Blocker::ApiForbidden).is_some()).to_string(),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP mde_actiond_blocked 1 while this keeps the daemon from working (see /readyz for why).\n# TYPE mde_actiond_blocked gauge"
-        );
-        for kind in Blocker::ALL {
-            let _ = writeln!(
-                out,
-                "mde_actiond_blocked{{reason=\"{}\"}} {}",
-                kind.as_str(),
-                u8::from(self.blocker(kind).is_some())
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP mde_actiond_unknown_values_total Answers carrying a status or type this version does not know (kept verbatim).\n# TYPE mde_actiond_unknown_values_total counter"
-        );
+        let unknown = Family::<Labels, Counter>::default();
         for ((field, value), n) in self
             .unknown_values
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            let _ = writeln!(
-                out,
-                "mde_actiond_unknown_values_total{{field=\"{field}\",value=\"{}\"}} {n}",
-                escape(value)
-            );
+            unknown
+                .get_or_create(&vec![
+                    ("field", field.to_string()),
+                    ("value", value.clone()),
+                ])
+                .inc_by(*n);
         }
-        gauge(
-            &mut out,
-            "mde_actiond_up_seconds",
-            "Seconds since the daemon started.",
-            format!("{:.0}", snap.up_seconds),
-        );
-        gauge(
-            &mut out,
-            "mde_actiond_ready",
-            "1 when /readyz would answer 200 (its database lock probe aside).",
-            u8::from(snap.ready).to_string(),
-        );
-        gauge(
-            &mut out,
-            "mde_actiond_seconds_since_progress",
-            "Seconds since the poll loop last showed progress.",
-            format!("{:.0}", snap.since_progress_seconds),
-        );
-        gauge(
-            &mut out,
-            "mde_actiond_stall_limit_seconds",
-            "poll.stall_after: beyond it /healthz fails and the watchdog is not fed.",
-            format!("{:.0}", snap.stall_limit_seconds),
-        );
-        gauge(
-            &mut out,
-            "mde_actiond_oldest_active_seconds",
-            "Age of the oldest active action since MDE created it (0 when none).",
-            format!("{:.0}", snap.oldest_active_seconds),
-        );
-        gauge(
-            &mut out,
-            "mde_actiond_stuck_actions",
-            "Active actions older than report.stuck_after.",
-            snap.stuck.to_string(),
-        );
-        counter(
-            &mut out,
-            "mde_actiond_discovered_total",
-            "Actions sweeps started tracking because nobody had enqueued them (poll.discover).",
-            Self::get(&self.discovered),
-        );
-        self.render_notify(&mut out, snap);
-        out
-    }
-
-    fn render_notify(&self, out: &mut String, snap: &Snapshot) {
-        let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, value) in rows {
-                let _ = writeln!(out, "{name}{{{labels}}} {value}");
-            }
-        };
-        let label = |d: &str| format!("destination=\"{}\"", escape(d));
-        family(
-            "mde_actiond_notify_pending",
-            "gauge",
-            "Notification deliveries not yet delivered or dead, by destination.",
-            snap.notify
-                .iter()
-                .map(|n| (label(&n.destination), n.pending.to_string()))
-                .collect(),
-        );
-        family(
-            "mde_actiond_notify_oldest_pending_seconds",
-            "gauge",
-            "Age of the oldest pending notification event, by destination (0 when none).",
-            snap.notify
-                .iter()
-                .map(|n| {
-                    (
-                        label(&n.destination),
-                        format!("{:.0}", n.oldest_pending_seconds),
-                    )
-                })
-                .collect(),
-        );
-        family(
-            "mde_actiond_notify_disabled",
-            "gauge",
-            "1 while a destination is disabled (410 Gone, or failing for notify.disable_after).",
-            snap.notify
-                .iter()
-                .map(|n| (label(&n.destination), u8::from(n.disabled).to_string()))
-                .collect(),
-        );
-        let counts = self.deliveries.lock().unwrap_or_else(|p| p.into_inner());
-        family(
-            "mde_actiond_notify_deliveries_total",
-            "counter",
-            "Notification attempts by destination and outcome (delivered, retry, dead, gone).",
-            counts
-                .iter()
-                .map(|((d, o), n)| (format!("{},outcome=\"{o}\"", label(d)), n.to_string()))
-                .collect(),
+        r.register(
+            "mde_actiond_unknown_values",
+            "Answers carrying a status or type this version does not know (kept verbatim)",
+            unknown,
         );
     }
 }
 
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// A family of gauges from (label value, value) pairs.
+fn gauges(
+    label: &'static str,
+    rows: impl IntoIterator<Item = (String, i64)>,
+) -> Family<Labels, Gauge> {
+    let family = Family::<Labels, Gauge>::default();
+    for (v, n) in rows {
+        family.get_or_create(&vec![(label, v)]).set(n);
+    }
+    family
+}
+
+/// Whole seconds, as the gauges of ages and limits have always been shown.
+fn whole_seconds(s: f64) -> ConstGauge {
+    ConstGauge::new(s.round() as i64)
+}
+
+/// What the scrape read from the database, the budget and the token cache.
+fn register_snapshot(r: &mut Registry, snap: &Snapshot) {
+    // Every known label value is exported, 0 included: a series that vanishes at zero
+    // leaves alerts and dashboards with gaps instead of a 0.
+    let tracking = with_known(
+        &snap.by_tracking,
+        crate::domain::Tracking::ALL.iter().map(|t| t.as_str()),
+    );
+    r.register(
+        "mde_actiond_actions",
+        "Tracked actions by tracking state",
+        gauges("tracking", tracking),
+    );
+    let status = with_known(
+        &snap.by_status,
+        crate::domain::ActionStatus::KNOWN
+            .iter()
+            .map(|s| s.as_str()),
+    );
+    r.register(
+        "mde_actiond_actions_by_status",
+        "Tracked actions by last MDE status",
+        gauges("status", status),
+    );
+    r.register(
+        "mde_actiond_rate_limit_paused_seconds",
+        "Time all calls were held back by Retry-After",
+        ConstCounter::new(snap.paused_seconds_total),
+    );
+    r.register(
+        "mde_actiond_rate_limit_paused",
+        "1 while a Retry-After is in force",
+        ConstGauge::new(i64::from(snap.paused_now)),
+    );
+    let budget = [
+        ("minute".to_string(), i64::from(snap.budget_minute)),
+        ("hour".to_string(), i64::from(snap.budget_hour)),
+    ];
+    r.register(
+        "mde_actiond_api_budget_remaining",
+        "API calls left in the current window",
+        gauges("window", budget),
+    );
+    register_tokens(r, snap);
+    r.register(
+        "mde_actiond_up_seconds",
+        "Seconds since the daemon started",
+        whole_seconds(snap.up_seconds),
+    );
+    r.register(
+        "mde_actiond_ready",
+        "1 when /readyz would answer 200 (its database lock probe aside)",
+        ConstGauge::new(i64::from(snap.ready)),
+    );
+    r.register(
+        "mde_actiond_seconds_since_progress",
+        "Seconds since the poll loop last showed progress",
+        whole_seconds(snap.since_progress_seconds),
+    );
+    r.register(
+        "mde_actiond_stall_limit_seconds",
+        "poll.stall_after: beyond it /healthz fails and the watchdog is not fed",
+        whole_seconds(snap.stall_limit_seconds),
+    );
+    r.register(
+        "mde_actiond_oldest_active_seconds",
+        "Age of the oldest active action since MDE created it (0 when none)",
+        whole_seconds(snap.oldest_active_seconds),
+    );
+    r.register(
+        "mde_actiond_stuck_actions",
+        "Active actions older than report.stuck_after",
+        ConstGauge::new(snap.stuck),
+    );
+}
+
+/// The token cache's counts.
+fn register_tokens(r: &mut Registry, snap: &Snapshot) {
+    r.register(
+        "mde_actiond_token_refreshes",
+        "Access tokens obtained",
+        ConstCounter::new(snap.token_refreshes),
+    );
+    r.register(
+        "mde_actiond_token_failures",
+        "Failed token requests",
+        ConstCounter::new(snap.token_failures),
+    );
+    let causes = Family::<Labels, Counter>::default();
+    for (cause, n) in &snap.token_failures_by_cause {
+        causes
+            .get_or_create(&vec![("cause", cause.to_string())])
+            .inc_by(*n);
+    }
+    r.register(
+        "mde_actiond_token_failures_by_cause",
+        "Failed token requests by cause (refused, transient, local, redirected, invalid_answer, panic)",
+        causes,
+    );
+}
+
+/// The destinations' standing, as the scrape read it.
+fn register_notify(r: &mut Registry, snap: &Snapshot) {
+    let per = |f: fn(&NotifySnapshot) -> i64| {
+        gauges(
+            "destination",
+            snap.notify.iter().map(|n| (n.destination.clone(), f(n))),
+        )
+    };
+    r.register(
+        "mde_actiond_notify_pending",
+        "Notification deliveries not yet delivered or dead, by destination",
+        per(|n| n.pending),
+    );
+    r.register(
+        "mde_actiond_notify_oldest_pending_seconds",
+        "Age of the oldest pending notification event, by destination (0 when none)",
+        per(|n| n.oldest_pending_seconds.round() as i64),
+    );
+    r.register(
+        "mde_actiond_notify_disabled",
+        "1 while a destination is disabled (410 Gone, or failing for notify.disable_after)",
+        per(|n| i64::from(n.disabled)),
+    );
 }
 
 #[cfg(test)]

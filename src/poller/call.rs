@@ -62,7 +62,7 @@ impl CallGate {
         match e {
             CallError::Api(MdeError::RateLimited { .. }) => Err(Halt::RateLimited),
             CallError::Api(e) => {
-                self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.errors.inc();
                 self.metrics.set_last_error(&e.to_string());
                 match &e {
                     MdeError::Forbidden(detail) => {
@@ -73,7 +73,7 @@ impl CallGate {
                         );
                     }
                     MdeError::NotApi { .. } => {
-                        self.metrics.not_api_answers.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.not_api_answers.inc();
                         // Every call would say the same: once is enough.
                         if !self.not_api_logged.swap(true, Ordering::Relaxed) {
                             error!(error = %e, "an answer did not come from the MDE API; nothing ends tracking while this lasts");
@@ -85,9 +85,7 @@ impl CallGate {
                         error!(error = %e, "MDE refused the call");
                     }
                     MdeError::Redirected { .. } => {
-                        self.metrics
-                            .redirects_refused
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.metrics.redirects_refused.inc();
                         warn!(error = %e, "redirect refused; will retry with backoff");
                     }
                     _ => warn!(error = %e, "poll failed; will retry with backoff"),
@@ -137,7 +135,7 @@ impl CallGate {
                 }
                 Err(MdeError::RateLimited { .. }) => {
                     let wait = retry_after.unwrap_or(DEFAULT_RETRY_AFTER);
-                    self.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.rate_limited.inc();
                     warn!(
                         retry_after_ms = wait.as_millis() as u64,
                         "MDE rate limit (429); pausing every call"
@@ -181,7 +179,7 @@ impl CallGate {
             .beating(self.budget.wait_while_paused(cancel))
             .await
             .map_err(|_| CallError::Cancelled)?;
-        self.metrics.api_calls.fetch_add(1, Ordering::Relaxed);
+        self.metrics.api_calls.inc();
         let started = tokio::time::Instant::now();
         let result = send(token.clone()).await;
         if let Err(MdeError::RateLimited { retry_after }) = &result {

@@ -317,9 +317,7 @@ impl Poller {
                 .shift_schedule_back(back, wall_now)
                 .await
                 .map_err(Halt::Store)?;
-            self.metrics
-                .clock_steps_back
-                .fetch_add(1, Ordering::Relaxed);
+            self.metrics.clock_steps_back.inc();
             warn!(
                 step_back_s = back.as_secs(),
                 rescheduled = moved,
@@ -410,7 +408,7 @@ impl Poller {
     /// Adds this step's checks to the window and, once a window is full, publishes the
     /// effective check interval: active actions times the window over the checks made.
     fn measure_checks(&self, active: u64) {
-        let checks = self.metrics.checks.load(Ordering::Relaxed);
+        let checks = self.metrics.checks.get();
         let mut w = self.check_window.lock().unwrap_or_else(|e| e.into_inner());
         let elapsed = w.started.elapsed();
         if elapsed < CHECK_WINDOW {
@@ -468,9 +466,7 @@ impl Poller {
         }
         self.metrics
             .transitions
-            .fetch_add(summary.transitions.len() as u64, Ordering::Relaxed);
-        self.metrics
-            .finished
-            .fetch_add(summary.finished.into(), Ordering::Relaxed);
+            .inc_by(summary.transitions.len() as u64);
+        self.metrics.finished.inc_by(summary.finished.into());
     }
 }

@@ -53,7 +53,7 @@ impl Poller {
             }
             Some(_) => {}
         }
-        self.metrics.passes.fetch_add(1, Ordering::Relaxed);
+        self.metrics.passes.inc();
         let pass_started = tokio::time::Instant::now();
         // Only as many calls as the due actions need; nearly-due ones fill the last call.
         let calls = due.div_ceil(batch);
@@ -163,9 +163,7 @@ impl Poller {
             .count();
         // Written even when stopping: these answers were paid for.
         self.write(&writes).await?;
-        self.metrics
-            .checks
-            .fetch_add(checked as u64, Ordering::Relaxed);
+        self.metrics.checks.inc_by(checked as u64);
         halt.map_or(Ok(()), Err)
     }
 

@@ -2,7 +2,6 @@
 //! with it, checking every tracked action found (one transaction per page).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
@@ -478,9 +477,7 @@ impl Poller {
             let writing = tokio::time::Instant::now();
             let checked_before = record.checked;
             let written = self.check_page(plan, &page, record, sweep).await?;
-            self.metrics
-                .checks
-                .fetch_add(record.checked - checked_before, Ordering::Relaxed);
+            self.metrics.checks.inc_by(record.checked - checked_before);
             debug!(
                 page = record.pages,
                 entries = page.entries,
@@ -566,9 +563,7 @@ impl Poller {
             .await
             .map_err(Halt::Store)?;
         record.discovered += new.len() as u64;
-        self.metrics
-            .discovered
-            .fetch_add(new.len() as u64, Ordering::Relaxed);
+        self.metrics.discovered.inc_by(new.len() as u64);
         let fresh: HashSet<u128> = new.iter().map(|a| a.id.key()).collect();
         for l in wanted.iter().filter(|l| fresh.contains(&l.key)) {
             let seen = crate::store::Tracked {
@@ -703,9 +698,7 @@ impl Poller {
         for id in &revived {
             info!(action_id = %id, "revived: MDE lists an action that had ended not_found; tracking it again");
         }
-        self.metrics
-            .revived
-            .fetch_add(revived.len() as u64, Ordering::Relaxed);
+        self.metrics.revived.inc_by(revived.len() as u64);
         Ok(revived.iter().map(ActionId::key).collect())
     }
 }

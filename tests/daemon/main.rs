@@ -263,12 +263,7 @@ async fn a_restarted_daemon_resumes_from_the_database() {
     let first = env.start_daemon().await;
     first.enqueue(&ids).await;
     eventually(LIMIT, "some transitions", || async {
-        first
-            .poller
-            .stats()
-            .transitions
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 10
+        first.poller.stats().transitions.get() >= 10
     })
     .await;
     first.shutdown().await;
@@ -413,11 +408,7 @@ async fn sweeps_page_through_a_shifting_tenant_and_miss_nothing() {
     .await;
     others.extend(env.sim.create_random_actions(15, Duration::from_secs(2)));
     wait_finished(&daemon.store, &ids, LIMIT).await;
-    let metric_checks = daemon
-        .poller
-        .metrics()
-        .checks
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let metric_checks = daemon.poller.metrics().checks.get();
     daemon.shutdown().await;
     env.assert_all_true(&ids).await;
 

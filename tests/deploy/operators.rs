@@ -62,6 +62,24 @@ async fn alerts_and_dashboard_use_only_metrics_the_daemon_exports() {
     let env = TestEnv::new(SimConfig::default()).await;
     let mut settings = env.settings.clone();
     settings.http.listen = Some("127.0.0.1:0".into());
+    // A destination, so that the notification series exist (a family without a sample
+    // is not written).
+    let key = crate::common::receiver::new_secret();
+    let receiver = crate::common::receiver::Receiver::start(&[&key], 1).await;
+    let secret = env.dir.path().join("whsec");
+    std::fs::write(&secret, format!("{key}\n")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    settings.notify = vec![
+        toml::from_str(&format!(
+            "name = \"soar\"\nkind = \"webhook\"\nurl = \"http://{}/\"\nsecret_file = \"{}\"\n",
+            receiver.addr,
+            secret.display()
+        ))
+        .unwrap(),
+    ];
     let daemon = RunningDaemon::start(&settings).await.unwrap();
     let id = env.sim.create_action(Lifecycle::simple(
         Duration::from_millis(100),

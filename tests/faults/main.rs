@@ -138,11 +138,7 @@ async fn a_full_disk_pauses_polling_and_it_resumes_by_itself_losing_nothing() {
             && get(&format!("{base}/healthz")).await.0 == 200
     })
     .await;
-    let told = daemon
-        .poller
-        .metrics()
-        .transitions
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let told = daemon.poller.metrics().transitions.get();
     daemon.shutdown().await;
     env.assert_all_true(&ids).await;
 

@@ -681,11 +681,7 @@ SELECT count(*) FROM transitions;
     let wal = env.db().with_extension("db-wal");
     wait_finished(&daemon.store, &many, LIMIT).await;
     let peak = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
-    let written = daemon
-        .poller
-        .stats()
-        .transitions
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let written = daemon.poller.stats().transitions.get();
     assert!(written >= 2000, "only {written} transitions");
 
     // Same snapshot inside the transaction: no error, no torn read.
