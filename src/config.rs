@@ -97,7 +97,10 @@ impl NotifyKind {
 
     /// Chat messages lose their point after a while: they expire after the 2 h attempt.
     pub fn is_chat(self) -> bool {
-        matches!(self, NotifyKind::Teams | NotifyKind::Slack)
+        match self {
+            NotifyKind::Teams | NotifyKind::Slack => true,
+            NotifyKind::Webhook | NotifyKind::SplunkHec => false,
+        }
     }
 }
 

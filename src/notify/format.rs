@@ -8,19 +8,16 @@ use crate::config::NotifyKind;
 
 /// The body for `kind`, from `envelope` (the stored payload, JSON text).
 pub fn body(kind: NotifyKind, envelope: &str, portal: &str, host: &str) -> Vec<u8> {
-    if kind == NotifyKind::Webhook {
-        return envelope.as_bytes().to_vec();
-    }
+    let render: fn(&Value, &str, &str) -> Value = match kind {
+        NotifyKind::Webhook => return envelope.as_bytes().to_vec(),
+        NotifyKind::Teams => |v, portal, _| teams(v, portal),
+        NotifyKind::Slack => |v, portal, _| slack(v, portal),
+        NotifyKind::SplunkHec => |v, _, host| splunk(v, host),
+    };
     // The envelope was written by our own SQL: it is valid JSON. Should it ever not be,
     // the receiver still gets the text rather than nothing.
     let value: Value = serde_json::from_str(envelope).unwrap_or_else(|_| json!({"data": {}}));
-    let out = match kind {
-        NotifyKind::Teams => teams(&value, portal),
-        NotifyKind::Slack => slack(&value, portal),
-        NotifyKind::SplunkHec => splunk(&value, host),
-        NotifyKind::Webhook => unreachable!("handled above"),
-    };
-    serde_json::to_vec(&out).unwrap_or_default()
+    serde_json::to_vec(&render(&value, portal, host)).unwrap_or_default()
 }
 
 fn text<'a>(data: &'a Value, key: &str) -> Option<&'a str> {

@@ -268,7 +268,7 @@ impl Destination {
     async fn send(&self, url: &str, id: &str, envelope: &str) -> Answer {
         let url = match self.kind {
             NotifyKind::SplunkHec => splunk_endpoint(url),
-            _ => url.to_string(),
+            NotifyKind::Webhook | NotifyKind::Teams | NotifyKind::Slack => url.to_string(),
         };
         let body = format::body(self.kind, envelope, self.portal, &self.host);
         let timestamp = SystemTime::now()
@@ -289,15 +289,16 @@ impl Destination {
                 &keys.sign(id, timestamp, &body),
             );
         }
-        match (&self.token, self.kind) {
-            (Some(t), NotifyKind::SplunkHec) => {
-                req = req.header(
+        if let Some(t) = &self.token {
+            req = match self.kind {
+                NotifyKind::SplunkHec => req.header(
                     reqwest::header::AUTHORIZATION,
                     &format!("Splunk {}", t.expose()),
-                )
-            }
-            (Some(t), _) => req = req.bearer_auth(t.expose()),
-            (None, _) => {}
+                ),
+                NotifyKind::Webhook | NotifyKind::Teams | NotifyKind::Slack => {
+                    req.bearer_auth(t.expose())
+                }
+            };
         }
         let response = match req.body(body).send().await {
             Ok(r) => r,

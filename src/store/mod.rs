@@ -626,7 +626,7 @@ async fn migrate(pool: &SqlitePool, path: &Path) -> Result<()> {
     let mut attempt = 0;
     loop {
         match migrator().run(pool).await {
-            Ok(()) => return Ok(()),
+            Ok(()) => return register_call_kinds(pool).await,
             Err(e) if attempt < 3 => {
                 attempt += 1;
                 tracing::debug!(error = %e, attempt, "migration attempt failed; retrying");
@@ -640,6 +640,18 @@ async fn migrate(pool: &SqlitePool, path: &Path) -> Result<()> {
             }
         }
     }
+}
+
+/// Lists this version's kinds of API call in `api_call_kinds`, which the trigger on
+/// `api_calls` checks: a new kind of call is a variant of `Endpoint`, not a rebuild of the
+/// call log. Kinds an older or newer version wrote stay (their rows name them).
+async fn register_call_kinds(pool: &SqlitePool) -> Result<()> {
+    let names: Vec<&str> = Endpoint::ALL.iter().map(|e| e.as_str()).collect();
+    sqlx::query("INSERT OR IGNORE INTO api_call_kinds (name) SELECT value FROM json_each(?1)")
+        .bind(json_array(&names))
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 fn due_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<DueAction> {

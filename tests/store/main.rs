@@ -332,8 +332,8 @@ async fn schema_matches_the_documented_contract() {
         .await
         .unwrap();
     assert_eq!(
-        minor, "5",
-        "schema 1.5 added actions.source and sweeps.discovered (discovery)"
+        minor, "6",
+        "schema 1.6 moved the kinds of API call to api_call_kinds"
     );
 
     // The transitions table refers to actions.
@@ -1086,7 +1086,7 @@ async fn a_1_3_database_gains_the_outbox_and_keeps_its_rows() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!((minor.as_str(), stuck), ("5", 0));
+    assert_eq!((minor.as_str(), stuck), ("6", 0));
 }
 
 /// New files get 8 KiB pages (a row with its answer fits in one); a file made with 4 KiB
@@ -1210,22 +1210,101 @@ fn checked_values(column: &str) -> std::collections::BTreeSet<String> {
     found
 }
 
-/// What the code writes and what the schema's CHECKs allow are the same lists: a new
-/// tracking state, kind of call or delivery state must reach both.
-#[test]
-fn the_enums_and_the_migrations_checks_agree() {
+/// What the code writes and what the schema allows are the same lists: a new tracking
+/// state or delivery state must reach both (their CHECKs), and the kinds of API call the
+/// trigger on `api_calls` accepts are this version's `Endpoint`s, written at open.
+#[tokio::test]
+async fn the_enums_and_the_schemas_lists_agree() {
     use mde_actiond::domain::{DeliveryState, Endpoint};
-    let set = |v: Vec<&str>| v.into_iter().map(String::from).collect();
+    let set = |v: Vec<&str>| -> std::collections::BTreeSet<String> {
+        v.into_iter().map(String::from).collect()
+    };
     assert_eq!(
         checked_values("tracking"),
         set(Tracking::ALL.iter().map(|t| t.as_str()).collect())
     );
     assert_eq!(
-        checked_values("endpoint"),
-        set(Endpoint::ALL.iter().map(|e| e.as_str()).collect())
-    );
-    assert_eq!(
         checked_values("state"),
         set(DeliveryState::ALL.iter().map(|s| s.as_str()).collect())
     );
+    let (dir, store) = fresh().await;
+    store.close().await;
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}?mode=rw",
+        dir.path().join("t.db").display()
+    ))
+    .await
+    .unwrap();
+    let kinds: Vec<String> = sqlx::query_scalar("SELECT name FROM api_call_kinds")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        kinds.into_iter().collect::<std::collections::BTreeSet<_>>(),
+        set(Endpoint::ALL.iter().map(|e| e.as_str()).collect())
+    );
+    let refused = sqlx::query(
+        "INSERT INTO api_calls (sent_at, endpoint, action_count)
+         VALUES ('2026-12-07T00:00:00.000Z', 'delete', 1)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap_err();
+    assert!(refused.to_string().contains("api_call_kinds"), "{refused}");
+    pool.close().await;
+}
+
+/// A database of schema 1.5 keeps its call log through 1.6's rebuild of `api_calls`: the
+/// rows, their ids, and a budget restored from them.
+#[tokio::test]
+async fn a_1_5_database_keeps_its_call_log_through_the_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("migrations");
+    std::fs::create_dir(&old).unwrap();
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    for f in std::fs::read_dir(&here).unwrap() {
+        let name = f.unwrap().file_name();
+        if name.to_string_lossy().as_ref() < "0007" {
+            std::fs::copy(here.join(&name), old.join(&name)).unwrap();
+        }
+    }
+    let path = dir.path().join("t.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+        .await
+        .unwrap();
+    sqlx::migrate::Migrator::new(old.as_path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    let sent = format_time(SystemTime::now() - Duration::from_secs(60));
+    sqlx::query(
+        "INSERT INTO api_calls (id, sent_at, endpoint, action_count, http_status, outcome,
+                                duration_ms, sweep_id)
+         VALUES (41, ?1, 'list', 0, 200, 'ok', 12, 7)",
+    )
+    .bind(&sent)
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let store = Store::open(&path, OpenMode::ReadWrite).await.unwrap();
+    assert_eq!(
+        store
+            .api_calls_since(SystemTime::now() - Duration::from_secs(3600))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    store.close().await;
+    let pool = read_only_at(&path).await;
+    let row: (i64, String, String, i64, Option<i64>) =
+        sqlx::query_as("SELECT id, sent_at, endpoint, duration_ms, sweep_id FROM api_calls")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(row, (41, sent, "list".to_string(), 12, Some(7)));
+    pool.close().await;
 }
