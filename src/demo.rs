@@ -205,7 +205,7 @@ pub async fn run(db: Option<PathBuf>, args: &DemoArgs) -> Result<ExitCode, DemoE
         let finished = reader
             .action(id)
             .await?
-            .is_some_and(|r| r.tracking == Tracking::Done.as_str());
+            .is_some_and(|r| r.tracking == Tracking::Done);
         match sim.verify_transitions(id, &log, finished) {
             Ok(()) => exact += 1,
             Err(e) => println!("  mismatch: {e}"),

@@ -247,9 +247,13 @@ pub fn is_known_action_type(t: &str) -> bool {
     ACTION_TYPES.contains(&t)
 }
 
-/// Where the daemon stands with an action; the `tracking` column.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+/// Where the daemon stands with an action; the `tracking` column (read as this type:
+/// `sqlx::Type`, the column's text).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, sqlx::Type,
+)]
 #[serde(rename_all = "snake_case")]
+#[sqlx(rename_all = "snake_case")]
 pub enum Tracking {
     /// Still polled.
     Active,
@@ -350,6 +354,13 @@ impl FromStr for Tracking {
                     "unknown tracking state '{s}' (expected active, done, not_found or gave_up)"
                 )
             })
+    }
+}
+
+/// So that a row's state reads against its text (`row.tracking == "done"`).
+impl PartialEq<&str> for Tracking {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
     }
 }
 

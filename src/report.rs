@@ -166,7 +166,7 @@ pub fn action_columns() -> Vec<&'static str> {
 
 /// An action's values in the order of `action_columns`.
 pub fn action_values(r: &ActionRow) -> Vec<String> {
-    let mut values = vec![r.action_id.clone(), r.tracking.clone(), opt(&r.status)];
+    let mut values = vec![r.action_id.clone(), r.tracking.to_string(), opt(&r.status)];
     values.extend(r.fields.cells().iter().map(Cell::to_string));
     values.extend([
         opt(&r.mde_updated_at),
@@ -213,7 +213,7 @@ pub fn transition_values(t: &TransitionExport) -> Vec<String> {
         opt(&tr.mde_updated_at),
     ];
     values.extend(t.action.cells().iter().map(Cell::to_string));
-    values.extend([t.tracking.clone(), opt(&t.current_status)]);
+    values.extend([t.tracking.to_string(), opt(&t.current_status)]);
     values
 }
 
@@ -356,7 +356,7 @@ pub fn action_table(rows: &[ActionRow]) -> Table {
     for r in rows {
         t.row(vec![
             r.action_id.clone(),
-            r.tracking.clone(),
+            r.tracking.to_string(),
             r.status.clone().unwrap_or_else(|| "-".into()),
             r.fields.action_type.clone().unwrap_or_else(|| "-".into()),
             r.fields

@@ -919,9 +919,9 @@ async fn wait(db: &Path, args: &WaitArgs) -> Result<ExitCode, CliError> {
         for id in pending {
             let row = store.action(&id).await?;
             match row {
-                Some(r) if r.tracking != Tracking::Active.as_str() => {
+                Some(r) if r.tracking != Tracking::Active => {
                     let status = r.status.as_deref().unwrap_or("-");
-                    let ok = r.tracking == Tracking::Done.as_str() && status == "Succeeded";
+                    let ok = r.tracking == Tracking::Done && status == "Succeeded";
                     all_succeeded &= ok;
                     let _ = writeln!(out, "{id} {} {status}", r.tracking);
                     let _ = out.flush();

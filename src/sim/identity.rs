@@ -9,7 +9,8 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::http::{Reply, Request};
-use super::{SIM_API_AUDIENCE, SIM_CLIENT_ID, SIM_CLIENT_SECRET, SIM_TENANT, State, aad_error};
+use super::routes::aad_error;
+use super::{SIM_API_AUDIENCE, SIM_CLIENT_ID, SIM_CLIENT_SECRET, SIM_TENANT, State};
 
 pub(super) fn seed_token(seed: u64) -> u64 {
     fastrand::Rng::with_seed(seed ^ 0x5eed).u64(..)

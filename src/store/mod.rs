@@ -310,7 +310,7 @@ pub struct CommittedTransition {
 #[derive(Debug, Clone, FromRow, Serialize)]
 pub struct ActionRow {
     pub action_id: String,
-    pub tracking: String,
+    pub tracking: Tracking,
     pub status: Option<String>,
     /// What MDE said of the action, as the last answer kept left it.
     #[sqlx(flatten)]
@@ -360,7 +360,7 @@ pub struct TransitionExport {
     #[sqlx(flatten)]
     #[serde(flatten)]
     pub action: ActionFields,
-    pub tracking: String,
+    pub tracking: Tracking,
     pub current_status: Option<String>,
 }
 

@@ -349,3 +349,11 @@ pub async fn enqueue_with_cli(db: &std::path::Path, ids: &[ActionId]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Writes `text` to `path`, readable by its owner only: what the daemon asks of every file
+/// that holds a secret.
+pub fn private_file(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}

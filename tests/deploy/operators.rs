@@ -67,11 +67,7 @@ async fn alerts_and_dashboard_use_only_metrics_the_daemon_exports() {
     let key = crate::common::receiver::new_secret();
     let receiver = crate::common::receiver::Receiver::start(&[&key], 1).await;
     let secret = env.dir.path().join("whsec");
-    std::fs::write(&secret, format!("{key}\n")).unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    private_file(&secret, &format!("{key}\n"));
     settings.notify = vec![
         toml::from_str(&format!(
             "name = \"soar\"\nkind = \"webhook\"\nurl = \"http://{}/\"\nsecret_file = \"{}\"\n",

@@ -46,11 +46,7 @@ async fn actions_started_elsewhere_are_discovered_once_with_exact_transitions() 
     let key = new_secret();
     let hook = Receiver::start(&[&key], 11).await;
     let path = env.dir.path().join("k");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::write(&path, &key).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    private_file(&path, &key);
     let mut n: mde_actiond::config::NotifySettings = toml::from_str(&format!(
         "name = \"isolations\"\nkind = \"webhook\"\nurl = \"{}\"\nsecret_file = \"{}\"\ntypes = [\"Isolate\"]\n",
         hook.url("/"),

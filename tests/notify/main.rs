@@ -24,10 +24,8 @@ const LIMIT: Duration = Duration::from_secs(120);
 
 /// A private file (the daemon refuses secrets others can read).
 fn secret_file(dir: &Path, name: &str, text: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     let path = dir.join(name);
-    std::fs::write(&path, format!("{text}\n")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    private_file(&path, &format!("{text}\n"));
     path
 }
 

@@ -28,9 +28,7 @@ fn client() -> reqwest::Client {
 async fn http_listener_serves_health_metrics_and_intake() {
     let env = TestEnv::new(SimConfig::default()).await;
     let token_file = env.dir.path().join("api-token");
-    std::fs::write(&token_file, "let-me-in\n").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    private_file(&token_file, "let-me-in\n");
     let mut settings = env.settings.clone();
     settings.http.listen = Some("127.0.0.1:0".into());
     settings.http.api_token_file = Some(token_file);
@@ -632,9 +630,7 @@ async fn an_idle_daemon_proves_its_credential_and_exports_zeros() {
         assert!(metrics.contains(line), "{line} missing:\n{metrics}");
     }
     // The secret arrives: ready without anything to track.
-    std::fs::write(&secret, mde_actiond::sim::SIM_CLIENT_SECRET).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    private_file(&secret, mde_actiond::sim::SIM_CLIENT_SECRET);
     eventually(
         LIMIT,
         "readyz ready once the secret is readable",

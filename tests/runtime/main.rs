@@ -561,9 +561,7 @@ async fn the_image_runs_in_podman_as_the_readme_says() {
     // As the README runs it; the simulated tenant is on the host's loopback.
     let env = TestEnv::new(SimConfig::default()).await;
     let secret = work.path().join("client-secret");
-    std::fs::write(&secret, SIM_CLIENT_SECRET).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    private_file(&secret, SIM_CLIENT_SECRET);
     std::os::unix::fs::chown(&secret, Some(65532), Some(65532)).unwrap();
     let port = free_port();
     let e = |k: &str, v: &str| format!("{k}={v}");
