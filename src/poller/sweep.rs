@@ -72,6 +72,55 @@ pub(super) struct SweepPlan {
 }
 
 impl SweepState {
+    /// Whether the creation-time form may be used, and the status form to use (the first
+    /// the service has not refused).
+    pub(super) fn forms(&self) -> (bool, Option<SweepFilter>) {
+        let allowed = |f: &SweepFilter| !self.rejected.contains(f);
+        (
+            allowed(&SweepFilter::CreatedSince),
+            [SweepFilter::StatusIn, SweepFilter::StatusEqOr]
+                .into_iter()
+                .find(allowed),
+        )
+    }
+
+    /// The cheaper listing as measured (`choose_filter`), the window's cost counting only
+    /// while it was measured from the same creation time `since`.
+    pub(super) fn choose(
+        &self,
+        since: Option<&str>,
+        status_form: Option<SweepFilter>,
+    ) -> Option<(SweepFilter, u32)> {
+        let window_cost = match (&self.window_cost, since) {
+            (Some((from, cost)), Some(since)) if from == since => Some(*cost),
+            _ => None,
+        };
+        choose_filter(
+            since.is_some(),
+            window_cost,
+            status_form,
+            self.unfinished_cost,
+        )
+    }
+
+    /// What the last listing by creation time cost (1 before one was measured).
+    pub(super) fn window_cost_or_one(&self) -> u32 {
+        self.window_cost.as_ref().map_or(1, |(_, c)| *c)
+    }
+
+    /// The young actions' expected changes, when read within `max_age`.
+    pub(super) fn young_rate_within(&self, max_age: Duration) -> Option<f64> {
+        self.young_rate
+            .filter(|(at, _)| at.elapsed() < max_age)
+            .map(|(_, rate)| rate)
+    }
+
+    /// A filter form the service refused: not tried again, and the next form at once.
+    pub(super) fn refused(&mut self, filter: SweepFilter) {
+        self.rejected.push(filter);
+        self.last_started = None;
+    }
+
     /// What a complete sweep teaches: the rate of change since the sweep before it started
     /// (`gap` ago), and what its listing costs (`cost` calls, the fetches of what it did
     /// not list included).
@@ -165,15 +214,7 @@ impl Poller {
         if self.settings.sweep == SweepMode::Off {
             return Ok(None);
         }
-        let (window_allowed, status_form) = {
-            let st = self.sweep_state();
-            (
-                !st.rejected.contains(&SweepFilter::CreatedSince),
-                [SweepFilter::StatusIn, SweepFilter::StatusEqOr]
-                    .into_iter()
-                    .find(|f| !st.rejected.contains(f)),
-            )
-        };
+        let (window_allowed, status_form) = self.sweep_state().forms();
         let since = if window_allowed {
             self.store
                 .oldest_active_created()
@@ -182,19 +223,7 @@ impl Poller {
         } else {
             None
         };
-        let chosen = {
-            let st = self.sweep_state();
-            let window_cost = match (&st.window_cost, &since) {
-                (Some((from, cost)), Some(since)) if from == since => Some(*cost),
-                _ => None,
-            };
-            choose_filter(
-                since.is_some(),
-                window_cost,
-                status_form,
-                st.unfinished_cost,
-            )
-        };
+        let chosen = self.sweep_state().choose(since.as_deref(), status_form);
         let discovering = self.discovering();
         if discovering && window_allowed {
             // Discovery lists by creation time, from the oldest active action or from where
@@ -206,11 +235,7 @@ impl Poller {
                 Some(s) if s < from => s,
                 _ => from,
             };
-            let cost = self
-                .sweep_state()
-                .window_cost
-                .as_ref()
-                .map_or(1, |(_, c)| *c);
+            let cost = self.sweep_state().window_cost_or_one();
             let interval = self.sweep_cadence(cost).await?;
             return Ok(Some(SweepPlan {
                 filter: SweepFilter::CreatedSince,
@@ -241,9 +266,7 @@ impl Poller {
     async fn sweep_cadence(&self, cost: u32) -> Result<Duration, Halt> {
         let cached = self
             .sweep_state()
-            .young_rate
-            .filter(|(at, _)| at.elapsed() < self.settings.young_for / YOUNG_RATE_READS)
-            .map(|(_, rate)| rate);
+            .young_rate_within(self.settings.young_for / YOUNG_RATE_READS);
         let young = match cached {
             Some(rate) => rate,
             None => {
@@ -386,8 +409,7 @@ impl Poller {
         }
         if let Ok(Listing::Refused) = result {
             record.outcome = "rejected";
-            // Try the next form at once.
-            self.sweep_state().last_started = None;
+            self.sweep_state().refused(plan.filter);
         }
         if let Err(Halt::Cancelled) = result {
             record.outcome = "stopped";
@@ -455,7 +477,6 @@ impl Poller {
                         filter = plan.filter.as_str(),
                         error = %e, "MDE does not support this sweep filter; trying the next form"
                     );
-                    self.sweep_state().rejected.push(plan.filter);
                     return Ok(Listing::Refused);
                 }
                 Err(e) => {
@@ -865,6 +886,34 @@ mod tests {
         // B listed twice is checked once; D is checked once revived, E once adopted.
         assert_eq!((record.checked, record.changed), (3, 1));
         assert!(sweep.tracked.values().all(|t| t.seen));
+    }
+
+    #[test]
+    fn refused_forms_are_not_tried_again_and_the_next_comes_at_once() {
+        let mut st = SweepState {
+            last_started: Some(tokio::time::Instant::now()),
+            ..SweepState::default()
+        };
+        assert_eq!(st.forms(), (true, Some(SweepFilter::StatusIn)));
+        st.refused(SweepFilter::StatusIn);
+        assert_eq!(st.last_started, None);
+        assert_eq!(st.forms(), (true, Some(SweepFilter::StatusEqOr)));
+        st.refused(SweepFilter::CreatedSince);
+        st.refused(SweepFilter::StatusEqOr);
+        assert_eq!(st.forms(), (false, None));
+        // The window's measured cost counts only from the creation time it was measured at.
+        st.window_cost = Some(("2026-12-01T00:00:00.000Z".into(), 2));
+        st.unfinished_cost = Some(9);
+        let ok = Some(SweepFilter::StatusIn);
+        assert_eq!(
+            st.choose(Some("2026-12-01T00:00:00.000Z"), ok),
+            Some((SweepFilter::CreatedSince, 2))
+        );
+        assert_eq!(st.window_cost_or_one(), 2);
+        assert_ne!(
+            st.choose(Some("2026-12-02T00:00:00.000Z"), ok),
+            Some((SweepFilter::CreatedSince, 2))
+        );
     }
 
     #[test]
