@@ -525,15 +525,7 @@ mod tests {
     }
 
     fn uuid_text(n: u128) -> String {
-        let h = format!("{n:032x}");
-        format!(
-            "{}-{}-{}-{}-{}",
-            &h[..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..]
-        )
+        crate::domain::ActionId::from_key(n).to_string()
     }
 
     proptest! {

@@ -1324,15 +1324,7 @@ mod tests {
     }
 
     fn guid(n: u128) -> String {
-        let h = format!("{n:032x}");
-        format!(
-            "{}-{}-{}-{}-{}",
-            &h[..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..]
-        )
+        crate::domain::ActionId::from_key(n).to_string()
     }
 
     proptest! {
