@@ -37,6 +37,9 @@ enum Scenario {
     Stampede,
     /// Actions arrive over time (Poisson), with a burst of 500 halfway: an incident.
     Trickle,
+    /// Churn: the actions of a stampede, and as many again arriving over `arrive_over`
+    /// (Poisson) while the first ones finish: statuses change all the time at that scale.
+    Churn,
 }
 
 struct Args {
@@ -110,7 +113,8 @@ fn parse_args() -> Args {
                 args.scenario = match value().as_str() {
                     "stampede" => Scenario::Stampede,
                     "trickle" => Scenario::Trickle,
-                    other => panic!("--scenario stampede|trickle, not {other}"),
+                    "churn" => Scenario::Churn,
+                    other => panic!("--scenario stampede|trickle|churn, not {other}"),
                 }
             }
             "--arrive-over" => args.arrive_over = value().parse().expect("--arrive-over SECONDS"),
@@ -136,7 +140,7 @@ fn parse_args() -> Args {
             "--help" | "-h" => {
                 println!(
                     "bench [--actions N] [--time-scale F] [--strategies a,b] [--seed N] [--untracked SHARE]\n\
-                     \x20     [--scenario stampede|trickle] [--arrive-over S]  (trickle: Poisson arrivals over S, a burst of 500 halfway)\n\
+                     \x20     [--scenario stampede|trickle|churn] [--arrive-over S]  (trickle: Poisson arrivals over S, a burst of 500 halfway; churn: N at once and N more over S)\n\
                      \x20     [--ride-along S] [--max-interval S] [--sweep-interval S] [--lag-per-call S] [--no-sweep] [--peer-limit WALL_SECONDS]\n\
                      \x20     [--ceiling WALL_SECONDS] [--page-size N]  (ceiling: no rate limit, checks per second, CPU per sweep)\n\
                      \x20     [--others SHARE] [--others-over S]  (actions started elsewhere during the run)\n\
@@ -196,6 +200,26 @@ fn arrivals(args: &Args) -> Vec<Arrival> {
                     at: Duration::ZERO,
                     lifecycle: lifecycle(&mut other, args.time_scale),
                     tracked: false,
+                });
+            }
+        }
+        Scenario::Churn => {
+            let mut times: Vec<(f64, bool)> = Vec::with_capacity(2 * args.actions + untracked);
+            times.extend((0..args.actions).map(|_| (0.0, true)));
+            let gap = args.arrive_over / args.actions.max(1) as f64;
+            let mut t = 0.0;
+            for _ in 0..args.actions {
+                t += -gap * (1.0 - rng.f64()).ln();
+                times.push((f64::min(t, args.arrive_over), true));
+            }
+            times.extend((0..untracked).map(|_| (0.0, false)));
+            times.sort_by(|a, b| a.0.total_cmp(&b.0));
+            for (t, tracked) in times {
+                let rng = if tracked { &mut rng } else { &mut other };
+                out.push(Arrival {
+                    at: real(t),
+                    lifecycle: lifecycle(rng, args.time_scale),
+                    tracked,
                 });
             }
         }
@@ -586,8 +610,10 @@ async fn run_ours(args: &Args, discover: bool) -> Outcome {
     let mut lags = Vec::new();
     let mut early = Vec::new();
     let mut finished = 0;
+    let mut recorded = 0u64;
     for id in &ids {
         for t in store.transitions(id).await.expect("transitions") {
+            recorded += 1;
             let Some(observed) = parse_time(&t.observed_at) else {
                 continue;
             };
@@ -676,7 +702,8 @@ async fn run_ours(args: &Args, discover: bool) -> Outcome {
         tracked: ids.len(),
         wall,
         extra: format!(
-            "daemon process: peak RSS {peak_mib} MiB, CPU {cpu:.1}s; database {} KiB, early retries after 429: {}{sweeping}{window}{discovery}",
+            "daemon process: peak RSS {peak_mib} MiB, CPU {cpu:.1}s ({} us per recorded transition, {recorded} recorded); database {} KiB, early retries after 429: {}{sweeping}{window}{discovery}",
+            (cpu * 1e6 / recorded.max(1) as f64).round(),
             size / 1024,
             stats.early_retries
         ),
