@@ -1032,26 +1032,20 @@ async fn the_outbox_is_written_with_the_transitions_and_keeps_order_per_action()
     assert_eq!((all.pending, all.delivered), (2, 0));
 }
 
-/// A database of schema 1.3 (before the outbox) opens as the current minor with every row
-/// kept.
-#[tokio::test]
-async fn a_1_3_database_gains_the_outbox_and_keeps_its_rows() {
+/// A database file made by the migrations named before `first_missing` (e.g. "0005"): what
+/// an older version left. Returns its directory, its path and an open pool on it.
+async fn database_before(
+    first_missing: &str,
+) -> (tempfile::TempDir, std::path::PathBuf, sqlx::SqlitePool) {
     let dir = tempfile::tempdir().unwrap();
     let old = dir.path().join("migrations");
     std::fs::create_dir(&old).unwrap();
-    for f in [
-        "0001_initial.sql",
-        "0002_reporting.sql",
-        "0003_sweeps.sql",
-        "0004_entity.sql",
-    ] {
-        std::fs::copy(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("migrations")
-                .join(f),
-            old.join(f),
-        )
-        .unwrap();
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    for f in std::fs::read_dir(&here).unwrap() {
+        let name = f.unwrap().file_name();
+        if name.to_string_lossy().as_ref() < first_missing {
+            std::fs::copy(here.join(&name), old.join(&name)).unwrap();
+        }
     }
     let path = dir.path().join("t.db");
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=rwc", path.display()))
@@ -1063,6 +1057,14 @@ async fn a_1_3_database_gains_the_outbox_and_keeps_its_rows() {
         .run(&pool)
         .await
         .unwrap();
+    (dir, path, pool)
+}
+
+/// A database of schema 1.3 (before the outbox) opens as the current minor with every row
+/// kept.
+#[tokio::test]
+async fn a_1_3_database_gains_the_outbox_and_keeps_its_rows() {
+    let (dir, path, pool) = database_before("0005").await;
     sqlx::query(
         "INSERT INTO actions (action_id, tracking, status, enqueued_at, next_poll_at)
          VALUES ('2e9da30d-27f6-4208-81f2-9cd3d67893ba', 'active', 'Pending',
@@ -1258,26 +1260,7 @@ async fn the_enums_and_the_schemas_lists_agree() {
 /// rows, their ids, and a budget restored from them.
 #[tokio::test]
 async fn a_1_5_database_keeps_its_call_log_through_the_rebuild() {
-    let dir = tempfile::tempdir().unwrap();
-    let old = dir.path().join("migrations");
-    std::fs::create_dir(&old).unwrap();
-    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
-    for f in std::fs::read_dir(&here).unwrap() {
-        let name = f.unwrap().file_name();
-        if name.to_string_lossy().as_ref() < "0007" {
-            std::fs::copy(here.join(&name), old.join(&name)).unwrap();
-        }
-    }
-    let path = dir.path().join("t.db");
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=rwc", path.display()))
-        .await
-        .unwrap();
-    sqlx::migrate::Migrator::new(old.as_path())
-        .await
-        .unwrap()
-        .run(&pool)
-        .await
-        .unwrap();
+    let (_dir, path, pool) = database_before("0007").await;
     let sent = format_time(SystemTime::now() - Duration::from_secs(60));
     sqlx::query(
         "INSERT INTO api_calls (id, sent_at, endpoint, action_count, http_status, outcome,
