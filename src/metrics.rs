@@ -370,31 +370,6 @@ impl Metrics {
         register_snapshot(&mut r, snap);
         self.register_labelled(&mut r, snap);
         register_notify(&mut r, snap);
-        let deliveries = self.deliveries.lock().unwrap_or_else(|p| p.into_inner());
-        let family = Family::<Labels, Counter>::default();
-        // Each destination's outcomes from the start, at 0: a series that appears only
-        // with its first failure leaves a rate() alert blind to it.
-        for n in &snap.notify {
-            for o in DELIVERY_OUTCOMES {
-                let _ = family.get_or_create(&vec![
-                    ("destination", n.destination.clone()),
-                    ("outcome", o.to_string()),
-                ]);
-            }
-        }
-        for ((d, o), n) in deliveries.iter() {
-            family
-                .get_or_create(&vec![
-                    ("destination", d.clone()),
-                    ("outcome", o.to_string()),
-                ])
-                .inc_by(*n);
-        }
-        r.register(
-            "mde_actiond_notify_deliveries",
-            "Notification attempts by destination and outcome (delivered, retry, dead, gone)",
-            family,
-        );
         let mut out = String::with_capacity(8192);
         // Writing into a String cannot fail.
         let _ = prometheus_text::encode(&mut out, &r);
@@ -532,77 +507,94 @@ impl Metrics {
 
     /// The counts kept by label in our own maps (their label sets are bounded here).
     fn register_labelled(&self, r: &mut Registry, snap: &Snapshot) {
-        let calls = Family::<Labels, Counter>::default();
-        for ((endpoint, code), n) in self
-            .calls_by_outcome
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            calls
-                .get_or_create(&vec![
-                    ("endpoint", endpoint.to_string()),
-                    ("code", code.clone()),
-                ])
-                .inc_by(*n);
-        }
+        let calls = counters(
+            self.calls_by_outcome
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|((endpoint, code), n)| {
+                    (
+                        vec![("endpoint", endpoint.to_string()), ("code", code.clone())],
+                        *n,
+                    )
+                }),
+        );
         r.register(
             "mde_actiond_api_calls",
             "MDE API calls by endpoint and HTTP status (none: no answer)",
             calls,
         );
-        let panics = Family::<Labels, Counter>::default();
-        for task in PANIC_TASKS {
-            let token = if task == "token" {
+        // Token source panics are caught by the token cache, which counts them itself.
+        let panics = counters(PANIC_TASKS.iter().map(|task| {
+            let token = if *task == "token" {
                 snap.token_panics
             } else {
                 0
             };
-            panics
-                .get_or_create(&vec![("task", task.to_string())])
-                .inc_by(self.panics(task) + token);
-        }
+            (vec![("task", task.to_string())], self.panics(task) + token)
+        }));
         r.register(
             "mde_actiond_panics",
             "Panics caught and contained, by task (the task backs off and goes on)",
             panics,
         );
-        let sweeps = Family::<Labels, Counter>::default();
-        for (filter, n) in self
-            .sweeps_by_filter
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            sweeps
-                .get_or_create(&vec![("filter", filter.to_string())])
-                .inc_by(*n);
-        }
+        let sweeps = counters(
+            self.sweeps_by_filter
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(filter, n)| (vec![("filter", filter.to_string())], *n)),
+        );
         r.register(
             "mde_actiond_sweeps",
             "Tenant-wide listings, by filter form",
             sweeps,
         );
-        let unknown = Family::<Labels, Counter>::default();
-        for ((field, value), n) in self
-            .unknown_values
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            unknown
-                .get_or_create(&vec![
-                    ("field", field.to_string()),
-                    ("value", value.clone()),
-                ])
-                .inc_by(*n);
-        }
+        let unknown = counters(
+            self.unknown_values
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|((field, value), n)| {
+                    (
+                        vec![("field", field.to_string()), ("value", value.clone())],
+                        *n,
+                    )
+                }),
+        );
         r.register(
             "mde_actiond_unknown_values",
             "Answers carrying a status or type this version does not know (kept verbatim)",
             unknown,
         );
+        // Each destination's outcomes from the start, at 0: a series that appears only
+        // with its first failure leaves a rate() alert blind to it.
+        let deliveries = self.deliveries.lock().unwrap_or_else(|p| p.into_inner());
+        let zeros = snap
+            .notify
+            .iter()
+            .flat_map(|n| DELIVERY_OUTCOMES.map(|o| ((n.destination.clone(), o), 0)));
+        let counted = deliveries.iter().map(|((d, o), n)| ((d.clone(), *o), *n));
+        let deliveries = counters(
+            zeros
+                .chain(counted)
+                .map(|((d, o), n)| (vec![("destination", d), ("outcome", o.to_string())], n)),
+        );
+        r.register(
+            "mde_actiond_notify_deliveries",
+            "Notification attempts by destination and outcome (delivered, retry, dead, gone)",
+            deliveries,
+        );
     }
+}
+
+/// A family of counters from (labels, count) pairs; a pair seen twice adds up.
+fn counters(rows: impl IntoIterator<Item = (Labels, u64)>) -> Family<Labels, Counter> {
+    let family = Family::<Labels, Counter>::default();
+    for (labels, n) in rows {
+        family.get_or_create(&labels).inc_by(n);
+    }
+    family
 }
 
 /// A family of gauges from (label value, value) pairs.
@@ -710,12 +702,11 @@ fn register_tokens(r: &mut Registry, snap: &Snapshot) {
         "Failed token requests",
         ConstCounter::new(snap.token_failures),
     );
-    let causes = Family::<Labels, Counter>::default();
-    for (cause, n) in &snap.token_failures_by_cause {
-        causes
-            .get_or_create(&vec![("cause", cause.to_string())])
-            .inc_by(*n);
-    }
+    let causes = counters(
+        snap.token_failures_by_cause
+            .iter()
+            .map(|(cause, n)| (vec![("cause", cause.to_string())], *n)),
+    );
     r.register(
         "mde_actiond_token_failures_by_cause",
         "Failed token requests by cause (refused, transient, local, redirected, invalid_answer, panic)",
