@@ -179,82 +179,73 @@ struct Arrival {
     tracked: bool,
 }
 
+/// `n` Poisson arrival times over `over` simulated seconds, pushed to `times`.
+fn poisson(
+    n: usize,
+    over: f64,
+    rng: &mut fastrand::Rng,
+    tracked: bool,
+    times: &mut Vec<(f64, bool)>,
+) {
+    let gap = over / n.max(1) as f64;
+    let mut t = 0.0;
+    for _ in 0..n {
+        t += -gap * (1.0 - rng.f64()).ln();
+        times.push((f64::min(t, over), tracked));
+    }
+}
+
 /// The same arrivals for every strategy (seeded).
 fn arrivals(args: &Args) -> Vec<Arrival> {
     let mut rng = fastrand::Rng::with_seed(args.seed);
     let mut other = fastrand::Rng::with_seed(args.seed ^ 0x5eed);
     let untracked = (args.actions as f64 * args.untracked).round() as usize;
     let real = |secs: f64| Duration::from_secs_f64(secs / args.time_scale);
-    let mut out = Vec::with_capacity(args.actions + untracked);
+    // (simulated time of creation, tracked)
+    let mut times: Vec<(f64, bool)> = Vec::with_capacity(2 * args.actions + untracked);
+    let at_once = |n: usize, tracked: bool, times: &mut Vec<(f64, bool)>| {
+        times.extend((0..n).map(|_| (0.0, tracked)));
+    };
     match args.scenario {
         Scenario::Stampede => {
-            for _ in 0..args.actions {
-                out.push(Arrival {
-                    at: Duration::ZERO,
-                    lifecycle: lifecycle(&mut rng, args.time_scale),
-                    tracked: true,
-                });
-            }
-            for _ in 0..untracked {
-                out.push(Arrival {
-                    at: Duration::ZERO,
-                    lifecycle: lifecycle(&mut other, args.time_scale),
-                    tracked: false,
-                });
-            }
+            at_once(args.actions, true, &mut times);
+            at_once(untracked, false, &mut times);
         }
         Scenario::Churn => {
-            let mut times: Vec<(f64, bool)> = Vec::with_capacity(2 * args.actions + untracked);
-            times.extend((0..args.actions).map(|_| (0.0, true)));
-            let gap = args.arrive_over / args.actions.max(1) as f64;
-            let mut t = 0.0;
-            for _ in 0..args.actions {
-                t += -gap * (1.0 - rng.f64()).ln();
-                times.push((f64::min(t, args.arrive_over), true));
-            }
-            times.extend((0..untracked).map(|_| (0.0, false)));
-            times.sort_by(|a, b| a.0.total_cmp(&b.0));
-            for (t, tracked) in times {
-                let rng = if tracked { &mut rng } else { &mut other };
-                out.push(Arrival {
-                    at: real(t),
-                    lifecycle: lifecycle(rng, args.time_scale),
-                    tracked,
-                });
-            }
+            at_once(args.actions, true, &mut times);
+            poisson(args.actions, args.arrive_over, &mut rng, true, &mut times);
+            at_once(untracked, false, &mut times);
         }
         Scenario::Trickle => {
             let burst = 500.min(args.actions / 2);
-            let steady = args.actions - burst;
-            let mut times = Vec::new();
-            let poisson =
-                |n: usize, rng: &mut fastrand::Rng, times: &mut Vec<(f64, bool)>, tracked| {
-                    let gap = args.arrive_over / n.max(1) as f64;
-                    let mut t = 0.0;
-                    for _ in 0..n {
-                        t += -gap * (1.0 - rng.f64()).ln();
-                        times.push((t.min(args.arrive_over), tracked));
-                    }
-                };
-            poisson(steady, &mut rng, &mut times, true);
+            poisson(
+                args.actions - burst,
+                args.arrive_over,
+                &mut rng,
+                true,
+                &mut times,
+            );
             // The incident: 500 actions within a simulated minute, halfway through.
             let middle = args.arrive_over / 2.0;
             for _ in 0..burst {
                 times.push((middle + rng.f64() * 60.0, true));
             }
-            poisson(untracked, &mut other, &mut times, false);
-            times.sort_by(|a, b| a.0.total_cmp(&b.0));
-            for (t, tracked) in times {
-                let rng = if tracked { &mut rng } else { &mut other };
-                out.push(Arrival {
-                    at: real(t),
-                    lifecycle: lifecycle(rng, args.time_scale),
-                    tracked,
-                });
-            }
+            poisson(untracked, args.arrive_over, &mut other, false, &mut times);
         }
     }
-    out
+    // Stable: those created together keep their order, and so their seeded lifecycles.
+    times.sort_by(|a, b| a.0.total_cmp(&b.0));
+    times
+        .into_iter()
+        .map(|(t, tracked)| {
+            let rng = if tracked { &mut rng } else { &mut other };
+            Arrival {
+                at: real(t),
+                lifecycle: lifecycle(rng, args.time_scale),
+                tracked,
+            }
+        })
+        .collect()
 }
 
 /// Creates the scenario's actions in the tenant at their times and sends the tracked ids
