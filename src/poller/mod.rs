@@ -20,6 +20,7 @@
 //! `sweep` plans and runs sweeps, `pass` the passes by id, `call` is the gate every API call
 //! goes through, `outcome` turns an answer into the write for one action.
 
+mod active;
 mod call;
 mod outcome;
 mod pass;
@@ -82,6 +83,7 @@ pub struct Poller {
     metrics: Arc<Metrics>,
     stall: Arc<StallWatch>,
     sweep: std::sync::Mutex<SweepState>,
+    active: active::ActiveCount,
     /// The shortest delay a pass may schedule (ms): what the budget can pay for checking
     /// every action by id; 0 while sweeps do the checking.
     floor_ms: AtomicU64,
@@ -164,6 +166,7 @@ impl Poller {
             metrics,
             stall,
             sweep: std::sync::Mutex::new(SweepState::default()),
+            active: active::ActiveCount::default(),
             floor_ms: AtomicU64::new(0),
             check_window: std::sync::Mutex::new(CheckWindow {
                 started: tokio::time::Instant::now(),
@@ -340,7 +343,14 @@ impl Poller {
     /// pass. `Ok(Some(d))`: nothing was due, sleep up to `d`; `Ok(None)`: work was done.
     async fn step(self: Arc<Self>, cancel: &CancellationToken) -> Result<Option<Duration>, Halt> {
         self.follow_clock_steps().await?;
-        let active = self.store.active_count().await.map_err(Halt::Store)?;
+        let active = match self.active.fresh() {
+            Some(n) => n,
+            None => {
+                let n = self.store.active_count().await.map_err(Halt::Store)?;
+                self.active.read(n);
+                n
+            }
+        };
         self.measure_checks(active);
         if active == 0 && self.settings.discover == DiscoverMode::Off {
             self.floor_ms.store(0, Ordering::Relaxed);
@@ -468,5 +478,8 @@ impl Poller {
             .transitions
             .inc_by(summary.transitions.len() as u64);
         self.metrics.finished.inc_by(summary.finished.into());
+        if summary.finished > 0 {
+            self.active.changed();
+        }
     }
 }

@@ -584,6 +584,9 @@ impl Poller {
             .await
             .map_err(Halt::Store)?;
         record.discovered += new.len() as u64;
+        if !new.is_empty() {
+            self.active.changed();
+        }
         self.metrics.discovered.inc_by(new.len() as u64);
         let fresh: HashSet<u128> = new.iter().map(|a| a.id.key()).collect();
         for l in wanted.iter().filter(|l| fresh.contains(&l.key)) {
@@ -720,6 +723,9 @@ impl Poller {
             info!(action_id = %id, "revived: MDE lists an action that had ended not_found; tracking it again");
         }
         self.metrics.revived.inc_by(revived.len() as u64);
+        if !revived.is_empty() {
+            self.active.changed();
+        }
         Ok(revived.iter().map(ActionId::key).collect())
     }
 }
