@@ -71,6 +71,9 @@ struct Args {
     /// tracked ones, spread evenly over `others_over` simulated seconds.
     others: f64,
     others_over: f64,
+    /// Lifecycle durations multiplied by this: 0.1 makes them minutes (pending 0.5-30 s,
+    /// running 3 s to 6 min), the churning tenant the round-three issue measured on.
+    life_scale: f64,
 }
 
 fn parse_args() -> Args {
@@ -100,6 +103,7 @@ fn parse_args() -> Args {
         peer_limit: 1800.0,
         others: 0.0,
         others_over: 1800.0,
+        life_scale: 1.0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -137,10 +141,12 @@ fn parse_args() -> Args {
             "--page-size" => args.page_size = Some(value().parse().expect("--page-size N")),
             "--others" => args.others = value().parse().expect("--others SHARE"),
             "--others-over" => args.others_over = value().parse().expect("--others-over SECONDS"),
+            "--life-scale" => args.life_scale = value().parse().expect("--life-scale FACTOR"),
             "--help" | "-h" => {
                 println!(
                     "bench [--actions N] [--time-scale F] [--strategies a,b] [--seed N] [--untracked SHARE]\n\
                      \x20     [--scenario stampede|trickle|churn] [--arrive-over S]  (trickle: Poisson arrivals over S, a burst of 500 halfway; churn: N at once and N more over S)\n\
+                     \x20     [--life-scale F]  (lifecycle durations times F: 0.1 for lifecycles of minutes)\n\
                      \x20     [--ride-along S] [--max-interval S] [--sweep-interval S] [--lag-per-call S] [--no-sweep] [--peer-limit WALL_SECONDS]\n\
                      \x20     [--ceiling WALL_SECONDS] [--page-size N]  (ceiling: no rate limit, checks per second, CPU per sweep)\n\
                      \x20     [--others SHARE] [--others-over S]  (actions started elsewhere during the run)\n\
@@ -241,7 +247,7 @@ fn arrivals(args: &Args) -> Vec<Arrival> {
             let rng = if tracked { &mut rng } else { &mut other };
             Arrival {
                 at: real(t),
-                lifecycle: lifecycle(rng, args.time_scale),
+                lifecycle: lifecycle(rng, args.time_scale / args.life_scale),
                 tracked,
             }
         })
@@ -1012,8 +1018,8 @@ fn main() {
 
 async fn compare(args: Args) {
     println!(
-        "{} actions ({:?}), time compressed {}x (1 s here = {} s simulated), tenant limits 100/min and 1500/h; seed {}\n",
-        args.actions, args.scenario, args.time_scale, args.time_scale, args.seed
+        "{} actions ({:?}, lifecycles x{}), time compressed {}x (1 s here = {} s simulated), tenant limits 100/min and 1500/h; seed {}\n",
+        args.actions, args.scenario, args.life_scale, args.time_scale, args.time_scale, args.seed
     );
     if let Some(secs) = args.ceiling {
         println!(
