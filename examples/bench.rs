@@ -67,6 +67,9 @@ struct Args {
     ceiling: Option<f64>,
     /// Override of poll.sweep_page_size.
     page_size: Option<u32>,
+    /// Ceiling: after the window, kill -9 the daemon, start it again on the same database
+    /// and time it to healthy and to its first completed sweep.
+    restart: bool,
     /// Actions other tools and analysts start while the run goes on, as a share of the
     /// tracked ones, spread evenly over `others_over` simulated seconds.
     others: f64,
@@ -100,6 +103,7 @@ fn parse_args() -> Args {
         untracked: 0.1,
         ceiling: None,
         page_size: None,
+        restart: false,
         peer_limit: 1800.0,
         others: 0.0,
         others_over: 1800.0,
@@ -139,6 +143,7 @@ fn parse_args() -> Args {
             "--peer-limit" => args.peer_limit = value().parse().expect("--peer-limit SECONDS"),
             "--ceiling" => args.ceiling = Some(value().parse().expect("--ceiling SECONDS")),
             "--page-size" => args.page_size = Some(value().parse().expect("--page-size N")),
+            "--restart" => args.restart = true,
             "--others" => args.others = value().parse().expect("--others SHARE"),
             "--others-over" => args.others_over = value().parse().expect("--others-over SECONDS"),
             "--life-scale" => args.life_scale = value().parse().expect("--life-scale FACTOR"),
@@ -149,6 +154,7 @@ fn parse_args() -> Args {
                      \x20     [--life-scale F]  (lifecycle durations times F: 0.1 for lifecycles of minutes)\n\
                      \x20     [--ride-along S] [--max-interval S] [--sweep-interval S] [--lag-per-call S] [--no-sweep] [--peer-limit WALL_SECONDS]\n\
                      \x20     [--ceiling WALL_SECONDS] [--page-size N]  (ceiling: no rate limit, checks per second, CPU per sweep)\n\
+                     \x20     [--restart]  (ceiling: then kill -9, restart, time to the first completed sweep)\n\
                      \x20     [--others SHARE] [--others-over S]  (actions started elsewhere during the run)\n\
                      strategies: mde-actiond, mde-actiond-discover, elastic-60s, sentinel-30s, xsoar-10s, splunk-5s"
                 );
@@ -974,7 +980,24 @@ async fn run_ceiling(args: &Args, secs: f64) {
     }
     let sweeps = sweeps - sweeps0;
     let cpu = cpu1 - cpu0;
-    daemon.stop().await;
+    let restart = if args.restart {
+        // What a crash leaves: a sweep in flight, a WAL not checkpointed, no goodbye.
+        let mut daemon = daemon;
+        daemon.child.start_kill().expect("kill -9");
+        daemon.child.wait().await.expect("wait");
+        let done = complete(store.clone()).await;
+        let started = tokio::time::Instant::now();
+        let daemon = DaemonProcess::spawn(&mut s, 1.0, dir.path()).await;
+        let healthy = started.elapsed().as_secs_f64();
+        let swept = next_sweep(done).await;
+        let first_sweep = started.elapsed().as_secs_f64();
+        let (peak, _) = daemon.usage();
+        daemon.stop().await;
+        Some((healthy, first_sweep, swept > done, peak))
+    } else {
+        daemon.stop().await;
+        None
+    };
     let stats = sim.stats();
     println!(
         "| {} | {} | {:.0} | {} | {:.1} | {:.1} | {} | {} |",
@@ -995,6 +1018,17 @@ async fn run_ceiling(args: &Args, secs: f64) {
         },
         peak,
     );
+    if let Some((healthy, first_sweep, swept, peak)) = restart {
+        println!(
+            "\nkill -9 with {} active, then restart on the same database: healthy (`/healthz`) in {healthy:.2} s, {} in {first_sweep:.2} s; peak RSS after restart {peak} MiB",
+            args.actions,
+            if swept {
+                "first completed sweep"
+            } else {
+                "no sweep completed within 120 s; waited"
+            },
+        );
+    }
 }
 
 fn main() {
