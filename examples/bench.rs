@@ -389,7 +389,9 @@ impl DaemonProcess {
         // As the packaged systemd units and the container image run it;
         // BENCH_GLIBC_DEFAULTS=1 measures glibc's default arenas instead.
         if std::env::var_os("BENCH_GLIBC_DEFAULTS").is_none() {
-            command.env("MALLOC_ARENA_MAX", "2");
+            command
+                .env("MALLOC_ARENA_MAX", "2")
+                .env("MALLOC_MMAP_THRESHOLD_", "131072");
         }
         let mut child = command
             .arg("--daemon-child")
