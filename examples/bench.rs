@@ -40,6 +40,11 @@ enum Scenario {
     /// Churn: the actions of a stampede, and as many again arriving over `arrive_over`
     /// (Poisson) while the first ones finish: statuses change all the time at that scale.
     Churn,
+    /// Arrivals over `arrive_over` (Poisson) whose lives depend on their type, as in a
+    /// real tenant: isolations in a minute, quick scans in minutes, investigation
+    /// packages in a quarter of an hour, and live response sessions that mostly run at
+    /// once but, for a device that is offline, wait in the queue for up to three days.
+    Mix,
 }
 
 struct Args {
@@ -56,6 +61,8 @@ struct Args {
     max_interval: Option<f64>,
     sweep_interval: Option<f64>,
     lag_per_call: Option<f64>,
+    /// poll.cadence for the daemon.
+    cadence: Option<mde_actiond::config::Cadence>,
     no_sweep: bool,
     /// Actions of other tools in the tenant, as a share of the tracked ones.
     untracked: f64,
@@ -99,6 +106,7 @@ fn parse_args() -> Args {
         max_interval: None,
         sweep_interval: None,
         lag_per_call: None,
+        cadence: None,
         no_sweep: false,
         untracked: 0.1,
         ceiling: None,
@@ -122,7 +130,8 @@ fn parse_args() -> Args {
                     "stampede" => Scenario::Stampede,
                     "trickle" => Scenario::Trickle,
                     "churn" => Scenario::Churn,
-                    other => panic!("--scenario stampede|trickle|churn, not {other}"),
+                    "mix" => Scenario::Mix,
+                    other => panic!("--scenario stampede|trickle|churn|mix, not {other}"),
                 }
             }
             "--arrive-over" => args.arrive_over = value().parse().expect("--arrive-over SECONDS"),
@@ -138,6 +147,13 @@ fn parse_args() -> Args {
             "--lag-per-call" => {
                 args.lag_per_call = Some(value().parse().expect("--lag-per-call SECONDS"))
             }
+            "--cadence" => {
+                args.cadence = Some(match value().as_str() {
+                    "learned" => mde_actiond::config::Cadence::Learned,
+                    "observed" => mde_actiond::config::Cadence::Observed,
+                    other => panic!("--cadence learned|observed, not {other}"),
+                })
+            }
             "--no-sweep" => args.no_sweep = true,
             "--untracked" => args.untracked = value().parse().expect("--untracked SHARE"),
             "--peer-limit" => args.peer_limit = value().parse().expect("--peer-limit SECONDS"),
@@ -150,9 +166,9 @@ fn parse_args() -> Args {
             "--help" | "-h" => {
                 println!(
                     "bench [--actions N] [--time-scale F] [--strategies a,b] [--seed N] [--untracked SHARE]\n\
-                     \x20     [--scenario stampede|trickle|churn] [--arrive-over S]  (trickle: Poisson arrivals over S, a burst of 500 halfway; churn: N at once and N more over S)\n\
+                     \x20     [--scenario stampede|trickle|churn|mix] [--arrive-over S]  (trickle: Poisson arrivals over S, a burst of 500 halfway; churn: N at once and N more over S; mix: arrivals over S, lives by type, some queued for days)\n\
                      \x20     [--life-scale F]  (lifecycle durations times F: 0.1 for lifecycles of minutes)\n\
-                     \x20     [--ride-along S] [--max-interval S] [--sweep-interval S] [--lag-per-call S] [--no-sweep] [--peer-limit WALL_SECONDS]\n\
+                     \x20     [--ride-along S] [--max-interval S] [--sweep-interval S] [--lag-per-call S] [--cadence learned|observed] [--no-sweep] [--peer-limit WALL_SECONDS]\n\
                      \x20     [--ceiling WALL_SECONDS] [--page-size N]  (ceiling: no rate limit, checks per second, CPU per sweep)\n\
                      \x20     [--restart]  (ceiling: then kill -9, restart, time to the first completed sweep)\n\
                      \x20     [--others SHARE] [--others-over S]  (actions started elsewhere during the run)\n\
@@ -189,6 +205,58 @@ struct Arrival {
     at: Duration,
     lifecycle: Lifecycle,
     tracked: bool,
+    /// The action's type when the scenario chose it (else the tenant picks one).
+    kind: Option<&'static str>,
+}
+
+/// The `mix` scenario's life of an action of `kind`, in simulated time.
+fn typed_lifecycle(rng: &mut fastrand::Rng, kind: &str, scale: f64) -> Lifecycle {
+    let sim = |secs: f64| Duration::from_secs_f64(secs / scale);
+    let between = |rng: &mut fastrand::Rng, lo: f64, hi: f64| sim(lo + rng.f64() * (hi - lo));
+    let (pending, running) = match kind {
+        "Isolate" | "Unisolate" | "RestrictCodeExecution" | "UnrestrictCodeExecution" => {
+            (between(rng, 5.0, 90.0), between(rng, 5.0, 60.0))
+        }
+        "RunAntiVirusScan" => (between(rng, 5.0, 120.0), between(rng, 120.0, 1_200.0)),
+        "CollectInvestigationPackage" => (between(rng, 10.0, 300.0), between(rng, 300.0, 1_500.0)),
+        "StopAndQuarantineFile" => (between(rng, 5.0, 120.0), between(rng, 10.0, 120.0)),
+        // LiveResponse: a quarter wait for an offline device, up to the 3-day queue.
+        _ if rng.u32(0..4) == 0 => (between(rng, 3_600.0, 259_200.0), between(rng, 30.0, 600.0)),
+        _ => (between(rng, 5.0, 60.0), between(rng, 30.0, 600.0)),
+    };
+    match rng.u32(0..100) {
+        0..85 => Lifecycle::simple(pending, running, ActionStatus::Succeeded),
+        85..93 => Lifecycle::simple(pending, running, ActionStatus::Failed),
+        93..97 => Lifecycle::new(vec![
+            (Duration::ZERO, ActionStatus::Pending),
+            (pending, ActionStatus::Cancelled),
+        ]),
+        _ => Lifecycle::simple(pending, running * 2, ActionStatus::TimeOut),
+    }
+}
+
+/// The `mix` scenario's types, as often as a SOC starts them.
+const MIX_TYPES: [(&str, u32); 8] = [
+    ("Isolate", 20),
+    ("Unisolate", 12),
+    ("RunAntiVirusScan", 25),
+    ("CollectInvestigationPackage", 10),
+    ("LiveResponse", 18),
+    ("StopAndQuarantineFile", 7),
+    ("RestrictCodeExecution", 4),
+    ("UnrestrictCodeExecution", 4),
+];
+
+fn mix_type(rng: &mut fastrand::Rng) -> &'static str {
+    let total: u32 = MIX_TYPES.iter().map(|(_, w)| w).sum();
+    let mut pick = rng.u32(0..total);
+    for (kind, weight) in MIX_TYPES {
+        if pick < weight {
+            return kind;
+        }
+        pick -= weight;
+    }
+    MIX_TYPES[0].0
 }
 
 /// `n` Poisson arrival times over `over` simulated seconds, pushed to `times`.
@@ -228,6 +296,10 @@ fn arrivals(args: &Args) -> Vec<Arrival> {
             poisson(args.actions, args.arrive_over, &mut rng, true, &mut times);
             at_once(untracked, false, &mut times);
         }
+        Scenario::Mix => {
+            poisson(args.actions, args.arrive_over, &mut rng, true, &mut times);
+            poisson(untracked, args.arrive_over, &mut other, false, &mut times);
+        }
         Scenario::Trickle => {
             let burst = 500.min(args.actions / 2);
             poisson(
@@ -251,10 +323,16 @@ fn arrivals(args: &Args) -> Vec<Arrival> {
         .into_iter()
         .map(|(t, tracked)| {
             let rng = if tracked { &mut rng } else { &mut other };
+            let scale = args.time_scale / args.life_scale;
+            let kind = (args.scenario == Scenario::Mix).then(|| mix_type(rng));
             Arrival {
                 at: real(t),
-                lifecycle: lifecycle(rng, args.time_scale / args.life_scale),
+                lifecycle: match kind {
+                    Some(kind) => typed_lifecycle(rng, kind, scale),
+                    None => lifecycle(rng, scale),
+                },
                 tracked,
+                kind,
             }
         })
         .collect()
@@ -270,7 +348,13 @@ fn drive(sim: Arc<Simulator>, plan: Vec<Arrival>) -> mpsc::UnboundedReceiver<Vec
         move |until: Duration, plan: &mut std::iter::Peekable<std::vec::IntoIter<Arrival>>| {
             let mut batch = Vec::new();
             while let Some(a) = plan.next_if(|a| a.at <= until) {
-                let id = sim.create_action(a.lifecycle);
+                let id = match a.kind {
+                    Some(kind) => {
+                        let device = (a.at.as_nanos() % 24) as usize;
+                        sim.create_action_on(a.lifecycle, kind, device)
+                    }
+                    None => sim.create_action(a.lifecycle),
+                };
                 if a.tracked {
                     batch.push(id);
                 }
@@ -550,6 +634,9 @@ fn daemon_settings(
     s.poll.not_found_after = scaled(d.poll.not_found_after.as_secs_f64());
     s.poll.lag_per_call = scaled(args.lag_per_call.unwrap_or(p.lag_per_call.as_secs_f64()));
     s.poll.young_for = scaled(p.young_for.as_secs_f64());
+    if let Some(c) = args.cadence {
+        s.poll.cadence = c;
+    }
     s.api.timeout = Duration::from_secs(30);
     s.rate_limit = d.rate_limit.clone();
     s.database.checkpoint_interval = Duration::from_secs(1);
@@ -1090,7 +1177,7 @@ async fn compare(args: Args) {
     for mut r in results {
         r.lags.sort_by(f64::total_cmp);
         println!(
-            "| {} | {}/{} | {:.3} | {:.0} | {:.0} | {} | {} |",
+            "| {} | {}/{} | {:.3} | {:.1} | {:.1} | {} | {} |",
             r.name,
             r.finished,
             r.tracked,

@@ -584,6 +584,11 @@ pub struct PollSettings {
     /// is seen, each counts as one change per (age + young_for/10).
     #[serde(with = "duration_text")]
     pub young_for: Duration,
+    /// How the expected changes that time sweeps are worked out: from the tenant's
+    /// recorded transitions, per action type and status and time in it (`learned`), or
+    /// from the changes the last sweeps saw and the young actions (`observed`, the rule
+    /// before 1.6; also what `learned` does while the history is too thin to say).
+    pub cadence: Cadence,
     /// Actions per page of a sweep (`$top`; the service allows up to 10,000).
     pub sweep_page_size: u32,
     /// How long the poll loop may show no progress (a hung call, a database that refuses
@@ -614,6 +619,14 @@ pub struct PollSettings {
 pub enum SweepMode {
     Auto,
     Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cadence {
+    #[default]
+    Learned,
+    Observed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -666,6 +679,7 @@ impl Default for PollSettings {
             sweep_interval: Duration::from_secs(120),
             lag_per_call: Duration::from_secs(75),
             young_for: Duration::from_secs(600),
+            cadence: Cadence::Learned,
             sweep_page_size: MAX_PAGE_SIZE,
             stall_after: None,
             discover: DiscoverMode::Off,

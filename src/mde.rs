@@ -464,6 +464,11 @@ pub struct ListPage {
 pub struct Listed {
     pub key: u128,
     pub status: ActionStatus,
+    /// Its `type`: 1 + the index in `domain::ACTION_TYPES`, 0 for another or none.
+    kind: u8,
+    /// Since when it has been in its status, as far as the entry says (its last update
+    /// time, else its creation), for an entry not finished; None otherwise.
+    pub since: Option<SystemTime>,
     /// Where the entry's JSON object lies in the page's body.
     span: (u32, u32),
 }
@@ -471,6 +476,15 @@ pub struct Listed {
 impl Listed {
     pub fn id(&self) -> ActionId {
         ActionId::from_key(self.key)
+    }
+
+    /// MDE's `type` when it is one of the documented ones, else "other".
+    pub fn kind(&self) -> &'static str {
+        usize::from(self.kind)
+            .checked_sub(1)
+            .and_then(|i| crate::domain::ACTION_TYPES.get(i))
+            .copied()
+            .unwrap_or("other")
     }
 }
 
@@ -544,9 +558,26 @@ impl ListPage {
                         filter.as_str()
                     )));
                 }
+                let since = (!status.is_terminal())
+                    .then(|| {
+                        w.last_update_date_time_utc
+                            .as_deref()
+                            .or(w.last_update_time_utc.as_deref())
+                            .or(w.creation_date_time_utc.as_deref())
+                            .and_then(crate::domain::parse_time)
+                    })
+                    .flatten();
+                let kind = w
+                    .kind
+                    .as_deref()
+                    .and_then(|k| crate::domain::ACTION_TYPES.iter().position(|t| *t == k))
+                    .and_then(|i| u8::try_from(i).ok())
+                    .map_or(0, |i| i.saturating_add(1));
                 listed.push(Listed {
                     key,
                     status,
+                    kind,
+                    since,
                     // A sub-slice of the body (capped far below 4 GiB), so the offset fits.
                     span: (
                         (text.as_ptr() as usize).saturating_sub(base) as u32,

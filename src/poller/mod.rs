@@ -22,6 +22,7 @@
 
 mod active;
 mod call;
+mod hazard;
 mod outcome;
 mod pass;
 mod stall;

@@ -7,11 +7,12 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::{DiscoverMode, SweepMode};
+use crate::config::{Cadence, DiscoverMode, SweepMode};
 use crate::domain::ActionId;
 use crate::mde::{FetchedAction, ListPage, Listed, MdeError, SweepFilter};
 use crate::store::{DueAction, Endpoint, PollResult, PollWrite, SweepRecord};
 
+use super::hazard::{self, Census, Curve, Debt, Group, Hazards};
 use super::{CallError, Halt, Poller, REMEASURE_AFTER, SWEEP_SHARE};
 
 /// What the loop knows about sweeping this tenant.
@@ -48,6 +49,23 @@ pub(super) struct SweepState {
     /// sweep and once a page (memory freed on one thread stays resident in its arena).
     pub(super) spare_index: HashMap<u128, crate::store::Tracked>,
     pub(super) spare_buffer: Vec<u8>,
+    /// What the recorded transitions teach about when actions change.
+    pub(super) learned: Learned,
+}
+
+/// The history the cadence plans with (`hazard`).
+#[derive(Debug, Default)]
+pub(super) struct Learned {
+    /// Finished stays by (type, status), read from the transitions.
+    history: HashMap<Group, Curve>,
+    /// The last transition read into `history`; None before the first read.
+    read_to: Option<i64>,
+    /// The last complete sweep's census and when that sweep started.
+    census: Option<(tokio::time::Instant, Census)>,
+    hazards: Hazards,
+    /// The interval planned from them, and when it was planned (planned again once
+    /// `YOUNG_RATE_READS` allows, as arrivals change it).
+    planned: Option<(tokio::time::Instant, Duration)>,
 }
 
 /// How a sweep's listing ended.
@@ -159,7 +177,11 @@ impl Poller {
     /// page then costs what parsing it costs, and only what changed is written. Actions
     /// that would come due before `due_by` get a later safety net when listed, so that no
     /// pass fetches them by id.
-    async fn load_index(&self, due_by: SystemTime) -> Result<SweepIndex, Halt> {
+    async fn load_index(
+        &self,
+        due_by: SystemTime,
+        started: SystemTime,
+    ) -> Result<SweepIndex, Halt> {
         let loading = tokio::time::Instant::now();
         let mut tracked = std::mem::take(&mut self.sweep_state().spare_index);
         self.store
@@ -172,7 +194,11 @@ impl Poller {
             ms = loading.elapsed().as_millis() as u64,
             "sweep index loaded"
         );
-        Ok(SweepIndex { tracked })
+        Ok(SweepIndex {
+            tracked,
+            census: Census::default(),
+            started,
+        })
     }
 
     /// Makes the tracked actions a complete sweep did not list due, for a pass to fetch.
@@ -262,8 +288,14 @@ impl Poller {
     }
 
     /// Time between sweeps of `cost` calls: where change is likely, often; where it is not,
-    /// up to `sweep_interval`; never faster than the budget's share for sweeps pays.
+    /// up to `sweep_interval`; never faster than the budget's share for sweeps pays. From
+    /// the learned rates of change when the history can speak for most tracked actions,
+    /// else from the rate the last sweeps saw and the young actions' likely changes.
     async fn sweep_cadence(&self, cost: u32) -> Result<Duration, Halt> {
+        let floor = self.gate.budget.sustainable_interval(cost, SWEEP_SHARE);
+        if let Some(interval) = self.learned_cadence(cost).await? {
+            return Ok(interval.min(self.settings.sweep_interval).max(floor));
+        }
         let cached = self
             .sweep_state()
             .young_rate_within(self.settings.young_for / YOUNG_RATE_READS);
@@ -285,8 +317,130 @@ impl Poller {
             cost,
             seen.max(young),
             self.settings.sweep_interval,
-            self.gate.budget.sustainable_interval(cost, SWEEP_SHARE),
+            floor,
         ))
+    }
+
+    /// The interval after the last complete sweep at which the lag owed to the changes
+    /// its census's actions are expected to make (and to the ids enqueued since, unseen)
+    /// is worth the sweep's calls (`hazard::time_to_owe`). None while the history cannot
+    /// speak for `LEARNED_COVERAGE` of the census.
+    async fn learned_cadence(&self, cost: u32) -> Result<Option<Duration>, Halt> {
+        if self.settings.cadence == Cadence::Observed {
+            return Ok(None);
+        }
+        let census_started = {
+            let st = self.sweep_state();
+            let learned = &st.learned;
+            let Some((started, _)) = &learned.census else {
+                return Ok(None);
+            };
+            if learned.hazards.is_empty() {
+                return Ok(None);
+            }
+            if let Some((at, interval)) = learned.planned
+                && at.elapsed() < self.settings.young_for / YOUNG_RATE_READS
+            {
+                return Ok(Some(interval));
+            }
+            *started
+        };
+        let since = SystemTime::now()
+            .checked_sub(census_started.elapsed())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let (arrivals, arrivals_at) = self
+            .store
+            .unseen_arrivals(since)
+            .await
+            .map_err(Halt::Store)?;
+        let mut st = self.sweep_state();
+        let change_rate = st.change_rate.unwrap_or(0.0);
+        let learned = &mut st.learned;
+        let Some((_, census)) = &learned.census else {
+            return Ok(None);
+        };
+        let coverage = learned.hazards.coverage(census);
+        if coverage < LEARNED_COVERAGE {
+            learned.planned = None;
+            debug!(
+                coverage,
+                "the history does not yet speak for the tracked actions"
+            );
+            return Ok(None);
+        }
+        let debt = Debt {
+            arrivals: arrivals as f64,
+            arrivals_at,
+            fallback_rate: change_rate / census.total().max(1) as f64,
+        };
+        let price = f64::from(cost.max(1)) * self.settings.lag_per_call.as_secs_f64();
+        let longest = self.settings.sweep_interval.as_secs_f64();
+        let secs = hazard::time_to_owe(&learned.hazards, census, debt, price, longest);
+        let interval = Duration::try_from_secs_f64(secs).unwrap_or(self.settings.sweep_interval);
+        learned.planned = Some((tokio::time::Instant::now(), interval));
+        debug!(
+            coverage,
+            arrivals,
+            interval_ms = interval.as_millis() as u64,
+            "sweep interval from the learned rates"
+        );
+        Ok(Some(interval))
+    }
+
+    /// After a complete sweep: the transitions recorded since the last read join the
+    /// history, and the rates are learned anew with this sweep's census. A failed read
+    /// keeps the rates as they were (the cadence does without them).
+    async fn learn_rates(&self, census: Census, started: tokio::time::Instant) {
+        let first = self.sweep_state().learned.read_to;
+        let mut after = match first {
+            Some(id) => id,
+            None => match self.store.last_transition_id().await {
+                Ok(last) => last.saturating_sub(HISTORY_START),
+                Err(e) => {
+                    warn!(error = %e, "cannot read the transitions' history; the cadence does without it");
+                    return;
+                }
+            },
+        };
+        let mut fresh: Vec<(Group, f64)> = Vec::new();
+        for _ in 0..HISTORY_READS_PER_SWEEP {
+            let rows = match self.store.dwells_after(after, HISTORY_READ).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    warn!(error = %e, "cannot read the transitions' history; the cadence does without it");
+                    break;
+                }
+            };
+            let complete = rows.len() < HISTORY_READ as usize;
+            for d in rows {
+                after = d.id;
+                if let (Some(status), Some(secs)) = (d.status, d.seconds)
+                    && secs >= 0.0
+                {
+                    let kind = d
+                        .kind
+                        .filter(|t| crate::domain::is_known_action_type(t))
+                        .unwrap_or_else(|| "other".to_string());
+                    fresh.push(((kind.into(), status.into()), secs));
+                }
+            }
+            if complete {
+                break;
+            }
+        }
+        let mut st = self.sweep_state();
+        let learned = &mut st.learned;
+        for (group, secs) in fresh {
+            learned
+                .history
+                .entry(group)
+                .or_default()
+                .add(secs, true, 1.0);
+        }
+        learned.read_to = Some(after);
+        learned.hazards = Hazards::learn(&learned.history, &census);
+        learned.census = Some((started, census));
+        learned.planned = None;
     }
 
     pub(super) fn discovering(&self) -> bool {
@@ -388,7 +542,9 @@ impl Poller {
             outcome: "failed",
             ..SweepRecord::default()
         };
-        let mut sweep = self.load_index(started_at + plan.interval * 2).await?;
+        let mut sweep = self
+            .load_index(started_at + plan.interval * 2, started_at)
+            .await?;
         let result = self
             .list_tenant(plan, sweep_id, &mut record, &mut sweep, cancel)
             .await;
@@ -406,6 +562,8 @@ impl Poller {
             let gap = previous.map(|p| started.duration_since(p));
             self.sweep_state()
                 .learn(plan, record.pages.max(1) + fetches, record.changed, gap);
+            self.learn_rates(std::mem::take(&mut sweep.census), started)
+                .await;
         }
         if let Ok(Listing::Refused) = result {
             record.outcome = "rejected";
@@ -733,6 +891,9 @@ impl Poller {
 /// A sweep's view of the tracked actions (`Store::sweep_index`), marked as pages list them.
 pub(super) struct SweepIndex {
     tracked: HashMap<u128, crate::store::Tracked>,
+    /// The tracked active actions listed, by type, status and time in it at `started`.
+    census: Census,
+    started: SystemTime,
 }
 
 /// A page's entries by what checking them takes.
@@ -765,6 +926,14 @@ pub(super) fn sort_page<'p>(
             Some(t) => {
                 t.seen = true;
                 record.checked += 1;
+                if let Some(since) = l.since {
+                    let dwell = sweep
+                        .started
+                        .duration_since(since)
+                        .unwrap_or_default()
+                        .as_secs_f64();
+                    sweep.census.count(l.kind(), l.status.as_str(), dwell);
+                }
                 let changed = t.status.as_ref() != Some(&l.status);
                 record.changed += u64::from(changed);
                 if changed || t.due_soon {
@@ -776,6 +945,16 @@ pub(super) fn sort_page<'p>(
     }
     sort
 }
+
+/// Share of a census the learned rates must speak for before they set the cadence.
+const LEARNED_COVERAGE: f64 = 0.8;
+
+/// Transitions read into the history on the first sweep after a start (the most recent),
+/// and per read after it; reads per sweep at most (a churning tenant at 100,000 records
+/// thousands a sweep).
+const HISTORY_START: i64 = 50_000;
+const HISTORY_READ: u32 = 5_000;
+const HISTORY_READS_PER_SWEEP: u32 = 20;
 
 /// Reads of the young actions' expected changes per `young_for` at most (once a second
 /// with the default 10 minutes): a read stands that long.
@@ -870,7 +1049,13 @@ mod tests {
             (B, "Succeeded"),
         ]
         .iter()
-        .map(|(id, st)| format!(r#"{{"id": "{id}", "status": "{st}"}}"#))
+        .map(|(id, st)| {
+            format!(
+                r#"{{"id": "{id}", "status": "{st}", "type": "Isolate",
+                     "creationDateTimeUtc": "2026-12-01T09:50:00Z",
+                     "lastUpdateDateTimeUtc": "2026-12-01T09:55:00.5Z"}}"#
+            )
+        })
         .collect();
         let body = format!(r#"{{"value": [{}]}}"#, entries.join(","));
         let page = ListPage::parse(body, None).unwrap();
@@ -881,6 +1066,8 @@ mod tests {
                 (key(C), tracked("Pending", false, true)),
                 (key(D), tracked("Pending", true, false)),
             ]),
+            census: Census::default(),
+            started: crate::domain::parse_time("2026-12-01T10:05:00.5Z").unwrap(),
         };
         let mut record = SweepRecord::default();
         let sort = sort_page(&page, &mut sweep, &mut record);
@@ -892,6 +1079,16 @@ mod tests {
         // B listed twice is checked once; D is checked once revived, E once adopted.
         assert_eq!((record.checked, record.changed), (3, 1));
         assert!(sweep.tracked.values().all(|t| t.seen));
+        // The census holds the tracked actions still going (A, C), by type, status and
+        // the 600 s since their last update; not B (finished), D (lost) nor E (a stranger).
+        assert_eq!(sweep.census.total(), 2);
+        let cells = |status: &str| {
+            sweep.census.cells[&(Box::from("Isolate"), Box::from(status))]
+                .iter()
+                .position(|n| *n == 1)
+        };
+        assert_eq!(cells("InProgress"), Some(hazard::bucket(600.0)));
+        assert_eq!(cells("Pending"), Some(hazard::bucket(600.0)));
     }
 
     #[test]

@@ -162,26 +162,37 @@ impl SimAction {
                 ActionStatus::Cancelled if ran => "Completed",
                 _ => "Created",
             };
-            vec![LiveResponseCommand {
-                index: 0,
-                start_time,
-                end_time: status
-                    .is_terminal()
-                    .then(|| mde_time(self.step_time(step), 7)),
-                command_status,
-                errors: if command_status == "Failed" {
-                    vec!["The script timed out or failed on the device"]
-                } else {
-                    Vec::new()
-                },
-                command: LiveResponseCommandBody {
-                    command_type: "RunScript",
-                    params: vec![KeyValue {
-                        key: "ScriptName",
-                        value: "collect-triage.ps1",
-                    }],
-                },
-            }]
+            let command =
+                |index: u32, command_type: &'static str, key: &'static str, value: &'static str| {
+                    LiveResponseCommand {
+                        index,
+                        start_time: start_time.clone(),
+                        end_time: status
+                            .is_terminal()
+                            .then(|| mde_time(self.step_time(step), 7)),
+                        command_status,
+                        errors: if command_status == "Failed" {
+                            vec!["The script timed out or failed on the device"]
+                        } else {
+                            Vec::new()
+                        },
+                        command: LiveResponseCommandBody {
+                            command_type,
+                            params: vec![KeyValue { key, value }],
+                        },
+                    }
+                };
+            let mut commands = vec![command(0, "RunScript", "ScriptName", "collect-triage.ps1")];
+            // Every third session also fetches a file (its output is the file, gzipped).
+            if self.index % 3 == 2 {
+                commands.push(command(
+                    1,
+                    "GetFile",
+                    "Path",
+                    "C:\\Windows\\Temp\\suspicious.ps1",
+                ));
+            }
+            commands
         });
         ActionJson {
             context: context.then_some(

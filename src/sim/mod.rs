@@ -13,6 +13,7 @@
 //! the other origin a redirect points at (it must never be reached).
 
 mod actions;
+pub mod evidence;
 mod filter;
 mod http;
 mod identity;
@@ -156,6 +157,8 @@ pub struct SimConfig {
     pub hostile_token: Option<Hostile>,
     /// The longest request head the front end takes; longer ones get 431.
     pub max_request_head: usize,
+    /// Investigation packages and live response output, and the blob storage behind them.
+    pub evidence: evidence::EvidenceConfig,
 }
 
 /// The app registration's certificate: the public key that verifies assertions and the DER
@@ -208,6 +211,7 @@ impl Default for SimConfig {
             hostile_api: None,
             hostile_token: None,
             max_request_head: SIM_MAX_REQUEST_HEAD,
+            evidence: evidence::EvidenceConfig::default(),
         }
     }
 }
@@ -256,10 +260,15 @@ struct State {
     /// A 429 was written at `.0`; calls before `.1` earn another.
     retry_window: Option<(Instant, Instant)>,
     stats: SimStats,
+    evidence: evidence::EvidenceState,
+    evidence_stats: evidence::EvidenceStats,
+    /// Where the blob storage listens, as links name it.
+    blob_base: String,
 }
 
 pub struct Simulator {
     addr: SocketAddr,
+    blob_addr: SocketAddr,
     tenant: Arc<Tenant>,
     stop: CancellationToken,
 }
@@ -273,6 +282,9 @@ impl Simulator {
     pub async fn start(config: SimConfig) -> std::io::Result<Self> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
+        // Blob storage is another origin: its own port, never sent the API's token.
+        let blob_listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let blob_addr = blob_listener.local_addr()?;
         let rng = fastrand::Rng::with_seed(config.seed);
         let config_seed = config.seed;
         let tenant = Arc::new(Tenant {
@@ -288,15 +300,37 @@ impl Simulator {
                 long_window: VecDeque::new(),
                 retry_window: None,
                 stats: SimStats::default(),
+                evidence: evidence::EvidenceState::default(),
+                evidence_stats: evidence::EvidenceStats::default(),
+                blob_base: format!("http://{blob_addr}"),
             }),
         });
         let stop = CancellationToken::new();
         tokio::spawn(http::serve(listener, tenant.clone(), stop.clone()));
-        Ok(Self { addr, tenant, stop })
+        let blobs = Arc::new(evidence::BlobStorage {
+            tenant: tenant.clone(),
+        });
+        tokio::spawn(http::serve(blob_listener, blobs, stop.clone()));
+        Ok(Self {
+            addr,
+            blob_addr,
+            tenant,
+            stop,
+        })
     }
 
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The blob storage origin evidence links point at (`http://127.0.0.1:port`).
+    pub fn blob_url(&self) -> String {
+        format!("http://{}", self.blob_addr)
+    }
+
+    /// What the evidence endpoints and the blob storage saw.
+    pub fn evidence_stats(&self) -> evidence::EvidenceStats {
+        self.lock().evidence_stats.clone()
     }
 
     /// The authority to configure (`auth.authority`); the tenant is `SIM_TENANT`.
@@ -553,6 +587,11 @@ impl Simulator {
     /// Every access token handed out so far (tests look for leaks of them).
     pub fn issued_tokens(&self) -> Vec<String> {
         self.lock().issued.clone()
+    }
+
+    /// How evidence is served from now on (links issued before keep their expiry).
+    pub fn set_evidence(&self, config: evidence::EvidenceConfig) {
+        self.lock().config.evidence = config;
     }
 
     pub fn set_fault_rate(&self, rate: f64) {

@@ -8,6 +8,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::actions::{ActionJson, SimAction};
+use super::evidence::Blob;
 use super::filter::{Selection, parse_filter};
 use super::http::{self, Reply, Request, form_decode};
 use super::identity::{check_client_credential, issue_token, token_forbidden};
@@ -15,7 +16,7 @@ use super::{
     Fault, Hostile, SIM_API_AUDIENCE, SIM_CLIENT_ID, SIM_SCOPE, SIM_TENANT, SimConfig, State,
     Tenant,
 };
-use crate::domain::{ActionId, format_time};
+use crate::domain::{ActionId, ActionStatus, format_time};
 
 impl Tenant {
     pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -306,10 +307,18 @@ impl Tenant {
             .path
             .strip_prefix("/api/machineactions/")
             .map(str::to_string);
-        if single.is_some() {
-            s.stats.get_calls += 1;
-        } else {
-            s.stats.list_calls += 1;
+        // `{id}/getPackageUri`, `{id}/GetLiveResponseResultDownloadLink(index=N)`.
+        let (single, follow_up) = match single {
+            Some(path) => match path.split_once('/') {
+                Some((id, rest)) => (Some(id.to_string()), Some(rest.to_string())),
+                None => (Some(path), None),
+            },
+            None => (None, None),
+        };
+        match (&single, &follow_up) {
+            (Some(_), None) => s.stats.get_calls += 1,
+            (None, _) => s.stats.list_calls += 1,
+            (Some(_), Some(_)) => {}
         }
 
         // A Retry-After in force answers everything with another 429.
@@ -444,6 +453,9 @@ impl Tenant {
             _ => {}
         }
 
+        if let (Some(raw_id), Some(rest)) = (&single, &follow_up) {
+            return (self.follow_up(s, raw_id, rest, now), delay);
+        }
         let body = match single {
             Some(raw_id) => {
                 let Ok(id) = ActionId::parse(&raw_id) else {
@@ -590,6 +602,99 @@ impl Tenant {
 }
 
 impl Tenant {
+    /// The evidence calls on one action: a link to its investigation package, or to the
+    /// output of one of its live response commands.
+    fn follow_up(&self, s: &mut State, raw_id: &str, rest: &str, now: Instant) -> Reply {
+        let Ok(id) = ActionId::parse(raw_id) else {
+            return odata_error(
+                400,
+                "InvalidRequestBody",
+                &format!("'{raw_id}' is not a valid action id"),
+            );
+        };
+        let not_found = |what: &str| odata_error(404, "ResourceNotFound", what);
+        let lifetime = s.config.evidence.link_lifetime;
+        if rest.eq_ignore_ascii_case("getPackageUri") {
+            s.evidence_stats.package_uri_calls += 1;
+            if let Some(until) = s.evidence.package_call(&s.config.evidence, now) {
+                s.evidence_stats.package_uri_limited += 1;
+                return self.too_many(&s.config, until - now);
+            }
+            // 404 until the collection has completed; also for any other type.
+            let ready = s.actions.get(&id).is_some_and(|a| {
+                a.visible(now)
+                    && a.action_type == "CollectInvestigationPackage"
+                    && *a.lifecycle.at(a.age(now)).1 == ActionStatus::Succeeded
+            });
+            if !ready {
+                return not_found(&format!("Package for action {id} was not found"));
+            }
+            let sig = s
+                .evidence
+                .issue(Blob::Package(id.clone()), lifetime, &mut s.rng);
+            s.evidence_stats.links_issued += 1;
+            let url = format!(
+                "{}/safedownload/WDATP_Investigation_Package.zip?se={}&sr=b&sp=r&sig={sig}",
+                s.blob_base,
+                format_time(SystemTime::now() + lifetime)
+            );
+            // The service wraps the URL in escaped quotes.
+            return Reply::json(
+                200,
+                json!({
+                    "@odata.context": "https://api.securitycenter.microsoft.com/api/$metadata#Edm.String",
+                    "value": format!("\"{url}\""),
+                })
+                .to_string(),
+            );
+        }
+        let index = rest
+            .strip_prefix("GetLiveResponseResultDownloadLink(index=")
+            .and_then(|r| r.strip_suffix(')'))
+            .map(str::parse::<u32>);
+        match index {
+            Some(Ok(index)) => {
+                s.evidence_stats.live_response_link_calls += 1;
+                let command = s
+                    .actions
+                    .get(&id)
+                    .filter(|a| a.visible(now) && a.action_type == "LiveResponse")
+                    .and_then(|a| {
+                        a.to_json(now, false)
+                            .commands
+                            .iter()
+                            .find(|c| c.index == index && c.command_status == "Completed")
+                            .map(|c| c.command.command_type)
+                    });
+                let Some(command) = command else {
+                    return not_found(&format!("No completed command {index} for action {id}"));
+                };
+                let blob = Blob::CommandOutput {
+                    action: id.clone(),
+                    index,
+                    command,
+                };
+                let sig = s.evidence.issue(blob, lifetime, &mut s.rng);
+                s.evidence_stats.links_issued += 1;
+                let url = format!(
+                    "{}/liveresponse/{id}/{index}/output?sv=2021-08-06&se={}&sr=b&sp=r&sig={sig}",
+                    s.blob_base,
+                    format_time(SystemTime::now() + lifetime)
+                );
+                Reply::json(
+                    200,
+                    json!({
+                        "@odata.context": "https://api.securitycenter.microsoft.com/api/$metadata#Edm.String",
+                        "value": url,
+                    })
+                    .to_string(),
+                )
+            }
+            Some(Err(_)) => odata_error(400, "InvalidInput", "index must be a whole number"),
+            None => not_found(&format!("Resource '{rest}' was not found")),
+        }
+    }
+
     fn too_many(&self, config: &SimConfig, wait: Duration) -> Reply {
         // Whole seconds, rounded up, as the service sends; fractions only for time-scaled
         // benchmarks, where a whole second would be minutes of simulated time.

@@ -183,6 +183,18 @@ pub enum Enqueued {
     Known(Tracking),
 }
 
+/// One finished stay of an action in a status (`Store::dwells_after`).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Dwell {
+    /// The transition out of the status.
+    pub id: i64,
+    /// The action's MDE type.
+    pub kind: Option<String>,
+    pub status: Option<String>,
+    /// How long it lasted by MDE's clock; None when the record cannot say.
+    pub seconds: Option<f64>,
+}
+
 /// An action that is due (or nearly due) for a poll.
 #[derive(Debug, Clone)]
 pub struct DueAction {

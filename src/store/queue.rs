@@ -348,6 +348,28 @@ impl Store {
         Ok(())
     }
 
+    /// The highest transition id (0 when there is none).
+    pub async fn last_transition_id(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM transitions")
+                .fetch_one(&self.reader)
+                .await?,
+        )
+    }
+
+    /// Active actions enqueued after `since` that no answer has described yet: how many,
+    /// and their mean enqueue time in seconds after `since`.
+    pub async fn unseen_arrivals(&self, since: SystemTime) -> Result<(u64, f64)> {
+        let (n, mean): (i64, Option<f64>) = sqlx::query_as(
+            "SELECT count(*), avg((julianday(enqueued_at) - julianday(?1)) * 86400.0)
+             FROM actions WHERE tracking = 'active' AND enqueued_at > ?1 AND status IS NULL",
+        )
+        .bind(format_time(since))
+        .fetch_one(&self.reader)
+        .await?;
+        Ok((u64::try_from(n).unwrap_or(0), mean.unwrap_or(0.0)))
+    }
+
     /// The changes per second to expect from actions enqueued within `young` before
     /// `now`: one per (age + young/10) each, from the `actions_active_enqueued` index.
     pub async fn young_change_rate(&self, now: SystemTime, young: Duration) -> Result<f64> {

@@ -5,7 +5,9 @@ use std::time::SystemTime;
 
 use crate::domain::{ActionId, Tracking, format_time};
 
-use super::{ActionRow, Counts, ReportCounts, Result, Store, TransitionExport, TransitionRow};
+use super::{
+    ActionRow, Counts, Dwell, ReportCounts, Result, Store, TransitionExport, TransitionRow,
+};
 use crate::domain::ACTION_FIELDS;
 
 /// SQL for an action's age in seconds at `now` (an SQL expression): since MDE created it,
@@ -21,6 +23,30 @@ pub(super) fn type_allowed_sql(row: &str, types: &str) -> String {
 }
 
 impl Store {
+    /// Stays in a status that ended, from the transitions with an id above `after` (at most
+    /// `limit`, in order): the status left, the action's type and how long it lasted by
+    /// MDE's update times (NULL when an answer lacked one, or the previous transition
+    /// recorded is not the entry into that status). The sweep cadence learns from them
+    /// when actions change (`poller::hazard`).
+    pub async fn dwells_after(&self, after: i64, limit: u32) -> Result<Vec<Dwell>> {
+        Ok(sqlx::query_as(
+            "SELECT t.id, a.action_type AS kind, t.from_status AS status,
+                    CASE WHEN p.to_status = t.from_status
+                         THEN (julianday(t.mde_updated_at) - julianday(p.mde_updated_at)) * 86400.0
+                    END AS seconds
+             FROM transitions t
+             JOIN actions a ON a.action_id = t.action_id
+             LEFT JOIN transitions p ON p.id = (SELECT max(q.id) FROM transitions q
+                                                WHERE q.action_id = t.action_id AND q.id < t.id)
+             WHERE t.id > ?1
+             ORDER BY t.id LIMIT ?2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
     /// MDE's creation time of the oldest active action that has been seen at least once.
     pub async fn oldest_active_created(&self) -> Result<Option<String>> {
         Ok(sqlx::query_scalar(

@@ -379,13 +379,19 @@ async fn the_full_entity_live_response_commands_and_partial_cancels_are_kept() {
         .unwrap();
     let rows: Vec<CommandRow> = sqlx::query_as(
         "SELECT action_id, action_status, command_index, command_type, command_status, errors
-             FROM live_response_commands ORDER BY action_id",
+             FROM live_response_commands ORDER BY action_id, command_index",
     )
     .fetch_all(&pool)
     .await
     .unwrap();
     let find = |id: &ActionId| rows.iter().find(|r| r.0 == id.as_str()).cloned();
-    assert_eq!(rows.len(), 3, "{rows:?}");
+    // One row per command: every third session also ran a GetFile (index 1).
+    let getfile: Vec<_> = rows.iter().filter(|r| r.2 == Some(1)).collect();
+    assert!(
+        getfile.iter().all(|r| r.3.as_deref() == Some("GetFile")) && getfile.len() <= 1,
+        "{rows:?}"
+    );
+    assert_eq!(rows.len(), 3 + getfile.len(), "{rows:?}");
     let (_, st, index, ty, cs, _) = find(&succeeded).unwrap();
     assert_eq!(
         (st.as_str(), index, ty.as_deref(), cs.as_deref()),
@@ -522,5 +528,215 @@ async fn unknown_statuses_and_types_are_kept_counted_and_polled_on() {
                 r#"mde_actiond_unknown_values_total{field="type",value="IsolateHarder"}"#
             ),
         "{metrics}"
+    );
+}
+
+/// The simulated tenant serves evidence as MDE-API.md says the service does: a package
+/// link only once the collection succeeded (404 before), wrapped in escaped quotes, at 2
+/// calls a minute of its own; a plain link for a live response command that completed;
+/// blob storage on another origin that takes no bearer token, answers 403
+/// `AuthenticationFailed` once a link has expired, streams a package of the configured
+/// size, gzips GetFile output and can cut a download short.
+#[tokio::test]
+async fn the_tenant_serves_evidence_links_and_blobs_like_the_service() {
+    use mde_actiond::sim::evidence::{self, EvidenceConfig};
+    let env = TestEnv::new(SimConfig {
+        evidence: EvidenceConfig {
+            package_size: 300_000,
+            ..EvidenceConfig::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let sim = &env.sim;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let tokens = mde_actiond::auth::TokenProvider::new(
+        mde_actiond::auth::build_source(
+            &env.settings,
+            mde_actiond::mde::http_client(Duration::from_secs(10), Duration::from_secs(5)).unwrap(),
+        )
+        .unwrap(),
+    );
+    let token = tokens.token().await.unwrap();
+    let api = |path: String| {
+        let http = http.clone();
+        let bearer = format!("Bearer {}", token.expose());
+        let url = format!("{}/api/machineactions/{path}", sim.base_url());
+        async move {
+            let r = http
+                .get(url)
+                .header("authorization", bearer)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: serde_json::Value =
+                serde_json::from_str(&r.text().await.unwrap()).unwrap_or_default();
+            (status, body)
+        }
+    };
+    let package = sim.create_action_on(
+        Lifecycle::simple(
+            Duration::from_millis(100),
+            Duration::from_millis(400),
+            ActionStatus::Succeeded,
+        ),
+        "CollectInvestigationPackage",
+        3,
+    );
+    // Not complete yet: 404, ResourceNotFound.
+    let (status, body) = api(format!("{package}/getPackageUri")).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "ResourceNotFound");
+    eventually(
+        Duration::from_secs(10),
+        "the collection succeeds",
+        || async { sim.status_now(&package) == Some(ActionStatus::Succeeded) },
+    )
+    .await;
+    // Ready: the URL wrapped in escaped quotes, on the blob origin.
+    let (status, body) = api(format!("{package}/GetPackageUri")).await;
+    assert_eq!(status, 200, "{body}");
+    let quoted = body["value"].as_str().unwrap();
+    assert!(quoted.starts_with('"') && quoted.ends_with('"'), "{quoted}");
+    let url = quoted.trim_matches('"').to_string();
+    assert!(url.starts_with(&sim.blob_url()), "{url}");
+    // Its own limit: the third call within a minute is a 429 with Retry-After.
+    let (status, _) = api(format!("{package}/getPackageUri")).await;
+    assert_eq!(status, 429);
+    let blob = http.get(&url).send().await.unwrap();
+    assert_eq!(blob.status(), 200);
+    let bytes = blob.bytes().await.unwrap();
+    assert_eq!(bytes.len(), 300_000);
+    assert_eq!(&bytes[..], &evidence::package_content(300_000)[..]);
+
+    // Live response: a RunScript output (JSON) and a GetFile output (gzip), by index.
+    let lr: Vec<ActionId> = (0..3)
+        .map(|_| {
+            sim.create_action_on(
+                Lifecycle::simple(
+                    Duration::from_millis(50),
+                    Duration::from_millis(100),
+                    ActionStatus::Succeeded,
+                ),
+                "LiveResponse",
+                4,
+            )
+        })
+        .collect();
+    eventually(Duration::from_secs(10), "the sessions succeed", || async {
+        lr.iter()
+            .all(|id| sim.status_now(id) == Some(ActionStatus::Succeeded))
+    })
+    .await;
+    let mut outputs = Vec::new();
+    for id in &lr {
+        for index in 0..2 {
+            let (status, body) = api(format!(
+                "{id}/GetLiveResponseResultDownloadLink(index={index})"
+            ))
+            .await;
+            if status == 404 {
+                continue;
+            }
+            assert_eq!(status, 200, "{body}");
+            let url = body["value"].as_str().unwrap().to_string();
+            assert!(
+                !url.starts_with('"'),
+                "only package links are quoted: {url}"
+            );
+            let bytes = http.get(&url).send().await.unwrap().bytes().await.unwrap();
+            outputs.push((id.clone(), index, bytes.to_vec()));
+        }
+    }
+    let scripts: Vec<_> = outputs.iter().filter(|(_, i, _)| *i == 0).collect();
+    assert_eq!(scripts.len(), 3, "every session ran its script");
+    for (id, _, bytes) in &scripts {
+        let out: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+        assert_eq!(out["exit_code"], 0);
+        assert!(out["script_output"].as_str().unwrap().contains(id.as_str()));
+    }
+    let files: Vec<_> = outputs.iter().filter(|(_, i, _)| *i == 1).collect();
+    assert_eq!(files.len(), 1, "every third session also fetched a file");
+    let gz = &files[0].2;
+    assert_eq!(&gz[..2], &[0x1f, 0x8b], "GetFile output is gzip");
+    assert_eq!(
+        gz,
+        &evidence::gzip_stored(&evidence::get_file_content(&files[0].0))
+    );
+
+    // An expired link: 403 AuthenticationFailed; the link is made anew by asking again.
+    sim.set_evidence(EvidenceConfig {
+        link_lifetime: Duration::from_secs(1),
+        package_size: 300_000,
+        drop_downloads: 0,
+        ..EvidenceConfig::default()
+    });
+    let (_, body) = api(format!(
+        "{}/GetLiveResponseResultDownloadLink(index=0)",
+        lr[0]
+    ))
+    .await;
+    let short = body["value"].as_str().unwrap().to_string();
+    let mut expired = http.get(&short).send().await.unwrap();
+    assert_eq!(expired.status(), 200, "valid while young");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while expired.status() == 200 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        expired = http.get(&short).send().await.unwrap();
+    }
+    assert_eq!(expired.status(), 403);
+    assert_eq!(
+        expired.headers()["x-ms-error-code"].to_str().unwrap(),
+        "AuthenticationFailed"
+    );
+    assert!(
+        expired
+            .text()
+            .await
+            .unwrap()
+            .contains("Signature not valid")
+    );
+
+    // A download cut short: fewer bytes than announced, and the client sees an error.
+    sim.set_evidence(EvidenceConfig {
+        package_size: 300_000,
+        drop_downloads: u32::MAX,
+        ..EvidenceConfig::default()
+    });
+    let (_, body) = api(format!(
+        "{}/GetLiveResponseResultDownloadLink(index=0)",
+        lr[1]
+    ))
+    .await;
+    let url = body["value"].as_str().unwrap().to_string();
+    let cut = http.get(&url).send().await.unwrap().bytes().await;
+    assert!(
+        cut.is_err(),
+        "a body cut short is an error, not a shorter file"
+    );
+
+    // Not a live response, or no such command: 404.
+    let (status, _) = api(format!(
+        "{package}/GetLiveResponseResultDownloadLink(index=0)"
+    ))
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = api(format!(
+        "{}/GetLiveResponseResultDownloadLink(index=7)",
+        lr[0]
+    ))
+    .await;
+    assert_eq!(status, 404);
+
+    let stats = sim.evidence_stats();
+    assert_eq!(stats.authorization_headers, 0);
+    assert_eq!(stats.package_uri_limited, 1);
+    assert!(
+        stats.expired_links >= 1 && stats.downloads_dropped >= 1,
+        "{stats:?}"
     );
 }

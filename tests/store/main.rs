@@ -1291,3 +1291,112 @@ async fn a_1_5_database_keeps_its_call_log_through_the_rebuild() {
     assert_eq!(row, (41, sent, "list".to_string(), 12, Some(7)));
     pool.close().await;
 }
+
+/// The cadence learns how long actions stay in each status from the transitions, by MDE's
+/// update times: a stay is the time between the answer that entered a status and the one
+/// that left it; the first status seen has no stay before it, and a stay whose entry was
+/// not recorded (a status skipped between two looks) is not measured.
+#[tokio::test]
+async fn dwells_are_read_from_the_transitions_by_mde_times() {
+    let (_dir, store) = fresh().await;
+    let a = ids(2, 41);
+    let now = SystemTime::now();
+    store.enqueue(&a, now).await.unwrap();
+    let at = |id: &ActionId, status: ActionStatus, updated: &str, next: NextStep| {
+        let mut w = observed(id, status, next);
+        if let PollResult::Observed(o) = &mut w.result {
+            o.updated_at = Some(updated.into());
+        }
+        w
+    };
+    let later = NextStep::PollAt(now + Duration::from_secs(5));
+    let steps = [
+        (ActionStatus::Pending, "2026-11-28T10:00:00.000Z"),
+        (ActionStatus::InProgress, "2026-11-28T10:01:30.000Z"),
+        (ActionStatus::Succeeded, "2026-11-28T10:11:30.000Z"),
+    ];
+    for (status, updated) in steps {
+        let next = if status.is_terminal() {
+            NextStep::Finish(Tracking::Done)
+        } else {
+            later.clone()
+        };
+        store
+            .record_polls(&[at(&a[0], status, updated, next)], now)
+            .await
+            .unwrap();
+    }
+    // The second action was seen Pending, then finished: the stay ending in Failed is
+    // Pending's, measured; it has no InProgress stay.
+    for (status, updated) in [
+        (ActionStatus::Pending, "2026-11-28T10:00:00.000Z"),
+        (ActionStatus::Failed, "2026-11-28T10:00:20.000Z"),
+    ] {
+        let next = if status.is_terminal() {
+            NextStep::Finish(Tracking::Done)
+        } else {
+            later.clone()
+        };
+        store
+            .record_polls(&[at(&a[1], status, updated, next)], now)
+            .await
+            .unwrap();
+    }
+    let dwells = store.dwells_after(0, 100).await.unwrap();
+    let measured: Vec<(Option<String>, Option<String>, i64)> = dwells
+        .iter()
+        .filter_map(|d| {
+            d.seconds
+                .map(|s| (d.kind.clone(), d.status.clone(), s.round() as i64))
+        })
+        .collect();
+    assert_eq!(
+        measured,
+        vec![
+            (Some("Isolate".into()), Some("Pending".into()), 90),
+            (Some("Isolate".into()), Some("InProgress".into()), 600),
+            (Some("Isolate".into()), Some("Pending".into()), 20),
+        ]
+    );
+    // Five transitions in all; reading on from the last id finds nothing more.
+    assert_eq!(dwells.len(), 5);
+    let last = store.last_transition_id().await.unwrap();
+    assert_eq!(last, dwells.last().unwrap().id);
+    assert!(store.dwells_after(last, 100).await.unwrap().is_empty());
+    // Paged: two at a time, in order.
+    let first_two = store.dwells_after(0, 2).await.unwrap();
+    assert_eq!(first_two.len(), 2);
+    assert!(first_two[0].id < first_two[1].id);
+}
+
+/// Ids enqueued since a sweep and not yet described by any answer owe the sweep their
+/// first sighting; the cadence counts them.
+#[tokio::test]
+async fn unseen_arrivals_count_only_ids_no_answer_described() {
+    let (_dir, store) = fresh().await;
+    let a = ids(3, 42);
+    let census = SystemTime::now() - Duration::from_secs(60);
+    store
+        .enqueue(&a[..1], census - Duration::from_secs(10))
+        .await
+        .unwrap();
+    store
+        .enqueue(&a[1..], census + Duration::from_secs(20))
+        .await
+        .unwrap();
+    let (n, mean) = store.unseen_arrivals(census).await.unwrap();
+    assert_eq!(n, 2);
+    assert!((mean - 20.0).abs() < 0.01, "{mean}");
+    store
+        .record_polls(
+            &[observed(
+                &a[1],
+                ActionStatus::Pending,
+                NextStep::PollAt(census + Duration::from_secs(90)),
+            )],
+            census + Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.unseen_arrivals(census).await.unwrap().0, 1);
+}
