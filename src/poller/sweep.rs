@@ -391,13 +391,15 @@ impl Poller {
     /// history, and the rates are learned anew with this sweep's census. A failed read
     /// keeps the rates as they were (the cadence does without them).
     async fn learn_rates(&self, census: Census, started: tokio::time::Instant) {
+        const UNREADABLE: &str =
+            "cannot read the transitions' history; the cadence does without it";
         let first = self.sweep_state().learned.read_to;
         let mut after = match first {
             Some(id) => id,
             None => match self.store.last_transition_id().await {
                 Ok(last) => last.saturating_sub(HISTORY_START),
                 Err(e) => {
-                    warn!(error = %e, "cannot read the transitions' history; the cadence does without it");
+                    warn!(error = %e, "{UNREADABLE}");
                     return;
                 }
             },
@@ -407,7 +409,7 @@ impl Poller {
             let rows = match self.store.dwells_after(after, HISTORY_READ).await {
                 Ok(rows) => rows,
                 Err(e) => {
-                    warn!(error = %e, "cannot read the transitions' history; the cadence does without it");
+                    warn!(error = %e, "{UNREADABLE}");
                     break;
                 }
             };
@@ -562,8 +564,11 @@ impl Poller {
             let gap = previous.map(|p| started.duration_since(p));
             self.sweep_state()
                 .learn(plan, record.pages.max(1) + fetches, record.changed, gap);
-            self.learn_rates(std::mem::take(&mut sweep.census), started)
-                .await;
+            // The observed cadence has no use for the history: no reads for it.
+            if self.settings.cadence == Cadence::Learned {
+                self.learn_rates(std::mem::take(&mut sweep.census), started)
+                    .await;
+            }
         }
         if let Ok(Listing::Refused) = result {
             record.outcome = "rejected";

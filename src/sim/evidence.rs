@@ -210,12 +210,12 @@ impl EvidenceState {
         &mut self,
         blob: Blob,
         lifetime: Duration,
+        now: Instant,
         rng: &mut fastrand::Rng,
     ) -> String {
         let sig: String = (0..32)
             .map(|_| char::from_digit(rng.u32(0..16), 16).unwrap_or('0'))
             .collect();
-        let now = Instant::now();
         self.links.insert(
             sig.clone(),
             Link {

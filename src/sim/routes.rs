@@ -631,7 +631,7 @@ impl Tenant {
             }
             let sig = s
                 .evidence
-                .issue(Blob::Package(id.clone()), lifetime, &mut s.rng);
+                .issue(Blob::Package(id.clone()), lifetime, now, &mut s.rng);
             s.evidence_stats.links_issued += 1;
             let url = format!(
                 "{}/safedownload/WDATP_Investigation_Package.zip?se={}&sr=b&sp=r&sig={sig}",
@@ -674,7 +674,7 @@ impl Tenant {
                     index,
                     command,
                 };
-                let sig = s.evidence.issue(blob, lifetime, &mut s.rng);
+                let sig = s.evidence.issue(blob, lifetime, now, &mut s.rng);
                 s.evidence_stats.links_issued += 1;
                 let url = format!(
                     "{}/liveresponse/{id}/{index}/output?sv=2021-08-06&se={}&sr=b&sp=r&sig={sig}",
